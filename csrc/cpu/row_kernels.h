@@ -1,0 +1,47 @@
+// Kernels over one run of elements (contiguous, or with a constant stride),
+// compiled once per instruction set and picked at run time.
+//
+// A "run" is the unit of work the executor (work.cpp) hands out: a pointer,
+// an element count and an element stride.  Stride 1 takes the SIMD path.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../common/dtypes.h"
+
+namespace fastclip::cpu {
+
+enum class NormKind : int32_t { kL1 = 1, kL2 = 2, kInf = 3 };
+
+// For L1/L2: the sum of |x| or x*x (accumulated in double for fp32/fp64 and in
+// float lanes for fp16/bf16).  For inf: max |x|, NaN if any element is NaN.
+using ReduceFn = double (*)(const void* data, int64_t n, int64_t stride);
+// x = x * coef, computed in the grad's opmath type (float, or double for fp64).
+using ScaleFn = void (*)(void* data, int64_t n, int64_t stride, double coef);
+// x = min(max(x, lo), hi) with torch's NaN rules; lo/hi are already values of
+// the element type.  Stores only vectors in which some element changes.
+using ClampFn = void (*)(void* data, int64_t n, int64_t stride, double lo, double hi);
+// Benchmark floors: read every byte once, or read and write it back unchanged.
+using TouchReadFn = uint64_t (*)(const void* data, int64_t nbytes);
+using TouchWriteFn = void (*)(void* data, int64_t nbytes, uint64_t zero);
+
+struct RowKernels {
+  const char* isa;
+  ReduceFn reduce[3][kNumDTypes];  // [NormKind - 1][DType]
+  ScaleFn scale[kNumDTypes];
+  ClampFn clamp[kNumDTypes];
+  TouchReadFn touch_read;
+  TouchWriteFn touch_write;
+};
+
+// The kernels of the active instruction set (the widest this CPU supports,
+// unless select_isa() chose another).
+const RowKernels& row_kernels();
+// Names of the instruction sets this binary has and this CPU can run.
+std::vector<std::string> available_isas();
+// Returns false if `name` is unknown or not supported here.
+bool select_isa(const std::string& name);
+
+}  // namespace fastclip::cpu

@@ -1,0 +1,25 @@
+"""fastclip: fused gradient clipping, a drop-in for torch.nn.utils' clipping functions.
+
+    import fastclip
+    total = fastclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+
+See README.md for the contract, the backends and the measured speed.
+"""
+
+from ._api import clip_grad_norm, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from ._dispatch import BACKEND_NAMES, available_backends, backend_info
+from ._errors import BackendError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendError",
+    "available_backends",
+    "backend_info",
+    "clip_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

@@ -1,0 +1,97 @@
+"""Backend registry and selection.
+
+backend=None means $FASTCLIP_BACKEND, else "auto".  "auto" takes the first
+available fused backend, in order of preference, that serves the grads'
+device, and otherwise hands the call to torch.  A named fused backend that
+cannot serve the call raises BackendError instead of falling back silently.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ._errors import BackendError
+from ._work import GradList
+from .backends import torch_ref
+from .backends.base import FusedBackend, NotImplementedBackend
+from .backends.cpu import CpuBackend
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # noqa: BLE001 - absent or broken triton: no version to report
+        return None
+
+
+# Fastest first, per device: "auto" walks this list.
+FUSED_BACKENDS: dict[str, FusedBackend] = {
+    "cuda": NotImplementedBackend("cuda", lambda: torch.version.cuda),
+    "triton": NotImplementedBackend("triton", _triton_version),
+    "cpu": CpuBackend(),
+}
+BACKEND_NAMES = ("auto", *sorted(FUSED_BACKENDS), "torch")
+
+_warned_missing_extension = False
+
+
+def resolve_name(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get("FASTCLIP_BACKEND") or "auto"
+    if name not in BACKEND_NAMES:
+        source = "backend" if backend is not None else "FASTCLIP_BACKEND"
+        raise ValueError(f"unknown fastclip backend {name!r} (from {source}); choose one of {list(BACKEND_NAMES)}")
+    return name
+
+
+def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBackend | None:
+    """The fused backend for this call, or None to hand the call to torch."""
+    if name == "torch":
+        return None
+    if name == "auto":
+        if grads is None:
+            return None
+        for backend in FUSED_BACKENDS.values():
+            if backend.available and backend.serves(grads):
+                return backend
+        _warn_if_cpu_extension_missing(grads)
+        return None
+    backend = FUSED_BACKENDS[name]
+    status = backend.status()
+    if not status["available"]:
+        raise BackendError(f"fastclip backend {name!r} is not available: {status['reason']}")
+    if grads is None:
+        raise BackendError(f"fastclip backend {name!r} cannot serve {why_not_fused}; use backend='auto' or 'torch'")
+    if not backend.serves(grads):
+        raise BackendError(
+            f"fastclip backend {name!r} cannot serve grads on device {grads.device}; use backend='auto' or 'torch'"
+        )
+    return backend
+
+
+def _warn_if_cpu_extension_missing(grads: GradList) -> None:
+    global _warned_missing_extension
+    cpu = FUSED_BACKENDS["cpu"]
+    if grads.device.type == "cpu" and not cpu.available and not _warned_missing_extension:
+        _warned_missing_extension = True
+        warnings.warn(
+            f"fastclip: {cpu.status()['reason']}; falling back to torch.nn.utils (slower, same results)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine (fused ones first, then "torch")."""
+    return [name for name, b in FUSED_BACKENDS.items() if b.available] + ["torch"]
+
+
+def backend_info() -> dict:
+    """Per backend: built, available, reason (why not), and versions."""
+    info = {name: backend.status() for name, backend in FUSED_BACKENDS.items()}
+    info["torch"] = torch_ref.status()
+    return info

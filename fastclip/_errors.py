@@ -1,0 +1,60 @@
+"""Error types and torch's exact error texts."""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._foreach_utils
+
+
+class BackendError(RuntimeError):
+    """An explicitly named backend is unknown, unavailable, or cannot serve these gradients."""
+
+
+def nonfinite_message(norm_type: float) -> str:
+    return (
+        f"The total norm of order {norm_type} for gradients from "
+        "`parameters` is non-finite, so it cannot be clipped. To disable "
+        "this error and scale the gradients by the non-finite norm anyway, "
+        "set `error_if_nonfinite=False`"
+    )
+
+
+def empty_inf_norm_message(foreach) -> str:
+    """torch's error for the inf-norm of a 0-element grad (CPU and CUDA alike)."""
+    if foreach is False:
+        return (
+            "linalg.vector_norm cannot compute the inf norm on an empty tensor because the operation "
+            "does not have an identity"
+        )
+    return (
+        "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation "
+        "does not have an identity"
+    )
+
+
+# The range check c10 applies when torch converts clip_value to the grad dtype.
+_CLAMP_LIMITS = {
+    torch.float16: (torch.finfo(torch.float16).max, "c10::Half"),
+    torch.bfloat16: (torch.finfo(torch.bfloat16).max, "c10::BFloat16"),
+    torch.float32: (torch.finfo(torch.float32).max, "float"),
+}
+
+
+def check_clip_value(clip_value: float, tensors, dtypes) -> None:
+    """Raise torch's RuntimeError if clip_value overflows one of the grad dtypes.
+
+    torch raises on the first (device, dtype) group it clamps; when several
+    dtypes overflow, its own grouping function tells which group comes first."""
+    if clip_value != clip_value or abs(clip_value) == float("inf"):
+        return
+    overflowing = {d for d in dtypes if d in _CLAMP_LIMITS and abs(clip_value) > _CLAMP_LIMITS[d][0]}
+    if not overflowing:
+        return
+    first = next(iter(overflowing))
+    if len(overflowing) > 1:
+        representatives = {}
+        for t in tensors:
+            representatives.setdefault(t.dtype, t)
+        groups = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([list(representatives.values())])
+        first = next(dtype for (_, dtype) in groups if dtype in overflowing)
+    raise RuntimeError(f"value cannot be converted to type {_CLAMP_LIMITS[first][1]} without overflow")

@@ -1,0 +1,165 @@
+"""The flat description of one call's gradients that a fused backend receives.
+
+`collect(items, from_params)` gathers the grads and turns them into a tensor
+table (addresses, element counts, dtype codes, plus sizes and strides for the
+rare non-dense view), or says why no fused backend may take them, in which
+case the call goes to torch unchanged.  This runs on every call and, for 2000
+tiny grads, is most of the host time: the common case (plain, contiguous CPU
+tensors) is gathered in C++ (csrc/python/collect.cpp); `describe` is the
+general path.
+"""
+
+from __future__ import annotations
+
+import functools
+from operator import attrgetter
+
+import torch
+
+try:  # the tensor table and its fast gather live in the C++ extension
+    from . import _cpu as _ext
+except ImportError:
+    _ext = None
+
+# Codes shared with csrc/common/dtypes.h.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+MAX_STRIDED_DIMS = 8  # csrc/cpu/work.h kMaxDims
+
+_grad_of = attrgetter("grad")
+_dtype_of = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+_device_of = attrgetter("device")
+_PLAIN_TENSOR = {torch.Tensor}
+_CPU = torch.device("cpu")
+
+
+class GradList:
+    """The gradients of one call, all on one device, as a tensor table."""
+
+    __slots__ = ("tensors", "device", "dtypes", "_table", "_lists")
+
+    def __init__(self, tensors, device, dtypes, table=None, lists=None):
+        self.tensors = tensors  # keeps the memory alive while kernels run
+        self.device = device
+        self.dtypes = dtypes  # the distinct dtypes
+        self._table = table
+        self._lists = lists  # (ptrs, numels, dtype codes, [(index, sizes, strides)])
+
+    @property
+    def table(self):
+        """The fastclip._cpu.TensorTable that kernels read."""
+        if self._table is None:
+            self._table = _ext.TensorTable(*self._lists)
+        return self._table
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """dtype torch gives the total norm: the promotion of all grad dtypes."""
+        if len(self.dtypes) == 1:
+            return next(iter(self.dtypes))
+        return functools.reduce(torch.promote_types, self.dtypes)
+
+    def has_empty(self) -> bool:
+        return self._table.has_empty() if self._table is not None else 0 in self._lists[1]
+
+    def mark_modified(self) -> None:
+        """Bump autograd version counters, as torch's in-place ops would."""
+        _increment_version(self.tensors)
+
+
+def collect(items: list, from_params: bool) -> tuple[list, GradList | None, str]:
+    """(grads, GradList, "") or (grads, None, why no fused backend may take them).
+
+    With from_params, `items` are parameters and the grads are their non-None
+    .grad, read once each (torch's AttributeError for anything else)."""
+    if _ext is not None:
+        grads, table, dtype_mask = _ext.collect(items, from_params, DTYPE_CODES, torch.Tensor)
+        if table is not None:
+            return grads, GradList(grads, _CPU, _dtypes_of_mask(dtype_mask), table=table), ""
+    else:
+        grads = [g for g in map(_grad_of, items) if g is not None] if from_params else items
+    return (grads, *describe(grads))
+
+
+@functools.lru_cache(maxsize=None)
+def _dtypes_of_mask(mask: int) -> frozenset:
+    return frozenset(d for d, code in DTYPE_CODES.items() if mask >> code & 1)
+
+
+def describe(grads: list) -> tuple[GradList | None, str]:
+    """Return (GradList, "") or (None, why the fused backends cannot take these grads)."""
+    if set(map(type, grads)) != _PLAIN_TENSOR:
+        return None, "grads that are not plain torch.Tensor (tensor subclasses such as DTensor)"
+    dtypes = list(map(_dtype_of, grads))
+    distinct = set(dtypes)
+    unsupported = [d for d in distinct if d not in DTYPE_CODES]
+    if unsupported:
+        return None, f"grads of dtype {unsupported[0]} (fused kernels take float32, float64, float16, bfloat16)"
+    if all(map(_is_cpu, grads)):
+        device = _CPU
+    else:
+        devices = set(map(_device_of, grads))
+        if len(devices) > 1:
+            return None, "grads on several devices"
+        device = devices.pop()
+    try:
+        contiguous = list(map(torch.Tensor.is_contiguous, grads))
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
+    except RuntimeError:
+        return None, "sparse or other grads without strided storage"
+    numels = list(map(torch.Tensor.numel, grads))
+    strided = []
+    if not all(contiguous):
+        for i, is_contiguous in enumerate(contiguous):
+            if is_contiguous or numels[i] == 0:
+                continue
+            layout = strided_layout(grads[i].shape, grads[i].stride())
+            if layout is None:
+                continue  # a permuted dense block: one span from data_ptr
+            if layout is False:
+                return None, "grads whose elements overlap in memory (expanded views) or with over 8 strided dims"
+            strided.append((i, layout[0], layout[1]))
+    codes = [DTYPE_CODES[d] for d in dtypes]
+    return GradList(grads, device, distinct, lists=(ptrs, numels, codes, strided)), ""
+
+
+def strided_layout(shape, strides):
+    """Classify a non-contiguous, non-empty layout.
+
+    Returns None if the elements fill one dense block (any dimension order:
+    transposed grads are processed over their storage), False if elements
+    overlap or too many dimensions remain, else the coalesced (sizes, strides),
+    innermost last.
+    """
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    expected = 1
+    for n, s in sorted(dims, key=lambda d: d[1]):
+        if s != expected:
+            break
+        expected *= n
+    else:
+        return None
+    # Merge a dimension into the next when they walk memory as one.
+    merged = []
+    for n, s in dims:
+        if merged and merged[-1][1] == s * n:
+            merged[-1] = (merged[-1][0] * n, s)
+        else:
+            merged.append((n, s))
+    # No overlap if, by increasing stride, each stride exceeds the reach of the smaller ones.
+    reach = 0
+    for n, s in sorted(merged, key=lambda d: d[1]):
+        if s <= reach:
+            return False
+        reach += (n - 1) * s
+    if len(merged) > MAX_STRIDED_DIMS:
+        return False
+    return [n for n, _ in merged], [s for _, s in merged]
+
+
+def _increment_version(tensors) -> None:
+    try:
+        torch._C._increment_version(tensors)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for t in tensors:
+            torch._C._increment_version(t)

@@ -1,0 +1,1 @@
+"""fastclip's backends: "cpu" (fused C++), "triton" and "cuda" (reserved), "torch" (the reference)."""

@@ -1,0 +1,74 @@
+"""What every fused backend provides.
+
+The front door (fastclip/_api.py) validates arguments like torch, builds a
+GradList (fastclip/_work.py) and calls one of these operations.  A backend
+never sees Python parameters, generators or norm types it cannot fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._work import GradList
+
+# Norm kinds shared with the kernels (csrc/cpu/row_kernels.h NormKind).
+L1, L2, LINF = 1, 2, 3
+FUSED_NORM_KINDS = {1.0: L1, 2.0: L2, float("inf"): LINF}
+
+
+class FusedBackend:
+    name = ""
+
+    def status(self) -> dict:
+        """{'built': bool, 'available': bool, 'reason': str, ...versions}."""
+        raise NotImplementedError
+
+    @property
+    def available(self) -> bool:
+        return self.status()["available"]
+
+    def serves(self, grads: GradList) -> bool:
+        """True if this backend can run on the device of `grads`."""
+        raise NotImplementedError
+
+    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
+        """0-dim total norm on grads.device, in grads.result_dtype."""
+        raise NotImplementedError
+
+    def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
+        """Fused clip_grad_norm_. Returns (total norm tensor, aborted): aborted
+        means error_if_nonfinite was set, the norm is not finite, and nothing
+        was modified."""
+        raise NotImplementedError
+
+    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
+        """Multiply every grad by the 0-dim `coef` (skipped when it is exactly
+        1).  Returns False, having done nothing, if it cannot take this coef."""
+        raise NotImplementedError
+
+    def clamp(self, grads: GradList, clip_value: float) -> None:
+        """clip_grad_value_ in one pass; the caller has checked the range."""
+        raise NotImplementedError
+
+
+class NotImplementedBackend(FusedBackend):
+    """A backend name that this version of fastclip reserves but does not ship."""
+
+    def __init__(self, name: str, version=lambda: None):
+        self.name = name
+        self._version = version
+
+    def status(self) -> dict:
+        return {
+            "built": False,
+            "available": False,
+            "reason": f"the {self.name} backend is not implemented in this version of fastclip",
+            "version": self._version(),
+        }
+
+    @property
+    def available(self) -> bool:
+        return False
+
+    def serves(self, grads: GradList) -> bool:
+        return False

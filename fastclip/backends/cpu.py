@@ -1,0 +1,96 @@
+"""The fused C++ CPU backend (extension module fastclip._cpu).
+
+One threaded pass computes the norm over every grad of every dtype; a second
+pass scales, only if the coefficient is not exactly 1.  Threads follow
+torch.get_num_threads().  FASTCLIP_CPU_ISA=baseline|avx2 forces an
+instruction set (for tests and comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._work import DTYPE_CODES, GradList
+from .base import FusedBackend
+
+try:
+    from .. import _cpu as _ext
+
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built, or built for another Python
+    _ext = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+if _ext is not None and os.environ.get("FASTCLIP_CPU_ISA"):
+    _wanted = os.environ["FASTCLIP_CPU_ISA"]
+    if not _ext.select_isa(_wanted):
+        raise ImportError(
+            f"FASTCLIP_CPU_ISA={_wanted!r} is not available here; choose one of {_ext.available_isas()}"
+        )
+
+
+class CpuBackend(FusedBackend):
+    name = "cpu"
+
+    def status(self) -> dict:
+        if _ext is None:
+            return {
+                "built": False,
+                "available": False,
+                "reason": f"the compiled extension fastclip._cpu could not be loaded ({_IMPORT_ERROR})",
+                "version": None,
+            }
+        return {
+            "built": True,
+            "available": True,
+            "reason": "",
+            "version": _ext.compiler,
+            "isa": _ext.isa(),
+            "isas": _ext.available_isas(),
+            "threads": torch.get_num_threads(),
+        }
+
+    @property
+    def available(self) -> bool:
+        return _ext is not None
+
+    def serves(self, grads: GradList) -> bool:
+        return grads.device.type == "cpu"
+
+    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
+        dtype = grads.result_dtype
+        total = _ext.norm(grads.table, kind, torch.get_num_threads())
+        return torch.scalar_tensor(_ext.round_to_dtype(total, DTYPE_CODES[dtype]), dtype=dtype)
+
+    def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
+        dtype = grads.result_dtype
+        total, _coef, aborted, scaled = _ext.clip_norm(
+            grads.table, kind, max_norm, DTYPE_CODES[dtype], error_if_nonfinite, torch.get_num_threads()
+        )
+        if scaled:
+            grads.mark_modified()
+        return torch.scalar_tensor(total, dtype=dtype), aborted
+
+    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
+        if type(coef) is not torch.Tensor or coef.dim() != 0 or not coef.is_floating_point() or not coef.is_cpu:
+            return False
+        value = coef.item()
+        if value != 1.0:  # multiplying by exactly 1 changes no bit
+            _ext.scale(grads.table, value, torch.get_num_threads())
+            grads.mark_modified()
+        return True
+
+    def clamp(self, grads: GradList, clip_value: float) -> None:
+        _ext.clamp(grads.table, clip_value, torch.get_num_threads())
+        grads.mark_modified()
+
+
+def clip_details(grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+    """(float32-or-float64 total used for the coefficient, coefficient) without
+    touching the grads: lets tests check the scaling bit for bit."""
+    total = _ext.norm(grads.table, kind, torch.get_num_threads())
+    code = DTYPE_CODES[grads.result_dtype]
+    coef_total = total if code == DTYPE_CODES[torch.float64] else _ext.round_to_dtype(total, 0)
+    return coef_total, _ext.clip_coefficient(total, code, max_norm)

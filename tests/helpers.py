@@ -1,0 +1,168 @@
+"""Comparisons of fastclip with torch.nn.utils used across the test files."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, localcontext
+from fractions import Fraction
+
+import torch
+
+import fastclip
+from fastclip._work import collect
+from fastclip.backends.base import FUSED_NORM_KINDS
+from fastclip.backends.cpu import clip_details
+
+# Every backend usable here, plus "auto".  The contract suite runs against each.
+FUSED = [b for b in fastclip.available_backends() if b != "torch"]
+ALL_BACKENDS = ["auto", *FUSED, "torch"]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def is_fused(backend: str) -> bool:
+    """True if `backend` takes plain CPU grads through fastclip's own kernels."""
+    return backend in FUSED or (backend == "auto" and "cpu" in FUSED)
+
+
+def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None):
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        params.append(p)
+    return params
+
+
+def clone_grad(g):
+    """A copy with the same sizes, strides and storage offset (a copied base for views)."""
+    if g is None or g.layout != torch.strided or g.device.type == "meta":
+        return None if g is None else g.clone()
+    return torch.empty(0, dtype=g.dtype).set_(g.untyped_storage().clone(), g.storage_offset(), g.size(), g.stride())
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        q.grad = clone_grad(p.grad)
+        out.append(q)
+    return out
+
+
+def grads_of(params):
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor):
+    """Same dtype, shape and bits (any NaN equals any NaN)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b), "NaN positions differ"
+    a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    ia = a.view(torch.int16 if a.element_size() == 2 else torch.int32 if a.element_size() == 4 else torch.int64)
+    ib = b.view(ia.dtype)
+    bad = (ia != ib).nonzero()
+    assert bad.numel() == 0, f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
+
+
+def assert_grads_bitwise_equal(params_a, params_b):
+    for pa, pb in zip(params_a, params_b):
+        assert (pa.grad is None) == (pb.grad is None)
+        if pa.grad is not None:
+            assert_bitwise_equal(pa.grad, pb.grad)
+
+
+def reference_norm(tensors, norm_type) -> float:
+    """The p-norm of all elements, correctly rounded to float64 for p in {1, 2}
+    (exact rational arithmetic; keep inputs small), else torch in float64."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    p = float(norm_type)
+    values = flat.tolist()
+    if p not in (1.0, 2.0) or not all(map(math.isfinite, values)):
+        return torch.linalg.vector_norm(flat, p).item()
+    if p == 1.0:
+        return math.fsum(abs(v) for v in values)
+    total = sum(Fraction(v) ** 2 for v in values)
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return float((Decimal(total.numerator) / Decimal(total.denominator)).sqrt())
+
+
+def outcome(fn, *args, **kwargs):
+    """("ok", result) or ("raise", exception type, message)."""
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - comparing whatever torch raises
+        return ("raise", type(exc), str(exc))
+
+
+def assert_same_outcome(ours, theirs):
+    assert ours[0] == theirs[0], (ours, theirs)
+    if ours[0] == "raise":
+        assert ours[1] is theirs[1], (ours, theirs)
+        assert ours[2] == theirs[2], (ours, theirs)
+
+
+def ulp(value: float, dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.eps * max(abs(value), info.tiny)
+
+
+def takes_fused_path(backend: str, params, norm_type=2.0) -> bool:
+    """Whether fastclip will run this call through its own kernels."""
+    if not is_fused(backend):
+        return False
+    try:
+        kind = FUSED_NORM_KINDS.get(float(norm_type))
+    except (TypeError, ValueError):
+        return False
+    grads = [p.grad for p in params if p.grad is not None]
+    return kind is not None and bool(grads) and collect(grads, False)[1] is not None
+
+
+def clip_total_for(params, norm_type, max_norm) -> torch.Tensor:
+    """The total fastclip's fused path clips with (float32 for fp16/bf16 grads)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    work = collect(grads, False)[1]
+    total, _ = clip_details(work, FUSED_NORM_KINDS[float(norm_type)], float(max_norm))
+    dtype = torch.float64 if work.result_dtype == torch.float64 else torch.float32
+    return torch.tensor(total, dtype=dtype)
+
+
+def check_clip_grad_norm(params, backend, max_norm, norm_type=2.0, foreach=None, error_if_nonfinite=False):
+    """Run fastclip and torch on copies of `params` and check fastclip's contract:
+
+    * same outcome (result or exception type and message);
+    * same return dtype, device, shape, requires_grad;
+    * fused path: the norm at least as accurate as torch's against float64, and
+      the grads bit-identical to what torch does with fastclip's clip total;
+    * torch path: everything bit-identical.
+    Returns (our total, our params).
+    """
+    ours, ref = clone_params(params), clone_params(params)
+    fused = takes_fused_path(backend, params, norm_type)
+    got = outcome(fastclip.clip_grad_norm_, ours, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend)
+    want = outcome(torch.nn.utils.clip_grad_norm_, ref, max_norm, norm_type, error_if_nonfinite, foreach)
+    assert_same_outcome(got, want)
+    if got[0] == "raise":
+        assert_grads_bitwise_equal(ours, params)  # untouched when we raise
+        return None, ours
+    total, ref_total = got[1], want[1]
+    assert type(total) is type(ref_total)
+    assert total.dtype == ref_total.dtype and total.device == ref_total.device
+    assert total.shape == torch.Size([]) and not total.requires_grad
+    if not fused:
+        assert_bitwise_equal(total, ref_total)
+        assert_grads_bitwise_equal(ours, ref)
+        return total, ours
+    grads = [p.grad for p in params if p.grad is not None]
+    exact = reference_norm(grads, norm_type)
+    ours_err, torch_err = abs(total.double().item() - exact), abs(ref_total.double().item() - exact)
+    if math.isfinite(exact) and math.isfinite(ref_total.item()):
+        assert ours_err <= torch_err + ulp(exact, total.dtype), (total.item(), ref_total.item(), exact)
+    expected = clone_params(params)
+    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm))
+    assert_grads_bitwise_equal(ours, expected)
+    return total, ours
