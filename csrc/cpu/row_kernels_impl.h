@@ -186,34 +186,42 @@ static double sum_f64(const void* data, int64_t n, int64_t stride) {
   return lanes_sum((a0 + a1) + (a2 + a3)) + tail;
 }
 
-// fp16 / bf16: float lanes (squares are exact in float), lanes summed in double.
+// fp16 / bf16: squares are exact in float; float lanes sum blocks of 256
+// elements (8 terms per lane), which are then added up in double, so the
+// float rounding never builds up over long runs.
 template <int P, bool BF16>
 static double sum_h16(const void* data, int64_t n, int64_t stride) {
   using H = Half16<BF16>;
   const uint16_t* p = static_cast<const uint16_t*>(data);
   if (stride != 1) {
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       const float x = H::to_float(p[i * stride]);
       s += P == 2 ? x * x : __builtin_fabsf(x);
     }
     return s;
   }
-  vf a0{}, a1{}, a2{}, a3{};
+  vd d0{}, d1{};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 += term<P>(H::load8(p + i));
-    a1 += term<P>(H::load8(p + i + 8));
-    a2 += term<P>(H::load8(p + i + 16));
-    a3 += term<P>(H::load8(p + i + 24));
+  while (i + 32 <= n) {
+    vf a0{}, a1{}, a2{}, a3{};
+    const int64_t block_end = i + 256 <= n ? i + 256 : n - (n - i) % 32;
+    for (; i < block_end; i += 32) {
+      a0 += term<P>(H::load8(p + i));
+      a1 += term<P>(H::load8(p + i + 8));
+      a2 += term<P>(H::load8(p + i + 16));
+      a3 += term<P>(H::load8(p + i + 24));
+    }
+    const vf block = (a0 + a1) + (a2 + a3);
+    d0 += __builtin_convertvector(__builtin_shufflevector(block, block, 0, 1, 2, 3), vd);
+    d1 += __builtin_convertvector(__builtin_shufflevector(block, block, 4, 5, 6, 7), vd);
   }
-  for (; i + 8 <= n; i += 8) a0 += term<P>(H::load8(p + i));
-  float tail = 0.0f;
+  double tail = 0.0;
   for (; i < n; ++i) {
     const float x = H::to_float(p[i]);
     tail += P == 2 ? x * x : __builtin_fabsf(x);
   }
-  return lanes_sum((a0 + a1) + (a2 + a3)) + static_cast<double>(tail);
+  return lanes_sum(d0 + d1) + tail;
 }
 
 // max |x| with NaN propagation.  Comparisons ignore NaN, so NaN is tracked
