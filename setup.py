@@ -10,12 +10,17 @@ from setuptools import setup
 ParallelCompile("FASTCLIP_BUILD_JOBS", default=0).install()  # compile the sources in parallel
 
 if sys.platform == "win32":
-    cpu_flags = ["/O2", "/fp:precise"]
+    cpu_flags, cpu_link = ["/O2", "/fp:precise", "/openmp"], []
+elif sys.platform == "darwin":  # Apple clang has no OpenMP: fastclip's own thread pool serves
+    cpu_flags, cpu_link = ["-O3", "-ffp-contract=off", "-fno-math-errno"], []
 else:
     # -ffp-contract=off: no fused multiply-adds, so every instruction set (the
     # AVX2 variant is chosen at run time) gives the same bits.  No -march: the
     # binary must run on any x86-64 (or other) CPU of its platform.
-    cpu_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi"]
+    # -fopenmp: parallel regions run on the process's libgomp, which is
+    # torch's own (same soname) once torch is imported, as fastclip does first.
+    cpu_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
+    cpu_link = ["-fopenmp", "-pthread"]
 
 ext_modules = [
     Pybind11Extension(
@@ -39,7 +44,7 @@ ext_modules = [
         ],
         cxx_std=17,
         extra_compile_args=cpu_flags,
-        extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
+        extra_link_args=cpu_link,
     ),
 ]
 

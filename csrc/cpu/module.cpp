@@ -11,6 +11,7 @@
 
 #include "../python/collect.h"
 #include "row_kernels.h"
+#include "thread_pool.h"
 #include "work.h"
 
 namespace py = pybind11;
@@ -149,6 +150,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("isa", [] { return std::string(row_kernels().isa); }, "Instruction set of the active kernels.");
   m.def("available_isas", &available_isas, "Instruction sets this binary has and this CPU runs, widest first.");
   m.def("select_isa", &select_isa, py::arg("name"), "Switch kernels; False if unknown or unsupported.");
+  m.def("threading", [] { return std::string(threading()); }, "'openmp' (the process's OpenMP runtime) or 'pool'.");
+  m.def("set_threading", [](const std::string& name) { return set_threading(name.c_str()); }, py::arg("name"));
   m.attr("unit_elems") = kUnitElems;
   m.attr("parallel_min_bytes") = kParallelMinBytes;
 #if defined(__clang__)

@@ -2,11 +2,17 @@
 
 #include <pthread.h>
 
+#include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace fastclip::cpu {
 namespace {
@@ -75,7 +81,14 @@ class Pool {
 // Never destroyed: workers may still be parked in it when the process exits.
 Pool* const g_pool = new Pool();
 
+#ifdef _OPENMP
+std::atomic<bool> g_use_openmp{true};
+#else
+std::atomic<bool> g_use_openmp{false};
+#endif
+
 void Pool::after_fork_in_child() {
+  g_use_openmp = false;  // the parent's OpenMP threads do not exist here
   Pool* p = g_pool;
   new (&p->job_mu_) std::mutex();
   new (&p->mu_) std::mutex();
@@ -94,7 +107,30 @@ void run_on_threads(int nthreads, const std::function<void(int)>& task) {
     task(0);
     return;
   }
+#ifdef _OPENMP
+  if (g_use_openmp) {
+#pragma omp parallel num_threads(nthreads)
+    task(omp_get_thread_num());
+    return;
+  }
+#endif
   g_pool->run(nthreads, task);
+}
+
+const char* threading() { return g_use_openmp ? "openmp" : "pool"; }
+
+bool set_threading(const char* name) {
+  if (std::strcmp(name, "pool") == 0) {
+    g_use_openmp = false;
+    return true;
+  }
+#ifdef _OPENMP
+  if (std::strcmp(name, "openmp") == 0) {
+    g_use_openmp = true;
+    return true;
+  }
+#endif
+  return false;
 }
 
 }  // namespace fastclip::cpu

@@ -1,8 +1,11 @@
-// A small persistent thread pool: the caller plus up to N-1 parked workers.
+// Running work on several threads, sized per call from torch.get_num_threads().
 //
-// fastclip does not use torch's pool (it must build without torch), so it
-// keeps its own, sized per call from torch.get_num_threads().  Workers sleep
-// on a condition variable between calls and are recreated after fork().
+// Where the build has OpenMP, parallel regions run on the OpenMP runtime
+// already loaded in the process: with GCC that is torch's own libgomp (same
+// soname), so fastclip uses torch's warm intra-op threads instead of
+// competing with them while they spin after torch's last parallel op.  In a
+// forked child (libgomp is not fork-safe), in builds without OpenMP, or when
+// asked, a small persistent pool of fastclip's own does the work.
 #pragma once
 
 #include <atomic>
@@ -11,10 +14,14 @@
 
 namespace fastclip::cpu {
 
-// Runs task(thread_index) on `nthreads` threads (index 0 is the caller) and
-// returns when every call has returned.  Calls from several threads are
-// serialised.
+// Runs task(thread_index) on up to `nthreads` threads (index 0 is the
+// caller) and returns when every call has returned.  The task must not assume
+// how many threads run it.
 void run_on_threads(int nthreads, const std::function<void(int)>& task);
+
+// "openmp" or "pool"; set_threading returns false for a name not available.
+const char* threading();
+bool set_threading(const char* name);
 
 // Calls body(item) for every item in [0, count), handing out blocks of items
 // dynamically so that threads that finish early take more.  With `reverse`

@@ -1,0 +1,78 @@
+"""python -m benchmarks: fastclip against torch.nn.utils on realistic layouts.
+
+Prints a table (median time, GB/s, fraction of the memory floor measured in
+the same run, speedup vs torch) and writes JSON, Markdown and a PNG plot to
+benchmarks/results/.  Run it on a quiet machine: nothing else should be
+building, testing or benchmarking beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from .harness import OPS, run_case
+from .layouts import gpt2_small, llama_blocks, tiny_tensors, vit_base
+from .report import machine_info, summarize, table, write_all
+
+# (layout, dtype, ops): the default suite
+SUITE = [
+    (gpt2_small, "float32", list(OPS)),
+    (gpt2_small, "bfloat16", list(OPS)),
+    (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
+    (llama_blocks, "bfloat16", ["norm-noclip", "norm-clip"]),
+    (vit_base, "float32", ["norm-noclip", "norm-clip"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+]
+QUICK = [
+    (gpt2_small, "float32", ["norm-noclip", "norm-clip"]),
+    (gpt2_small, "bfloat16", ["norm-noclip"]),
+    (tiny_tensors, "float32", ["norm-noclip"]),
+]
+
+
+def rounds_for(layout) -> int:
+    # tiny layouts take micro- to milliseconds per call: many rounds are cheap
+    return 200 if layout.numel < 10_000_000 else 15
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short subset (about a minute)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 15, 200 for tiny layouts)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--name", help="file stem for the results (default: date_machine_commit)")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here")
+
+    suite = QUICK if args.quick else SUITE
+    cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops]
+    machine = machine_info(args.device)
+    print(f"fastclip vs torch on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "
+          f"commit {machine['commit']}", file=sys.stderr)
+    rows, start = [], time.perf_counter()
+    for i, (layout, dtype, op) in enumerate(cases, 1):
+        elapsed = time.perf_counter() - start
+        eta = f", about {elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
+        print(f"[{i}/{len(cases)}] {layout.name} {dtype} {OPS[op].name}{eta}", file=sys.stderr, flush=True)
+        result = run_case(layout, dtype, op, args.rounds or rounds_for(layout), args.device)
+        rows += summarize(result)
+    print()
+    print(table(rows))
+    if not args.no_save:
+        tag = f"{args.device}-{machine['cores']}c" if args.device == "cpu" else "cuda"
+        stem = args.name or f"{time.strftime('%Y-%m-%d')}_{tag}_{machine['commit'].replace('+', '-')}"
+        for path in write_all(rows, machine, args.out, stem):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Cases, implementations and the timing protocol.
+
+Every case is timed against torch.nn.utils and against two floors measured
+in the same run on the same bytes: a plain read, and a read plus an in-place
+write.  Implementations take turns inside every round (the order rotates),
+so a machine that slows down mid-run slows all of them alike.  Grads are
+restored from a copy before every call that modifies them; the restore is
+not timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import fastclip
+from fastclip._work import collect
+
+from .layouts import Layout, make_grads
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    modifies: bool
+    floor: str  # "read", "read+rw" or "rw": the least traffic the operation needs
+    call: object  # (module, params, stats) -> None; module is torch.nn.utils or fastclip(+backend)
+
+
+def _norm_stats(params):
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    std = (norm**2 / sum(g.numel() for g in grads)) ** 0.5
+    return {"norm": norm, "std": std}
+
+
+OPS = {
+    "norm-noclip": Op("clip_grad_norm_ (no clip)", False, "read", lambda m, p, s: m.clip_grad_norm_(p, 1e9)),
+    "norm-clip": Op("clip_grad_norm_ (clipping)", True, "read+rw", lambda m, p, s: m.clip_grad_norm_(p, s["norm"] / 2)),
+    "value-few": Op("clip_grad_value_ (few change)", True, "read", lambda m, p, s: m.clip_grad_value_(p, 3 * s["std"])),
+    "value-most": Op("clip_grad_value_ (most change)", True, "rw", lambda m, p, s: m.clip_grad_value_(p, 1e-3 * s["std"])),
+}
+
+
+class _Fastclip:
+    """fastclip's functions with a fixed backend, shaped like torch.nn.utils."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def clip_grad_norm_(self, params, max_norm):
+        return fastclip.clip_grad_norm_(params, max_norm, backend=self.backend)
+
+    def clip_grad_value_(self, params, clip_value):
+        return fastclip.clip_grad_value_(params, clip_value, backend=self.backend)
+
+
+def implementations(device: str) -> dict:
+    impls = {"torch": torch.nn.utils}
+    for name in fastclip.available_backends():
+        if name == "torch":
+            continue
+        if name == "cpu" and device != "cpu":
+            continue
+        impls[f"fastclip:{name}"] = _Fastclip(name)
+    return impls
+
+
+@dataclass
+class CaseResult:
+    layout: str
+    dtype: str
+    op: str
+    tensors: int
+    numel: int
+    nbytes: int
+    times: dict = field(default_factory=dict)  # impl or floor name -> [seconds]
+    floor_sources: dict = field(default_factory=dict)  # "read"/"rw" -> which measurement was fastest
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def floor_seconds(self, op: Op) -> float:
+        read, rw = self.median("floor:read"), self.median("floor:rw")
+        return {"read": read, "rw": rw, "read+rw": read + rw}[op.floor]
+
+    def bytes_needed(self, op: Op) -> int:
+        return {"read": 1, "rw": 2, "read+rw": 3}[op.floor] * self.nbytes
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _floors(params, device: str):
+    """Fastest known ways to read, and to read and write back, the same bytes."""
+    nbytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
+    flat = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)  # one buffer of the same size
+    floors = {"read": {"torch flat sum": lambda: flat.sum()}, "rw": {"torch flat mul_": lambda: flat.mul_(1.0)}}
+    if device == "cpu" and "cpu" in fastclip.available_backends():
+        from fastclip.backends.cpu import _ext
+
+        table = collect([p.grad for p in params], False)[1].table
+        threads = torch.get_num_threads()
+        floors["read"]["fastclip read"] = lambda: _ext.touch_read(table, threads)
+        floors["rw"]["fastclip read+write"] = lambda: _ext.touch_write(table, threads)
+    return floors
+
+
+def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str = "cpu", seed: int = 0) -> CaseResult:
+    op = OPS[op_key]
+    params = make_grads(layout, dtype, device, seed)
+    grads = [p.grad for p in params]
+    backup = [g.clone() for g in grads]
+    stats = _norm_stats(params)
+    impls = implementations(device)
+    floors = _floors(params, device)
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    result = CaseResult(layout.name, dtype, op_key, len(layout), layout.numel, nbytes)
+
+    def restore():
+        torch._foreach_copy_(grads, backup)
+
+    entries = [(name, (lambda m=m: op.call(m, params, stats)), op.modifies) for name, m in impls.items()]
+    for kind, fns in floors.items():
+        entries += [(f"floor:{kind}:{label}", fn, kind == "rw") for label, fn in fns.items()]
+    for name, _, _ in entries:
+        result.times[name] = []
+    for r in range(rounds + 1):  # round 0 warms up
+        shift = r % len(entries)
+        for name, fn, modifies in entries[shift:] + entries[:shift]:
+            if modifies:
+                restore()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if r > 0:
+                result.times[name].append(time.perf_counter() - start)
+    # each floor is the fastest of its measurements
+    for kind in ("read", "rw"):
+        best = min((n for n in result.times if n.startswith(f"floor:{kind}:")), key=result.median)
+        result.times[f"floor:{kind}"] = result.times[best]
+        result.floor_sources[kind] = best.split(":", 2)[2]
+    restore()
+    return result

@@ -1,0 +1,181 @@
+"""Turning measurements into a table, JSON, Markdown and a PNG plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+import fastclip
+
+from .harness import OPS, CaseResult
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    info = fastclip.backend_info()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastclip": fastclip.__version__,
+        "cpu_isa": info["cpu"].get("isa"),
+    }
+
+
+def summarize(r: CaseResult) -> list[dict]:
+    op = OPS[r.op]
+    floor = r.floor_seconds(op)
+    torch_s = r.median("torch")
+    rows = []
+    for name in [n for n in r.times if not n.startswith("floor")]:
+        t = r.median(name)
+        rows.append(
+            {
+                "layout": r.layout,
+                "dtype": r.dtype,
+                "op": op.name,
+                "impl": name,
+                "tensors": r.tensors,
+                "numel": r.numel,
+                "median_ms": t * 1e3,
+                "min_ms": min(r.times[name]) * 1e3,
+                "rounds": len(r.times[name]),
+                "gb_per_s": r.bytes_needed(op) / t / 1e9,
+                "fraction_of_floor": floor / t,
+                "speedup_vs_torch": torch_s / t,
+                "floor_ms": floor * 1e3,
+                "floor": op.floor,
+                "floor_sources": dict(r.floor_sources),
+            }
+        )
+    return rows
+
+
+HEADER = ["layout", "dtype", "operation", "impl", "median ms", "GB/s", "of floor", "vs torch"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [rows_to_line(HEADER)]
+    for row in rows:
+        lines.append(
+            rows_to_line(
+                [
+                    row["layout"],
+                    row["dtype"],
+                    row["op"],
+                    row["impl"],
+                    f"{row['median_ms']:.3f}",
+                    f"{row['gb_per_s']:.1f}",
+                    f"{row['fraction_of_floor']:.0%}",
+                    f"{row['speedup_vs_torch']:.2f}x",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+WIDTHS = [13, 9, 31, 14, 10, 7, 9, 9]
+
+
+def rows_to_line(cells) -> str:
+    return "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, WIDTHS)))
+
+
+def markdown(rows: list[dict], machine: dict) -> str:
+    out = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
+        f"torch {machine['torch']}, fastclip {machine['fastclip']} ({machine['cpu_isa']}), "
+        f"commit {machine['commit']}, {machine['date']}.",
+        "",
+        "| layout | dtype | operation | impl | median ms | GB/s | of floor | vs torch |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['layout']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['median_ms']:.3f} | "
+            f"{r['gb_per_s']:.1f} | {r['fraction_of_floor']:.0%} | {r['speedup_vs_torch']:.2f}x |"
+        )
+    out += [
+        "",
+        "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write); "
+        "'of floor' is the time of the fastest plain read (and in-place write) of the same bytes in the same run "
+        "divided by the operation's time.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], machine: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = []
+    for r in rows:
+        key = f"{r['layout']} {r['dtype']}\n{r['op']}"
+        if key not in cases:
+            cases.append(key)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.55 * len(cases) + 2), sharey=True)
+    height = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
+        ys, speed, frac = [], [], []
+        for r in rows:
+            if r["impl"] == impl:
+                ys.append(cases.index(f"{r['layout']} {r['dtype']}\n{r['op']}") + k * height)
+                speed.append(r["speedup_vs_torch"])
+                frac.append(r["fraction_of_floor"])
+        axes[0].barh(ys, speed, height=height, label=impl)
+        axes[1].barh(ys, frac, height=height, label=impl)
+    axes[0].set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xlabel("speedup vs torch.nn.utils (median)")
+    axes[1].axvline(1.0, color="k", lw=0.8)
+    axes[1].set_xlabel("fraction of the measured memory floor")
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        f"fastclip {machine['fastclip']} vs torch {machine['torch']} on {machine['cpu']} "
+        f"({machine['threads']} threads), {machine['commit']}, {machine['date']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(rows: list[dict], machine: dict, out_dir: str, stem: str, with_plot: bool = True) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, stem)
+    with open(base + ".json", "w") as f:
+        json.dump({"machine": machine, "results": rows}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(rows, machine))
+    paths = [base + ".json", base + ".md"]
+    if with_plot:
+        plot(rows, machine, base + ".png")
+        paths.append(base + ".png")
+    return paths
