@@ -37,6 +37,7 @@ ext_modules = [
             "csrc/common/dtypes.h",
             "csrc/common/tensor_table.h",
             "csrc/python/collect.h",
+            "csrc/python/dlpack_exchange.h",
             "csrc/cpu/row_kernels.h",
             "csrc/cpu/row_kernels_impl.h",
             "csrc/cpu/thread_pool.h",

@@ -38,11 +38,11 @@ def _norm_plan(name: str, items: list, from_params: bool, norm_type):
     return None if fused is None else (fused, work, kind)
 
 
-def _elementwise_plan(name: str, parameters: list):
+def _elementwise_plan(name: str, parameters: list, sign_matters: bool = False):
     """(fused backend, GradList) for scaling or clamping the grads, or None."""
     if name == "torch":
         return None
-    grads, work, why = collect(parameters, True)
+    grads, work, why = collect(parameters, True, sign_matters)
     if not grads:
         return None
     fused = _dispatch.select(name, work, why)
@@ -127,7 +127,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     name = _dispatch.resolve_name(backend)
     parameters = _as_list(parameters)
     clip_value_f = float(clip_value)
-    plan = _elementwise_plan(name, parameters)
+    plan = _elementwise_plan(name, parameters, sign_matters=clip_value_f < 0)
     if plan is None:
         return torch_ref.clip_grad_value_(parameters, clip_value, foreach)
     fused, grads = plan

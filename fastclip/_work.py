@@ -20,6 +20,9 @@ try:  # the tensor table and its fast gather live in the C++ extension
     from . import _cpu as _ext
 except ImportError:
     _ext = None
+else:
+    # torch >= 2.10 publishes DLPack's C exchange API: one C call describes a tensor
+    _ext.set_dlpack_exchange_api(getattr(torch.Tensor, "__dlpack_c_exchange_api__", None))
 
 # Codes shared with csrc/common/dtypes.h.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -67,18 +70,21 @@ class GradList:
         _increment_version(self.tensors)
 
 
-def collect(items: list, from_params: bool) -> tuple[list, GradList | None, str]:
+def collect(items: list, from_params: bool, sign_matters: bool = False) -> tuple[list, GradList | None, str]:
     """(grads, GradList, "") or (grads, None, why no fused backend may take them).
 
     With from_params, `items` are parameters and the grads are their non-None
-    .grad, read once each (torch's AttributeError for anything else)."""
+    .grad, read once each (torch's AttributeError for anything else).
+    sign_matters: the operation is not odd in x (clamping to a negative
+    clip_value), so views with torch's negative bit must go to torch; only
+    the general path checks for them."""
     if _ext is not None:
         grads, table, dtype_mask = _ext.collect(items, from_params, DTYPE_CODES, torch.Tensor)
-        if table is not None:
+        if table is not None and not sign_matters:
             return grads, GradList(grads, _CPU, _dtypes_of_mask(dtype_mask), table=table), ""
     else:
         grads = [g for g in map(_grad_of, items) if g is not None] if from_params else items
-    return (grads, *describe(grads))
+    return (grads, *describe(grads, sign_matters))
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +92,7 @@ def _dtypes_of_mask(mask: int) -> frozenset:
     return frozenset(d for d, code in DTYPE_CODES.items() if mask >> code & 1)
 
 
-def describe(grads: list) -> tuple[GradList | None, str]:
+def describe(grads: list, sign_matters: bool = False) -> tuple[GradList | None, str]:
     """Return (GradList, "") or (None, why the fused backends cannot take these grads)."""
     if set(map(type, grads)) != _PLAIN_TENSOR:
         return None, "grads that are not plain torch.Tensor (tensor subclasses such as DTensor)"
@@ -107,6 +113,10 @@ def describe(grads: list) -> tuple[GradList | None, str]:
         ptrs = list(map(torch.Tensor.data_ptr, grads))
     except RuntimeError:
         return None, "sparse or other grads without strided storage"
+    # Kernels read raw memory: a view with the negative bit holds -x.  Norms and
+    # scaling are odd or even in x, so only clamping to a negative value cares.
+    if sign_matters and any(map(torch.Tensor.is_neg, grads)):
+        return None, "views with the negative bit (e.g. .imag of a conjugated tensor)"
     numels = list(map(torch.Tensor.numel, grads))
     strided = []
     if not all(contiguous):

@@ -564,6 +564,40 @@ def test_clip_value_overflow_raises_torchs_error_before_any_write(backend, clip_
             assert_grads_bitwise_equal(params, ref)
 
 
+@pytest.mark.parametrize("clip_value", [-1.0, 0.5, -0.0])
+def test_negative_bit_views(backend, clip_value, seed):
+    """z.conj().imag is a float view whose memory holds -x.  torch's foreach
+    kernels refuse such grads; fastclip's kernels handle them where the sign
+    cannot matter and hand clamping to a negative clip_value to torch."""
+    z = torch.randn(7, dtype=torch.complex64) * 3
+
+    def param():
+        p = torch.nn.Parameter(torch.zeros(7))
+        p.grad = z.clone().conj().imag
+        assert p.grad.is_neg()
+        return p
+
+    materialized = torch.nn.Parameter(torch.zeros(7))
+    materialized.grad = param().grad.resolve_neg()
+    torch.nn.utils.clip_grad_value_([materialized], clip_value)
+    torch_outcome = outcome(torch.nn.utils.clip_grad_value_, [param()], clip_value)
+    p = param()
+    if backend == "torch" or (backend == "auto" and clip_value < 0):
+        assert_same_outcome(outcome(fastclip.clip_grad_value_, [p], clip_value, backend=backend), torch_outcome)
+    elif clip_value < 0:
+        with pytest.raises(fastclip.BackendError, match="negative bit"):
+            fastclip.clip_grad_value_([p], clip_value, backend=backend)
+    else:
+        fastclip.clip_grad_value_([p], clip_value, backend=backend)
+        assert_bitwise_equal(p.grad.resolve_neg(), materialized.grad)
+    if is_fused(backend):
+        p = param()
+        before = p.grad.resolve_neg()
+        total = fastclip.clip_grad_norm_([p], 0.5, backend=backend)
+        assert total.item() == pytest.approx(torch.linalg.vector_norm(before).item(), rel=1e-6)
+        assert_bitwise_equal(p.grad.resolve_neg(), before * torch.clamp(0.5 / (total + 1e-6), max=1.0))
+
+
 def test_clip_value_conversion_errors_match_torch(backend):
     params = make_params([(3,)])
     for bad in ("abc", None):

@@ -230,10 +230,62 @@ def test_dtype_codes_match_the_extension():
         assert _ext.collect([t], False, DTYPE_CODES, torch.Tensor)[1].dtypes == [code]
 
 
-def test_fast_gather_leaves_unusual_tensors_to_the_general_path():
-    for t in (torch.ones(3, 3).t(), torch.ones(3).to_sparse(), torch.ones(3, dtype=torch.complex64), torch.ones(3, device="meta")):
+@pytest.fixture(params=["dlpack", "attributes"])
+def gather(request):
+    """Both ways the C++ gather reads tensors: DLPack's exchange API, or attributes."""
+    capsule = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    if request.param == "dlpack" and capsule is None:
+        pytest.skip("this torch has no DLPack C exchange API")
+    _ext.set_dlpack_exchange_api(capsule if request.param == "dlpack" else None)
+    yield request.param
+    _ext.set_dlpack_exchange_api(capsule)
+
+
+def test_fast_gather_leaves_unusual_tensors_to_the_general_path(gather):
+    unusual = [
+        torch.ones(3, 3).t(),
+        torch.ones(4, 4)[:, 1:3],
+        torch.ones(3).to_sparse(),
+        torch.ones(3, dtype=torch.complex64),
+        torch.ones(3, dtype=torch.int64),
+        torch.ones(3, device="meta"),
+        torch.ones(3).as_subclass(torch.nn.Parameter),
+    ]
+    for t in unusual:
         tensors, table, _ = _ext.collect([torch.ones(2), t], False, DTYPE_CODES, torch.Tensor)
         assert table is None and len(tensors) == 2 and tensors[1] is t
+
+
+def test_fast_gather_tables(gather, seed):
+    base = torch.randn(100)
+    tensors = [torch.randn(3, 4), base[10:20], torch.zeros(0), torch.tensor(1.5), torch.randn(5, 1, 2).half(),
+               torch.randn(7).bfloat16(), torch.randn(2, 2).double(), torch.ones(1, 6).t()]
+    got, table, mask = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor)
+    assert got == tensors and table is not None
+    assert table.ptrs == [t.data_ptr() for t in tensors]
+    assert table.numels == [t.numel() for t in tensors]
+    assert table.dtypes == [DTYPE_CODES[t.dtype] for t in tensors]
+    assert mask == sum(1 << c for c in set(table.dtypes))
+    # from parameters: None grads skipped, AttributeError for non-parameters
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    ps[0].grad, ps[2].grad = torch.ones(2), torch.ones(2)
+    got, table, _ = _ext.collect(ps, True, DTYPE_CODES, torch.Tensor)
+    assert got == [ps[0].grad, ps[2].grad] and len(table) == 2
+    with pytest.raises(AttributeError, match="'tuple' object has no attribute 'grad'"):
+        _ext.collect([ps[0], (1, 2)], True, DTYPE_CODES, torch.Tensor)
+
+
+def test_clip_through_the_attribute_gather(gather, seed):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(30, 20), (7,), (0,)]]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 3
+    ref = [torch.nn.Parameter(torch.zeros(p.shape)) for p in params]
+    for p, q in zip(params, ref):
+        q.grad = p.grad.clone()
+    total = fastclip.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grads_with_norm_(ref, 1.0, total)
+    for p, q in zip(params, ref):
+        assert_bitwise_equal(p.grad, q.grad)
 
 
 def test_env_var_forces_the_isa():

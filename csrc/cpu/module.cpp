@@ -90,6 +90,10 @@ PYBIND11_MODULE(_cpu, m) {
       "(tensors, TensorTable or None, dtype bit mask): the table only if every tensor is a plain, "
       "contiguous CPU tensor of a known dtype.");
 
+  m.def("set_dlpack_exchange_api", &set_dlpack_exchange_api, py::arg("capsule"),
+        "Describe tensors through this DLPack C exchange API capsule (None: by attributes).");
+  m.def("using_dlpack_exchange_api", &using_dlpack_exchange_api);
+
   m.def(
       "norm",
       [](const TensorTable& t, int32_t kind, int nthreads) {

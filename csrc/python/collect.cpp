@@ -1,5 +1,7 @@
 #include "collect.h"
 
+#include "dlpack_exchange.h"
+
 namespace py = pybind11;
 
 namespace fastclip {
@@ -7,50 +9,73 @@ namespace {
 
 PyObject* interned(const char* name) { return PyUnicode_InternFromString(name); }
 
-// torch.Tensor's own attribute descriptors, looked up once per call: calling
-// a descriptor directly skips the attribute lookup of every access.
-struct TensorAccess {
-  explicit TensorAccess(PyObject* tensor_type)
-      : type(tensor_type),
-        dtype(py::reinterpret_steal<py::object>(PyObject_GetAttr(tensor_type, names().dtype))),
-        is_cpu(py::reinterpret_steal<py::object>(PyObject_GetAttr(tensor_type, names().is_cpu))),
-        is_contiguous(py::reinterpret_steal<py::object>(PyObject_GetAttr(tensor_type, names().is_contiguous))),
-        data_ptr(py::reinterpret_steal<py::object>(PyObject_GetAttr(tensor_type, names().data_ptr))),
-        nbytes(py::reinterpret_steal<py::object>(PyObject_GetAttr(tensor_type, names().nbytes))) {
-    if (!dtype || !is_cpu || !is_contiguous || !data_ptr || !nbytes) throw py::error_already_set();
+// DLPack's C exchange API of torch.Tensor, when this torch publishes one.
+const dlpack::ExchangeApi* g_dlpack = nullptr;
+
+int32_t code_of(const dlpack::DataType& t) {
+  if (t.lanes != 1) return -1;
+  if (t.code == dlpack::kFloat) {
+    if (t.bits == 32) return static_cast<int32_t>(DType::kFloat32);
+    if (t.bits == 64) return static_cast<int32_t>(DType::kFloat64);
+    if (t.bits == 16) return static_cast<int32_t>(DType::kFloat16);
   }
-  PyObject* get(const py::object& descr, PyObject* obj) const {  // a property: obj.name
+  if (t.code == dlpack::kBfloat && t.bits == 16) return static_cast<int32_t>(DType::kBFloat16);
+  return -1;
+}
+
+// One C call per tensor: pointer, device, dtype, shape and strides.
+bool describe_with_dlpack(PyObject* t, Collected& out) {
+  dlpack::Tensor d;
+  if (g_dlpack->dltensor_from_py_object_no_sync(t, &d) != 0) return PyErr_Clear(), false;  // no storage, meta, ...
+  const int32_t code = code_of(d.dtype);
+  if (d.device.device_type != dlpack::kCPU || code < 0) return false;
+  int64_t numel = 1, expected_stride = 1;
+  bool contiguous = true;
+  for (int k = d.ndim - 1; k >= 0; --k) {
+    const int64_t size = d.shape[k];
+    numel *= size;
+    if (size != 1) {
+      if (d.strides != nullptr && d.strides[k] != expected_stride) contiguous = false;
+      expected_stride *= size;
+    }
+  }
+  if (!contiguous && numel != 0) return false;
+  out.table.push_dense(reinterpret_cast<int64_t>(static_cast<char*>(d.data) + d.byte_offset), numel, code);
+  out.dtype_mask |= 1u << code;
+  return true;
+}
+
+// Without the exchange API: torch.Tensor's own attribute descriptors, looked
+// up once per call (calling a descriptor directly skips the attribute lookup).
+struct TensorAccess {
+  explicit TensorAccess(PyObject* tensor_type) : type(tensor_type) {
+    if (g_dlpack != nullptr) return;  // not needed
+    dtype = attr("dtype");
+    is_cpu = attr("is_cpu");
+    is_contiguous = attr("is_contiguous");
+    data_ptr = attr("data_ptr");
+    nbytes = attr("nbytes");  // a property: cheaper to call than numel()
+  }
+  py::object attr(const char* name) const {
+    PyObject* a = PyObject_GetAttrString(type, name);
+    if (a == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(a);
+  }
+  PyObject* get(const py::object& descr, PyObject* obj) const {  // obj.name for a property
     return Py_TYPE(descr.ptr())->tp_descr_get(descr.ptr(), obj, type);
   }
-  PyObject* call(const py::object& descr, PyObject* obj) const {  // a method: obj.name()
+  PyObject* call(const py::object& descr, PyObject* obj) const {  // obj.name()
     return PyObject_Vectorcall(descr.ptr(), &obj, 1, nullptr);
-  }
-
-  struct Names {
-    PyObject* dtype = interned("dtype");
-    PyObject* is_cpu = interned("is_cpu");
-    PyObject* is_contiguous = interned("is_contiguous");
-    PyObject* data_ptr = interned("data_ptr");
-    PyObject* nbytes = interned("nbytes");  // a property: cheaper to call than numel()
-  };
-  static const Names& names() {
-    static const Names* n = new Names();  // interned for the life of the process
-    return *n;
   }
 
   PyObject* type;
   py::object dtype, is_cpu, is_contiguous, data_ptr, nbytes;
-  // Most grads share a dtype: remember the last one seen.
-  PyObject* last_dtype = nullptr;
+  PyObject* last_dtype = nullptr;  // most grads share a dtype: remember the last one
   long last_code = -1;
 };
 
-// Appends t to the table if it is a plain, contiguous CPU tensor of a known
-// dtype.  Returns false (exception cleared) otherwise.
-bool describe_one(PyObject* t, PyObject* codes, TensorAccess& access, Collected& out) {
-  if (reinterpret_cast<PyObject*>(Py_TYPE(t)) != access.type) return false;
-
-  PyObject* dtype = access.get(access.dtype, t);  // torch.dtype objects are immortal singletons
+bool describe_with_attributes(PyObject* t, PyObject* codes, TensorAccess& access, Collected& out) {
+  PyObject* dtype = access.get(access.dtype, t);  // torch.dtype objects are singletons
   if (dtype == nullptr) return PyErr_Clear(), false;
   if (dtype != access.last_dtype) {
     PyObject* code = PyDict_GetItemWithError(codes, dtype);  // borrowed
@@ -59,7 +84,6 @@ bool describe_one(PyObject* t, PyObject* codes, TensorAccess& access, Collected&
     access.last_code = PyLong_AsLong(code);
   }
   Py_DECREF(dtype);
-  const long dtype_code = access.last_code;
 
   PyObject* is_cpu = access.get(access.is_cpu, t);
   const bool on_cpu = is_cpu == Py_True;
@@ -81,13 +105,33 @@ bool describe_one(PyObject* t, PyObject* codes, TensorAccess& access, Collected&
   Py_DECREF(nbytes);
   if (PyErr_Occurred()) return PyErr_Clear(), false;
 
-  const int32_t code = static_cast<int32_t>(dtype_code);
+  const int32_t code = static_cast<int32_t>(access.last_code);
   out.table.push_dense(address, bytes / element_size(static_cast<DType>(code)), code);
-  out.dtype_mask |= 1u << dtype_code;
+  out.dtype_mask |= 1u << code;
   return true;
 }
 
 }  // namespace
+
+bool set_dlpack_exchange_api(const py::handle& capsule) {
+  g_dlpack = nullptr;
+  if (capsule.is_none()) return false;
+  auto* api = static_cast<const dlpack::ExchangeApi*>(PyCapsule_GetPointer(capsule.ptr(), "dlpack_exchange_api"));
+  if (api == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  // Walk to a table of major version 1, the layout declared in dlpack_exchange.h.
+  const dlpack::ExchangeApiHeader* h = &api->header;
+  while (h != nullptr && h->version.major != 1) h = h->prev_api;
+  if (h == nullptr || h->version.minor < 2) return false;
+  api = reinterpret_cast<const dlpack::ExchangeApi*>(h);
+  if (api->dltensor_from_py_object_no_sync == nullptr) return false;
+  g_dlpack = api;
+  return true;
+}
+
+bool using_dlpack_exchange_api() { return g_dlpack != nullptr; }
 
 Collected collect(const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain) {
   static PyObject* const grad_name = interned("grad");
@@ -96,11 +140,11 @@ Collected collect(const py::list& items, bool from_params, const py::dict& codes
   const Py_ssize_t count = PyList_GET_SIZE(items.ptr());
   out.tensors = py::reinterpret_steal<py::list>(PyList_New(count));  // filled in place, cut to size below
   if (!out.tensors) throw py::error_already_set();
-  Py_ssize_t found = 0;
   out.table.ptrs.reserve(static_cast<size_t>(count));
   out.table.numels.reserve(static_cast<size_t>(count));
   out.table.dtypes.reserve(static_cast<size_t>(count));
   out.table.layout.reserve(static_cast<size_t>(count));
+  Py_ssize_t found = 0;
   bool complete = true;
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* tensor = PyList_GET_ITEM(items.ptr(), i);
@@ -115,7 +159,11 @@ Collected collect(const py::list& items, bool from_params, const py::dict& codes
       Py_INCREF(tensor);
     }
     PyList_SET_ITEM(out.tensors.ptr(), found++, tensor);  // steals the reference
-    if (complete) complete = describe_one(tensor, codes.ptr(), access, out);
+    if (!complete) continue;
+    // Only exact torch.Tensor: subclasses (DTensor, Parameter, ...) take the general path.
+    complete = reinterpret_cast<PyObject*>(Py_TYPE(tensor)) == access.type &&
+               (g_dlpack != nullptr ? describe_with_dlpack(tensor, out)
+                                    : describe_with_attributes(tensor, codes.ptr(), access, out));
   }
   if (found < count && PyList_SetSlice(out.tensors.ptr(), found, count, nullptr) != 0) throw py::error_already_set();
   out.complete = complete;

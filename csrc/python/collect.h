@@ -1,11 +1,12 @@
 // Fast gather of the common case straight from Python objects.
 //
 // Reading .grad, .dtype, .is_cpu, .is_contiguous(), .data_ptr() and .numel()
-// of 2000 tensors from Python costs more than torch's whole clip on them; the
-// same calls made from C++ through the Python C API (by name: no torch
-// headers, no torch ABI) cost a fraction.  Only plain, contiguous CPU tensors
-// of the four float dtypes are taken here; anything else is left to the
-// general Python path (fastclip/_work.py).
+// of 2000 tensors from Python costs a large part of torch's whole clip on
+// them.  Here each grad is read once (.grad) and described by one C call of
+// DLPack's exchange API (torch >= 2.10), or else by torch.Tensor's attribute
+// descriptors called from C.  No torch headers, no torch ABI.  Only plain,
+// contiguous CPU tensors of the four float dtypes are taken here; anything
+// else is left to the general Python path (fastclip/_work.py).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -25,5 +26,10 @@ struct Collected {
 // tensors.  `codes`: dict torch.dtype -> dtype code.  `plain`: torch.Tensor.
 Collected collect(const pybind11::list& items, bool from_params, const pybind11::dict& codes,
                   const pybind11::handle& plain);
+
+// Use `capsule` (torch.Tensor.__dlpack_c_exchange_api__, or None to stop
+// using it).  Returns whether it is in use: it must be a DLPack 1.x table.
+bool set_dlpack_exchange_api(const pybind11::handle& capsule);
+bool using_dlpack_exchange_api();
 
 }  // namespace fastclip
