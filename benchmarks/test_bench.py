@@ -1,0 +1,72 @@
+"""pytest-benchmark suite: `pytest benchmarks --benchmark-only`.
+
+Each group is one case (layout, dtype, operation) with torch.nn.utils, every
+available fastclip backend and the plain-read floor side by side.  The CLI
+(`python -m benchmarks`) runs the same cases interleaved and reports
+fractions of the floor; this suite plugs the same cases into pytest-benchmark's
+tooling (comparisons across runs, --benchmark-json, histograms).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from .harness import OPS, _floors, _norm_stats, implementations
+from .layouts import gpt2_small, make_grads, tiny_tensors
+
+CASES = [
+    (gpt2_small, "float32", "norm-noclip"),
+    (gpt2_small, "float32", "norm-clip"),
+    (gpt2_small, "float32", "value-few"),
+    (gpt2_small, "float32", "value-most"),
+    (gpt2_small, "bfloat16", "norm-noclip"),
+    (gpt2_small, "bfloat16", "norm-clip"),
+    (tiny_tensors, "float32", "norm-noclip"),
+]
+IMPLS = list(implementations("cpu")) + ["floor"]
+
+
+@functools.lru_cache(maxsize=2)
+def _grads(make, dtype):
+    params = make_grads(make(), dtype)
+    return params, [p.grad.clone() for p in params], _norm_stats(params)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}-{c[1]}-{c[2]}")
+def test_clip(benchmark, case, impl):
+    make, dtype, op_key = case
+    op = OPS[op_key]
+    params, backup, stats = _grads(make, dtype)
+    grads = [p.grad for p in params]
+    benchmark.group = f"{make.__name__} {dtype} {op.name}"
+    benchmark.extra_info.update(numel=sum(g.numel() for g in grads), tensors=len(grads))
+
+    def restore():
+        torch._foreach_copy_(grads, backup)
+
+    if impl == "floor":  # the least traffic the operation needs, fastest way known
+        floors = _floors(params, "cpu")
+        kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"]}[op.floor]
+        fns = [min(floors[k].values(), key=lambda f: _time_once(f)) for k in kinds]
+        benchmark.pedantic(lambda: [f() for f in fns], rounds=_rounds(grads), warmup_rounds=1)
+        return
+    module = implementations("cpu")[impl]
+    run = functools.partial(op.call, module, params, stats)
+    benchmark.pedantic(run, setup=restore if op.modifies else None, rounds=_rounds(grads), warmup_rounds=1)
+    restore()
+
+
+def _rounds(grads) -> int:
+    return 100 if sum(g.numel() for g in grads) < 10_000_000 else 10
+
+
+def _time_once(fn) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
