@@ -1,24 +1,33 @@
 // Row kernels, written once with GCC/Clang vector extensions and included by
-// row_kernels.cpp inside one namespace per instruction set (baseline x86-64 /
-// generic, and AVX2+FMA+F16C).  The same source therefore gives 2x16-byte SSE
-// code or 32-byte AVX2 code.
+// row_kernels.cpp inside one namespace per instruction set: "baseline"
+// (16-byte vectors: SSE2 on x86-64, NEON on Arm) and "avx2" (32-byte
+// vectors, FMA, F16C).
 //
 // No include guard and no #include on purpose: the including file has pulled
 // in every header before opening the ISA namespace.  FASTCLIP_AVX2 selects
-// intrinsics for the widening conversions (GCC splits the generic forms into
-// 128-bit halves) and the F16C fp16 conversions.
+// the 32-byte build and the intrinsics it needs (GCC splits the generic
+// widening conversions into halves, and F16C converts fp16).
 //
-// Accumulation order is fixed by the source (lanes, then a fixed tree), never
-// by the vector width, so every ISA gives bit-identical results.
+// Every reduction has a fixed set of *logical* accumulators (element i of a
+// run goes to accumulator i mod 16 or i mod 32) combined in a fixed tree, and
+// the vector width only decides how many accumulators share a register.  So
+// both instruction sets give bit-identical results.
 
-typedef float vf __attribute__((vector_size(32)));     // 8 x f32
-typedef float vf4 __attribute__((vector_size(16)));    // 4 x f32
-typedef double vd __attribute__((vector_size(32)));    // 4 x f64
-typedef int32_t vi __attribute__((vector_size(32)));   // 8 x i32 (comparison masks of vf)
-typedef uint32_t vu __attribute__((vector_size(32)));  // 8 x u32
-typedef int64_t vl __attribute__((vector_size(32)));   // 4 x i64 (comparison masks of vd)
-typedef uint16_t vh __attribute__((vector_size(16)));  // 8 x u16 (fp16 / bf16 bits)
-typedef int16_t vs __attribute__((vector_size(16)));   // 8 x i16 masks
+#if FASTCLIP_AVX2
+#define FASTCLIP_VBYTES 32
+#else
+#define FASTCLIP_VBYTES 16
+#endif
+
+typedef float vf __attribute__((vector_size(FASTCLIP_VBYTES)));         // L floats
+typedef float vfh __attribute__((vector_size(FASTCLIP_VBYTES / 2)));    // D floats
+typedef double vd __attribute__((vector_size(FASTCLIP_VBYTES)));        // D doubles
+typedef int32_t vi __attribute__((vector_size(FASTCLIP_VBYTES)));       // masks of vf
+typedef uint32_t vu __attribute__((vector_size(FASTCLIP_VBYTES)));
+typedef int64_t vl __attribute__((vector_size(FASTCLIP_VBYTES)));       // masks of vd
+typedef uint16_t vh __attribute__((vector_size(FASTCLIP_VBYTES / 2)));  // L fp16/bf16 values
+constexpr int L = FASTCLIP_VBYTES / 4;  // floats per vector
+constexpr int D = FASTCLIP_VBYTES / 8;  // doubles per vector
 
 template <class V, class T>
 static inline V loadu(const T* p) {
@@ -43,6 +52,7 @@ static inline V splat(S s) {  // every lane = s (V{} + s would turn -0.0 into +0
   for (unsigned i = 0; i < sizeof(V) / sizeof(S); ++i) v[i] = s;
   return v;
 }
+
 // Software prefetch this many bytes ahead in streaming loops: on the 2-core
 // machines measured it brought the fp32 norm pass from ~10% to ~4% above a
 // plain read.  A prefetch never faults, even past the end of the data.
@@ -52,31 +62,48 @@ static inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
 }
 
-static inline bool any(const vi& m) {
-  const vl w = bitcast<vl>(m);
-  return (w[0] | w[1] | w[2] | w[3]) != 0;
-}
-static inline bool any(const vl& m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
-
-// ---------------------------------------------------------------- fp16 / bf16
-
-// 4 floats loaded straight into doubles; 8 uint16 zero-extended to uint32.
+// Whether any lane of a comparison mask is set (a ptest / movemask: the
+// generic form extracts lanes, which costs more than the comparison itself).
+static inline bool any(const vl& m) {
 #if FASTCLIP_AVX2
-static inline vd load4_as_double(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
-static inline vu widen_u16(const vh& h) { return (vu)_mm256_cvtepu16_epi32((__m128i)h); }
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif FASTCLIP_X86
+  return _mm_movemask_epi8((__m128i)m) != 0;
 #else
-static inline vd load4_as_double(const float* p) { return __builtin_convertvector(loadu<vf4>(p), vd); }
+  int64_t r = 0;
+  for (int k = 0; k < D; ++k) r |= m[k];
+  return r != 0;
+#endif
+}
+static inline bool any(const vi& m) { return any(bitcast<vl>(m)); }
+
+// ---------------------------------------------------------------- conversions
+
+#if FASTCLIP_AVX2
+static inline vd load_as_double(const float* p) { return (vd)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
+static inline vu widen_u16(const vh& h) { return (vu)_mm256_cvtepu16_epi32((__m128i)h); }
+// The L floats of v added to L/D = 2 vectors of doubles.
+static inline void add_as_doubles(vd* acc, const vf& v) {
+  acc[0] += (vd)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+  acc[1] += (vd)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+}
+#else
+static inline vd load_as_double(const float* p) { return __builtin_convertvector(loadu<vfh>(p), vd); }
 static inline vu widen_u16(const vh& h) { return __builtin_convertvector(h, vu); }
+static inline void add_as_doubles(vd* acc, const vf& v) {
+  acc[0] += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1), vd);
+  acc[1] += __builtin_convertvector(__builtin_shufflevector(v, v, 2, 3), vd);
+}
 #endif
 
 #if FASTCLIP_AVX2
-static inline vf half8_to_float(const vh& h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
-static inline vh float8_to_half(const vf& f) {
+static inline vf half_to_float_v(const vh& h) { return (vf)_mm256_cvtph_ps((__m128i)h); }
+static inline vh float_to_half_v(const vf& f) {
   return (vh)_mm256_cvtps_ph((__m256)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 #else
 // Branch-free vector forms of half_to_float / float_to_half in dtypes.h.
-static inline vf half8_to_float(const vh& h) {
+static inline vf half_to_float_v(const vh& h) {
   const vu x = widen_u16(h);
   vu rest = (x & 0x7fffu) << 13;
   const vu exp = rest & (0x1fu << 23);
@@ -88,7 +115,7 @@ static inline vf half8_to_float(const vh& h) {
   rest = (small & sub) | (~small & rest);
   return bitcast<vf>(rest | ((x & 0x8000u) << 16));
 }
-static inline vh float8_to_half(const vf& f) {
+static inline vh float_to_half_v(const vf& f) {
   vu x = bitcast<vu>(f);
   const vu sign = x & 0x80000000u;
   x ^= sign;
@@ -106,16 +133,16 @@ static inline vh float8_to_half(const vf& f) {
 }
 #endif
 
-static inline vf bf16x8_to_float(const vh& b) { return bitcast<vf>(widen_u16(b) << 16); }
+static inline vf bf16_to_float_v(const vh& b) { return bitcast<vf>(widen_u16(b) << 16); }
 
-// Two vectors of 8 x uint32, each below 2^16, as 16 x uint16 at p.
-static inline void store_narrow16(uint16_t* p, const vu& a, const vu& b) {
+// Two vectors of L uint32 values below 2^16, as 2L uint16 at p.
+static inline void store_narrow2(uint16_t* p, const vu& a, const vu& b) {
 #if FASTCLIP_AVX2
   // packus interleaves 128-bit lanes; the permute puts them back in order
   storeu(p, _mm256_permute4x64_epi64(_mm256_packus_epi32((__m256i)a, (__m256i)b), 0xD8));
 #else
   storeu(p, __builtin_convertvector(a, vh));
-  storeu(p + 8, __builtin_convertvector(b, vh));
+  storeu(p + L, __builtin_convertvector(b, vh));
 #endif
 }
 
@@ -131,26 +158,26 @@ static inline vu bf16_round(const vf& f) {
 // Element access for the 16-bit float types, as float.
 template <bool BF16>
 struct Half16 {
-  static inline vf load8(const uint16_t* p) {
+  static inline vf load(const uint16_t* p) {
     const vh h = loadu<vh>(p);
-    return BF16 ? bf16x8_to_float(h) : half8_to_float(h);
+    return BF16 ? bf16_to_float_v(h) : half_to_float_v(h);
   }
-  // Rounds 16 floats (two vectors) to the 16-bit type at p.
-  static inline void store16_rounded(uint16_t* p, const vf& a, const vf& b) {
+  // Rounds 2L floats (two vectors) to the 16-bit type at p.
+  static inline void store2_rounded(uint16_t* p, const vf& a, const vf& b) {
     if constexpr (BF16) {
-      store_narrow16(p, bf16_round(a), bf16_round(b));
+      store_narrow2(p, bf16_round(a), bf16_round(b));
     } else {
-      storeu(p, float8_to_half(a));
-      storeu(p + 8, float8_to_half(b));
+      storeu(p, float_to_half_v(a));
+      storeu(p + L, float_to_half_v(b));
     }
   }
-  // Stores 16 floats that are exact values of the 16-bit type (clamp results).
-  static inline void store16_exact(uint16_t* p, const vf& a, const vf& b) {
+  // Stores 2L floats that are exact values of the 16-bit type (clamp results).
+  static inline void store2_exact(uint16_t* p, const vf& a, const vf& b) {
     if constexpr (BF16) {
-      store_narrow16(p, bitcast<vu>(a) >> 16, bitcast<vu>(b) >> 16);
+      store_narrow2(p, bitcast<vu>(a) >> 16, bitcast<vu>(b) >> 16);
     } else {
-      storeu(p, float8_to_half(a));
-      storeu(p + 8, float8_to_half(b));
+      storeu(p, float_to_half_v(a));
+      storeu(p + L, float_to_half_v(b));
     }
   }
   static inline float to_float(uint16_t v) { return BF16 ? bf16_to_float(v) : half_to_float(v); }
@@ -174,62 +201,68 @@ template <int P>
 static inline double term1(double x) {
   return P == 2 ? x * x : __builtin_fabs(x);
 }
-static inline double lanes_sum(const vd& a) { return (a[0] + a[1]) + (a[2] + a[3]); }
-static inline double lanes_sum(const vf& a) {
-  const vd lo = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3), vd);
-  const vd hi = __builtin_convertvector(__builtin_shufflevector(a, a, 4, 5, 6, 7), vd);
-  return lanes_sum(lo + hi);
+
+// The fixed trees over the logical accumulators.
+static inline double combine16(const double* a) {
+  double r[4];
+  for (int j = 0; j < 4; ++j) r[j] = (a[j] + a[4 + j]) + (a[8 + j] + a[12 + j]);
+  return (r[0] + r[1]) + (r[2] + r[3]);
+}
+static inline double combine8(const double* a) {
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// 16 logical double accumulators, element i of the run to accumulator i % 16.
+template <int P, class Load>
+static inline double sum16(int64_t n, int64_t* done, Load load_d) {
+  constexpr int kVecs = 16 / D;
+  vd acc[kVecs] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(load_d(i + k * D));
+  }
+  double lanes[16];
+  for (int k = 0; k < kVecs; ++k) storeu(lanes + k * D, acc[k]);
+  *done = i;
+  return combine16(lanes);
 }
 
 // fp32: squares of floats are exact in double, so the only rounding is the sum.
 template <int P>
 static double sum_f32(const void* data, int64_t n, int64_t stride) {
   const float* p = static_cast<const float*>(data);
-  if (stride != 1) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += term1<P>(static_cast<double>(p[i * stride]));
-    return s;
-  }
-  vd a0{}, a1{}, a2{}, a3{};
+  double s = 0.0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    prefetch_ahead(p + i);
-    a0 += term<P>(load4_as_double(p + i));
-    a1 += term<P>(load4_as_double(p + i + 4));
-    a2 += term<P>(load4_as_double(p + i + 8));
-    a3 += term<P>(load4_as_double(p + i + 12));
+  if (stride == 1) {
+    s = sum16<P>(n, &i, [p](int64_t k) {
+      if (k % 16 == 0) prefetch_ahead(p + k);
+      return load_as_double(p + k);
+    });
   }
   double tail = 0.0;
-  for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i]));
-  return lanes_sum((a0 + a1) + (a2 + a3)) + tail;
+  for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i * stride]));
+  return s + tail;
 }
 
 template <int P>
 static double sum_f64(const void* data, int64_t n, int64_t stride) {
   const double* p = static_cast<const double*>(data);
-  if (stride != 1) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += term1<P>(p[i * stride]);
-    return s;
-  }
-  vd a0{}, a1{}, a2{}, a3{};
+  double s = 0.0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    prefetch_ahead(p + i);
-    prefetch_ahead(p + i + 8);
-    a0 += term<P>(loadu<vd>(p + i));
-    a1 += term<P>(loadu<vd>(p + i + 4));
-    a2 += term<P>(loadu<vd>(p + i + 8));
-    a3 += term<P>(loadu<vd>(p + i + 12));
+  if (stride == 1) {
+    s = sum16<P>(n, &i, [p](int64_t k) {
+      if (k % 8 == 0) prefetch_ahead(p + k);
+      return loadu<vd>(p + k);
+    });
   }
   double tail = 0.0;
-  for (; i < n; ++i) tail += term1<P>(p[i]);
-  return lanes_sum((a0 + a1) + (a2 + a3)) + tail;
+  for (; i < n; ++i) tail += term1<P>(p[i * stride]);
+  return s + tail;
 }
 
-// fp16 / bf16: squares are exact in float; float lanes sum blocks of 256
-// elements (8 terms per lane), which are then added up in double, so the
-// float rounding never builds up over long runs.
+// fp16 / bf16: squares are exact in float.  32 logical float accumulators sum
+// blocks of 256 elements (8 terms each); each block is folded into 8 logical
+// double accumulators, so the float rounding never builds up over long runs.
 template <int P, bool BF16>
 static double sum_h16(const void* data, int64_t n, int64_t stride) {
   using H = Half16<BF16>;
@@ -242,40 +275,46 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
     }
     return s;
   }
-  vd d0{}, d1{};
+  constexpr int kVecs = 32 / L;  // float accumulators
+  vd dacc[8 / D] = {};
   int64_t i = 0;
   while (i + 32 <= n) {
-    vf a0{}, a1{}, a2{}, a3{};
+    vf acc[kVecs] = {};
     const int64_t block_end = i + 256 <= n ? i + 256 : n - (n - i) % 32;
     for (; i < block_end; i += 32) {
       prefetch_ahead(p + i);
-      a0 += term<P>(H::load8(p + i));
-      a1 += term<P>(H::load8(p + i + 8));
-      a2 += term<P>(H::load8(p + i + 16));
-      a3 += term<P>(H::load8(p + i + 24));
+      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(p + i + k * L));
     }
-    const vf block = (a0 + a1) + (a2 + a3);
-    d0 += __builtin_convertvector(__builtin_shufflevector(block, block, 0, 1, 2, 3), vd);
-    d1 += __builtin_convertvector(__builtin_shufflevector(block, block, 4, 5, 6, 7), vd);
+    // logical lane j of the block: (acc j + acc 8+j) + (acc 16+j + acc 24+j)
+    for (int h = 0; h < 8 / L; ++h) {
+      const vf block = (acc[h] + acc[h + 8 / L]) + (acc[h + 16 / L] + acc[h + 24 / L]);
+      add_as_doubles(dacc + h * (L / D), block);
+    }
   }
+  double lanes[8];
+  for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
   double tail = 0.0;
   for (; i < n; ++i) {
     const float x = H::to_float(p[i]);
     tail += P == 2 ? x * x : __builtin_fabsf(x);
   }
-  return lanes_sum(d0 + d1) + tail;
+  return combine8(lanes) + tail;
 }
 
-// max |x| with NaN propagation.  Comparisons ignore NaN, so NaN is tracked
-// in its own mask and wins at the end.
-template <class Load>
-static double max_abs_f32_lanes(const char* base, int sizeof_elem, int64_t n, Load load, bool* saw_nan, int64_t* done) {
-  vf m0{}, m1{};
-  vi nan{};
+// max |x| with NaN propagation (max is exact, so no order to fix).
+// Comparisons ignore NaN, so NaN is tracked in its own mask and wins.
+static inline double nan_max(double a, double b) {
+  if (a != a || b != b) return __builtin_nan("");
+  return a > b ? a : b;
+}
+
+template <class V, class M, class Load>
+static inline double max_abs_lanes(int64_t n, int64_t step, Load load, bool* saw_nan, int64_t* done) {
+  V m0{}, m1{};
+  M nan{};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    prefetch_ahead(base + i * sizeof_elem);
-    const vf x0 = term<1>(load(i)), x1 = term<1>(load(i + 8));
+  for (; i + 2 * step <= n; i += 2 * step) {
+    const V x0 = term<1>(load(i)), x1 = term<1>(load(i + step));
     nan |= (x0 != x0) | (x1 != x1);
     m0 = x0 > m0 ? x0 : m0;
     m1 = x1 > m1 ? x1 : m1;
@@ -283,14 +322,9 @@ static double max_abs_f32_lanes(const char* base, int sizeof_elem, int64_t n, Lo
   *saw_nan = any(nan);
   *done = i;
   m0 = m1 > m0 ? m1 : m0;
-  float m = 0.0f;
-  for (int k = 0; k < 8; ++k) m = m0[k] > m ? m0[k] : m;
+  double m = 0.0;
+  for (int k = 0; k < step; ++k) m = m0[k] > m ? m0[k] : m;
   return m;
-}
-
-static inline double nan_max(double a, double b) {
-  if (a != a || b != b) return __builtin_nan("");
-  return a > b ? a : b;
 }
 
 static double max_f32(const void* data, int64_t n, int64_t stride) {
@@ -299,8 +333,10 @@ static double max_f32(const void* data, int64_t n, int64_t stride) {
   int64_t i = 0;
   if (stride == 1) {
     bool saw_nan = false;
-    m = max_abs_f32_lanes(reinterpret_cast<const char*>(p), 4, n, [p](int64_t k) { return loadu<vf>(p + k); },
-                          &saw_nan, &i);
+    m = max_abs_lanes<vf, vi>(n, L, [p](int64_t k) {
+      prefetch_ahead(p + k);
+      return loadu<vf>(p + k);
+    }, &saw_nan, &i);
     if (saw_nan) return __builtin_nan("");
   }
   for (; i < n; ++i) m = nan_max(m, __builtin_fabs(static_cast<double>(p[i * stride])));
@@ -315,8 +351,10 @@ static double max_h16(const void* data, int64_t n, int64_t stride) {
   int64_t i = 0;
   if (stride == 1) {
     bool saw_nan = false;
-    m = max_abs_f32_lanes(reinterpret_cast<const char*>(p), 2, n, [p](int64_t k) { return H::load8(p + k); },
-                          &saw_nan, &i);
+    m = max_abs_lanes<vf, vi>(n, L, [p](int64_t k) {
+      prefetch_ahead(p + k);
+      return H::load(p + k);
+    }, &saw_nan, &i);
     if (saw_nan) return __builtin_nan("");
   }
   for (; i < n; ++i) m = nan_max(m, __builtin_fabs(static_cast<double>(H::to_float(p[i * stride]))));
@@ -328,18 +366,12 @@ static double max_f64(const void* data, int64_t n, int64_t stride) {
   double m = 0.0;
   int64_t i = 0;
   if (stride == 1) {
-    vd m0{}, m1{};
-    vl nan{};
-    for (; i + 8 <= n; i += 8) {
-      prefetch_ahead(p + i);
-      const vd x0 = term<1>(loadu<vd>(p + i)), x1 = term<1>(loadu<vd>(p + i + 4));
-      nan |= (x0 != x0) | (x1 != x1);
-      m0 = x0 > m0 ? x0 : m0;
-      m1 = x1 > m1 ? x1 : m1;
-    }
-    if (any(nan)) return __builtin_nan("");
-    m0 = m1 > m0 ? m1 : m0;
-    for (int k = 0; k < 4; ++k) m = m0[k] > m ? m0[k] : m;
+    bool saw_nan = false;
+    m = max_abs_lanes<vd, vl>(n, D, [p](int64_t k) {
+      prefetch_ahead(p + k);
+      return loadu<vd>(p + k);
+    }, &saw_nan, &i);
+    if (saw_nan) return __builtin_nan("");
   }
   for (; i < n; ++i) m = nan_max(m, __builtin_fabs(p[i * stride]));
   return m;
@@ -352,10 +384,10 @@ static void scale_f32(void* data, int64_t n, int64_t stride, double coef) {
   const float c = static_cast<float>(coef);  // torch reads a scalar operand in opmath (float)
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 2 * L <= n; i += 2 * L) {
       prefetch_ahead(p + i);
       storeu(p + i, loadu<vf>(p + i) * c);
-      storeu(p + i + 8, loadu<vf>(p + i + 8) * c);
+      storeu(p + i + L, loadu<vf>(p + i + L) * c);
     }
   }
   for (; i < n; ++i) p[i * stride] *= c;
@@ -365,10 +397,10 @@ static void scale_f64(void* data, int64_t n, int64_t stride, double c) {
   double* p = static_cast<double*>(data);
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 8 <= n; i += 8) {
+    for (; i + 2 * D <= n; i += 2 * D) {
       prefetch_ahead(p + i);
       storeu(p + i, loadu<vd>(p + i) * c);
-      storeu(p + i + 4, loadu<vd>(p + i + 4) * c);
+      storeu(p + i + D, loadu<vd>(p + i + D) * c);
     }
   }
   for (; i < n; ++i) p[i * stride] *= c;
@@ -381,9 +413,9 @@ static void scale_h16(void* data, int64_t n, int64_t stride, double coef) {
   const float c = static_cast<float>(coef);
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 2 * L <= n; i += 2 * L) {
       prefetch_ahead(p + i);
-      H::store16_rounded(p + i, H::load8(p + i) * c, H::load8(p + i + 8) * c);
+      H::store2_rounded(p + i, H::load(p + i) * c, H::load(p + i + L) * c);
     }
   }
   for (; i < n; ++i) p[i * stride] = H::from_float(H::to_float(p[i * stride]) * c);
@@ -401,11 +433,10 @@ static inline T clamp1(T x, T lo, T hi, bool nan_bound) {
   return y > hi ? hi : y;
 }
 
-// Most vectors change nothing when few values are clipped: test 32 bytes of
-// comparisons at once before doing any blending or storing.
+// Exactly the lanes clamping changes (NaN lanes never change).
 template <class V, class M>
 static inline M outside(const V& x, const V& lo, const V& hi) {
-  return (x < lo) | (x > hi);  // exactly the lanes clamping changes (NaN lanes never)
+  return (x < lo) | (x > hi);
 }
 template <class V>
 static inline V clamped(const V& x, const V& lo, const V& hi) {
@@ -413,25 +444,32 @@ static inline V clamped(const V& x, const V& lo, const V& hi) {
   return y > hi ? hi : y;
 }
 
+// Most vectors change nothing when few values are clipped: four vectors of
+// comparisons are tested at once before any blending or storing.
+template <class V, class M, class T>
+static void clamp_dense(T* p, int64_t n, int64_t* done, const V& lo, const V& hi) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    prefetch_ahead(p + i);
+    const V x0 = loadu<V>(p + i), x1 = loadu<V>(p + i + W), x2 = loadu<V>(p + i + 2 * W), x3 = loadu<V>(p + i + 3 * W);
+    const M m0 = outside<V, M>(x0, lo, hi), m1 = outside<V, M>(x1, lo, hi);
+    const M m2 = outside<V, M>(x2, lo, hi), m3 = outside<V, M>(x3, lo, hi);
+    if (!any((m0 | m1) | (m2 | m3))) continue;
+    if (any(m0)) storeu(p + i, clamped(x0, lo, hi));
+    if (any(m1)) storeu(p + i + W, clamped(x1, lo, hi));
+    if (any(m2)) storeu(p + i + 2 * W, clamped(x2, lo, hi));
+    if (any(m3)) storeu(p + i + 3 * W, clamped(x3, lo, hi));
+  }
+  *done = i;
+}
+
 static void clamp_f32(void* data, int64_t n, int64_t stride, double lo_d, double hi_d) {
   float* p = static_cast<float*>(data);
   const float lo = static_cast<float>(lo_d), hi = static_cast<float>(hi_d);
   const bool nan_bound = lo != lo || hi != hi;
   int64_t i = 0;
-  if (stride == 1 && !nan_bound) {
-    const vf vlo = splat<vf>(lo), vhi = splat<vf>(hi);
-    for (; i + 32 <= n; i += 32) {
-      prefetch_ahead(p + i);
-      const vf x0 = loadu<vf>(p + i), x1 = loadu<vf>(p + i + 8), x2 = loadu<vf>(p + i + 16), x3 = loadu<vf>(p + i + 24);
-      const vi m0 = outside<vf, vi>(x0, vlo, vhi), m1 = outside<vf, vi>(x1, vlo, vhi);
-      const vi m2 = outside<vf, vi>(x2, vlo, vhi), m3 = outside<vf, vi>(x3, vlo, vhi);
-      if (!any((m0 | m1) | (m2 | m3))) continue;
-      if (any(m0)) storeu(p + i, clamped(x0, vlo, vhi));
-      if (any(m1)) storeu(p + i + 8, clamped(x1, vlo, vhi));
-      if (any(m2)) storeu(p + i + 16, clamped(x2, vlo, vhi));
-      if (any(m3)) storeu(p + i + 24, clamped(x3, vlo, vhi));
-    }
-  }
+  if (stride == 1 && !nan_bound) clamp_dense<vf, vi>(p, n, &i, splat<vf>(lo), splat<vf>(hi));
   for (; i < n; ++i) {
     float& x = p[i * stride];
     const float y = clamp1(x, lo, hi, nan_bound);
@@ -443,21 +481,7 @@ static void clamp_f64(void* data, int64_t n, int64_t stride, double lo, double h
   double* p = static_cast<double*>(data);
   const bool nan_bound = lo != lo || hi != hi;
   int64_t i = 0;
-  if (stride == 1 && !nan_bound) {
-    const vd vlo = splat<vd>(lo), vhi = splat<vd>(hi);
-    for (; i + 16 <= n; i += 16) {
-      prefetch_ahead(p + i);
-      prefetch_ahead(p + i + 8);
-      const vd x0 = loadu<vd>(p + i), x1 = loadu<vd>(p + i + 4), x2 = loadu<vd>(p + i + 8), x3 = loadu<vd>(p + i + 12);
-      const vl m0 = outside<vd, vl>(x0, vlo, vhi), m1 = outside<vd, vl>(x1, vlo, vhi);
-      const vl m2 = outside<vd, vl>(x2, vlo, vhi), m3 = outside<vd, vl>(x3, vlo, vhi);
-      if (!any((m0 | m1) | (m2 | m3))) continue;
-      if (any(m0)) storeu(p + i, clamped(x0, vlo, vhi));
-      if (any(m1)) storeu(p + i + 4, clamped(x1, vlo, vhi));
-      if (any(m2)) storeu(p + i + 8, clamped(x2, vlo, vhi));
-      if (any(m3)) storeu(p + i + 12, clamped(x3, vlo, vhi));
-    }
-  }
+  if (stride == 1 && !nan_bound) clamp_dense<vd, vl>(p, n, &i, splat<vd>(lo), splat<vd>(hi));
   for (; i < n; ++i) {
     double& x = p[i * stride];
     const double y = clamp1(x, lo, hi, nan_bound);
@@ -475,13 +499,13 @@ static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double
   int64_t i = 0;
   if (stride == 1 && !nan_bound) {
     const vf vlo = splat<vf>(lo), vhi = splat<vf>(hi);
-    for (; i + 32 <= n; i += 32) {
+    for (; i + 4 * L <= n; i += 4 * L) {
       prefetch_ahead(p + i);
-      const vf x0 = H::load8(p + i), x1 = H::load8(p + i + 8), x2 = H::load8(p + i + 16), x3 = H::load8(p + i + 24);
+      const vf x0 = H::load(p + i), x1 = H::load(p + i + L), x2 = H::load(p + i + 2 * L), x3 = H::load(p + i + 3 * L);
       const vi m01 = outside<vf, vi>(x0, vlo, vhi) | outside<vf, vi>(x1, vlo, vhi);
       const vi m23 = outside<vf, vi>(x2, vlo, vhi) | outside<vf, vi>(x3, vlo, vhi);
-      if (any(m01)) H::store16_exact(p + i, clamped(x0, vlo, vhi), clamped(x1, vlo, vhi));
-      if (any(m23)) H::store16_exact(p + i + 16, clamped(x2, vlo, vhi), clamped(x3, vlo, vhi));
+      if (any(m01)) H::store2_exact(p + i, clamped(x0, vlo, vhi), clamped(x1, vlo, vhi));
+      if (any(m23)) H::store2_exact(p + i + 2 * L, clamped(x2, vlo, vhi), clamped(x3, vlo, vhi));
     }
   }
   for (; i < n; ++i) {
@@ -496,28 +520,31 @@ static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double
 
 static uint64_t touch_read(const void* data, int64_t nbytes) {
   const char* p = static_cast<const char*>(data);
+  constexpr int V = FASTCLIP_VBYTES;
   vl acc0{}, acc1{}, acc2{}, acc3{};
   int64_t i = 0;
-  for (; i + 128 <= nbytes; i += 128) {
+  for (; i + 4 * V <= nbytes; i += 4 * V) {
     acc0 |= loadu<vl>(p + i);
-    acc1 |= loadu<vl>(p + i + 32);
-    acc2 |= loadu<vl>(p + i + 64);
-    acc3 |= loadu<vl>(p + i + 96);
+    acc1 |= loadu<vl>(p + i + V);
+    acc2 |= loadu<vl>(p + i + 2 * V);
+    acc3 |= loadu<vl>(p + i + 3 * V);
   }
   uint64_t r = 0;
   for (; i < nbytes; ++i) r |= static_cast<unsigned char>(p[i]);
   acc0 |= acc1 | acc2 | acc3;
-  return r | static_cast<uint64_t>(acc0[0] | acc0[1] | acc0[2] | acc0[3]);
+  for (int k = 0; k < D; ++k) r |= static_cast<uint64_t>(acc0[k]);
+  return r;
 }
 
 // Writes back what it read; `zero` is 0 at run time, which the compiler cannot know.
 static void touch_write(void* data, int64_t nbytes, uint64_t zero) {
   char* p = static_cast<char*>(data);
+  constexpr int V = FASTCLIP_VBYTES;
   const vl z = splat<vl>(static_cast<int64_t>(zero));
   int64_t i = 0;
-  for (; i + 64 <= nbytes; i += 64) {
+  for (; i + 2 * V <= nbytes; i += 2 * V) {
     storeu(p + i, loadu<vl>(p + i) ^ z);
-    storeu(p + i + 32, loadu<vl>(p + i + 32) ^ z);
+    storeu(p + i + V, loadu<vl>(p + i + V) ^ z);
   }
   for (; i < nbytes; ++i) p[i] = static_cast<char>(p[i] ^ static_cast<char>(zero));
 }
@@ -554,3 +581,5 @@ static RowKernels make_table(const char* isa) {
   t.touch_write = touch_write;
   return t;
 }
+
+#undef FASTCLIP_VBYTES
