@@ -169,6 +169,24 @@ def test_table_validation_errors():
         _ext.norm(table_of([torch.ones(2)]), 7, 1)
 
 
+@pytest.mark.parametrize("threading", ["openmp", "pool"])
+def test_threading_modes_agree(threading, seed):
+    old = _ext.threading()
+    if not _ext.set_threading(threading):
+        pytest.skip(f"{threading} not built")
+    try:
+        tensors = [torch.randn(3_000_000), torch.randn(1_000_001).bfloat16()]
+        table = table_of(tensors)
+        results = {t: _ext.norm(table, 2, t) for t in (1, 2, 5)}
+        assert len(set(results.values())) == 1
+        copies = [t.clone() for t in tensors]
+        _ext.scale(table, 0.5, 4)
+        for t, c in zip(tensors, copies):
+            assert_bitwise_equal(t, c.mul_(0.5))
+    finally:
+        _ext.set_threading(old)
+
+
 _FORK_INPUT = {}
 
 

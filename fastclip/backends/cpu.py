@@ -2,8 +2,9 @@
 
 One threaded pass computes the norm over every grad of every dtype; a second
 pass scales, only if the coefficient is not exactly 1.  Threads follow
-torch.get_num_threads().  FASTCLIP_CPU_ISA=baseline|avx2 forces an
-instruction set (for tests and comparisons).
+torch.get_num_threads().  For tests and comparisons, FASTCLIP_CPU_ISA=
+baseline|avx2 forces an instruction set and FASTCLIP_CPU_THREADING=
+openmp|pool the threads (torch's OpenMP threads, or fastclip's own pool).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ except ImportError as exc:  # not built, or built for another Python
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 if _ext is not None and os.environ.get("FASTCLIP_CPU_ISA"):
-    _wanted = os.environ["FASTCLIP_CPU_ISA"]
-    if not _ext.select_isa(_wanted):
+    if not _ext.select_isa(os.environ["FASTCLIP_CPU_ISA"]):
         raise ImportError(
-            f"FASTCLIP_CPU_ISA={_wanted!r} is not available here; choose one of {_ext.available_isas()}"
+            f"FASTCLIP_CPU_ISA={os.environ['FASTCLIP_CPU_ISA']!r} is not available here; "
+            f"choose one of {_ext.available_isas()}"
         )
+if _ext is not None and os.environ.get("FASTCLIP_CPU_THREADING"):
+    if not _ext.set_threading(os.environ["FASTCLIP_CPU_THREADING"]):
+        raise ImportError(f"FASTCLIP_CPU_THREADING={os.environ['FASTCLIP_CPU_THREADING']!r}: choose openmp or pool")
 
 
 class CpuBackend(FusedBackend):
@@ -46,10 +50,13 @@ class CpuBackend(FusedBackend):
             "built": True,
             "available": True,
             "reason": "",
-            "version": _ext.compiler,
+            "version": None,  # part of fastclip itself
+            "compiler": _ext.compiler,
             "isa": _ext.isa(),
             "isas": _ext.available_isas(),
             "threads": torch.get_num_threads(),
+            "threading": _ext.threading(),
+            "gather": "dlpack-exchange-api" if _ext.using_dlpack_exchange_api() else "attributes",
         }
 
     @property
