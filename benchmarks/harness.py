@@ -4,8 +4,11 @@ Every case is timed against torch.nn.utils and against two floors measured
 in the same run on the same bytes: a plain read, and a read plus an in-place
 write.  Implementations take turns inside every round (the order rotates),
 so a machine that slows down mid-run slows all of them alike.  Grads are
-restored from a copy before every call that modifies them; the restore is
-not timed.
+restored from a copy before every call that modifies them, and before every
+timed call, whatever it is, the caches are flushed by reading a scratch
+buffer larger than the last-level cache, so that every call starts from the
+same clean, cold state (no dirty lines of a restore still being written
+back).  Neither step is timed.
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ class CaseResult:
         return {"read": 1, "rw": 2, "read+rw": 3}[op.floor] * self.nbytes
 
 
+EVICT_BYTES = 64 << 20  # more than the last-level cache of the machines measured
+
+
+def _evictor(device: str):
+    if device != "cpu":
+        return lambda: None
+    scratch = torch.ones(EVICT_BYTES // 4)
+    return lambda: scratch.sum()
+
+
 def _sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -125,6 +138,7 @@ def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str =
     def restore():
         torch._foreach_copy_(grads, backup)
 
+    evict = _evictor(device)
     entries = [(name, (lambda m=m: op.call(m, params, stats)), op.modifies) for name, m in impls.items()]
     for kind, fns in floors.items():
         entries += [(f"floor:{kind}:{label}", fn, kind == "rw") for label, fn in fns.items()]
@@ -135,6 +149,7 @@ def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str =
         for name, fn, modifies in entries[shift:] + entries[:shift]:
             if modifies:
                 restore()
+            evict()
             _sync(device)
             start = time.perf_counter()
             fn()

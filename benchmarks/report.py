@@ -33,7 +33,9 @@ def machine_info(device: str) -> dict:
     info = fastclip.backend_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        # "+dirty": the code differs from the commit (recorded results do not count)
+        "commit": git("rev-parse", "--short", "HEAD")
+        + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else ""),
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "cpu": cpu,
         "cores": os.cpu_count(),
