@@ -445,16 +445,23 @@ static inline V clamped(const V& x, const V& lo, const V& hi) {
 }
 
 // Most vectors change nothing when few values are clipped: four vectors of
-// comparisons are tested at once before any blending or storing.
+// comparisons are tested at once before any blending or storing.  With
+// lo == -hi (clip_value >= 0) a lane changes exactly when |x| > hi.
 template <class V, class M, class T>
 static void clamp_dense(T* p, int64_t n, int64_t* done, const V& lo, const V& hi) {
   constexpr int W = sizeof(V) / sizeof(T);
+  const bool symmetric = hi[0] >= 0 && lo[0] == -hi[0];
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
     prefetch_ahead(p + i);
     const V x0 = loadu<V>(p + i), x1 = loadu<V>(p + i + W), x2 = loadu<V>(p + i + 2 * W), x3 = loadu<V>(p + i + 3 * W);
-    const M m0 = outside<V, M>(x0, lo, hi), m1 = outside<V, M>(x1, lo, hi);
-    const M m2 = outside<V, M>(x2, lo, hi), m3 = outside<V, M>(x3, lo, hi);
+    M m0, m1, m2, m3;
+    if (symmetric) {
+      m0 = term<1>(x0) > hi, m1 = term<1>(x1) > hi, m2 = term<1>(x2) > hi, m3 = term<1>(x3) > hi;
+    } else {
+      m0 = outside<V, M>(x0, lo, hi), m1 = outside<V, M>(x1, lo, hi);
+      m2 = outside<V, M>(x2, lo, hi), m3 = outside<V, M>(x3, lo, hi);
+    }
     if (!any((m0 | m1) | (m2 | m3))) continue;
     if (any(m0)) storeu(p + i, clamped(x0, lo, hi));
     if (any(m1)) storeu(p + i + W, clamped(x1, lo, hi));
