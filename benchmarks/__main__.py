@@ -37,13 +37,13 @@ QUICK = [
 
 def rounds_for(layout) -> int:
     # tiny layouts take micro- to milliseconds per call: many rounds are cheap
-    return 200 if layout.numel < 10_000_000 else 15
+    return 200 if layout.numel < 10_000_000 else 25
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short subset (about a minute)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 15, 200 for tiny layouts)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 25, 200 for tiny layouts)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--name", help="file stem for the results (default: date_machine_commit)")

@@ -61,6 +61,11 @@ template <class T>
 static inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
 }
+// One prefetch per 64-byte line of a block of `bytes` bytes starting at p.
+template <int bytes, class T>
+static inline void prefetch_block(const T* p) {
+  for (int b = 0; b < bytes; b += 64) prefetch_ahead(reinterpret_cast<const char*>(p) + b);
+}
 
 // Whether any lane of a comparison mask is set (a ptest / movemask: the
 // generic form extracts lanes, which costs more than the comparison itself).
@@ -453,7 +458,7 @@ static void clamp_dense(T* p, int64_t n, int64_t* done, const V& lo, const V& hi
   const bool symmetric = hi[0] >= 0 && lo[0] == -hi[0];
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    prefetch_ahead(p + i);
+    prefetch_block<4 * sizeof(V)>(p + i);
     const V x0 = loadu<V>(p + i), x1 = loadu<V>(p + i + W), x2 = loadu<V>(p + i + 2 * W), x3 = loadu<V>(p + i + 3 * W);
     M m0, m1, m2, m3;
     if (symmetric) {
