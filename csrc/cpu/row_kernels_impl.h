@@ -217,32 +217,24 @@ static inline double combine8(const double* a) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-// 16 logical double accumulators, element i of the run to accumulator i % 16.
-template <int P, class Load>
-static inline double sum16(int64_t n, int64_t* done, Load load_d) {
+// fp32 and fp64: 16 logical double accumulators (element i of the run goes
+// to accumulator i % 16), then the elements left over, in order.  `load`
+// gives D elements as doubles.  The squares of floats are exact in double,
+// so for fp32 the only rounding is the sum.
+template <int P, class T, class Load>
+static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
   constexpr int kVecs = 16 / D;
-  vd acc[kVecs] = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(load_d(i + k * D));
-  }
-  double lanes[16];
-  for (int k = 0; k < kVecs; ++k) storeu(lanes + k * D, acc[k]);
-  *done = i;
-  return combine16(lanes);
-}
-
-// fp32: squares of floats are exact in double, so the only rounding is the sum.
-template <int P>
-static double sum_f32(const void* data, int64_t n, int64_t stride) {
-  const float* p = static_cast<const float*>(data);
   double s = 0.0;
-  int64_t i = 0;
   if (stride == 1) {
-    s = sum16<P>(n, &i, [p](int64_t k) {
-      if (k % 16 == 0) prefetch_ahead(p + k);
-      return load_as_double(p + k);
-    });
+    vd acc[kVecs] = {};
+    for (; i + 16 <= n; i += 16) {
+      prefetch_block<16 * sizeof(T)>(p + i);
+      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(load(p + i + k * D));
+    }
+    double lanes[16];
+    for (int k = 0; k < kVecs; ++k) storeu(lanes + k * D, acc[k]);
+    s = combine16(lanes);
   }
   double tail = 0.0;
   for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i * stride]));
@@ -250,19 +242,13 @@ static double sum_f32(const void* data, int64_t n, int64_t stride) {
 }
 
 template <int P>
+static double sum_f32(const void* data, int64_t n, int64_t stride) {
+  return sum16<P>(static_cast<const float*>(data), n, stride, load_as_double);
+}
+
+template <int P>
 static double sum_f64(const void* data, int64_t n, int64_t stride) {
-  const double* p = static_cast<const double*>(data);
-  double s = 0.0;
-  int64_t i = 0;
-  if (stride == 1) {
-    s = sum16<P>(n, &i, [p](int64_t k) {
-      if (k % 8 == 0) prefetch_ahead(p + k);
-      return loadu<vd>(p + k);
-    });
-  }
-  double tail = 0.0;
-  for (; i < n; ++i) tail += term1<P>(p[i * stride]);
-  return s + tail;
+  return sum16<P>(static_cast<const double*>(data), n, stride, loadu<vd, double>);
 }
 
 // fp16 / bf16: squares are exact in float.  32 logical float accumulators sum
@@ -313,102 +299,71 @@ static inline double nan_max(double a, double b) {
   return a > b ? a : b;
 }
 
-template <class V, class M, class Load>
-static inline double max_abs_lanes(int64_t n, int64_t step, Load load, bool* saw_nan, int64_t* done) {
-  V m0{}, m1{};
-  M nan{};
+// max |x| over a run: `load` gives a vector of elements from a pointer,
+// `value` one element as double.
+template <class V, class M, class T, class Load, class Value>
+static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value value) {
+  constexpr int step = sizeof(V) / sizeof(V{}[0]);
   int64_t i = 0;
-  for (; i + 2 * step <= n; i += 2 * step) {
-    const V x0 = term<1>(load(i)), x1 = term<1>(load(i + step));
-    nan |= (x0 != x0) | (x1 != x1);
-    m0 = x0 > m0 ? x0 : m0;
-    m1 = x1 > m1 ? x1 : m1;
-  }
-  *saw_nan = any(nan);
-  *done = i;
-  m0 = m1 > m0 ? m1 : m0;
   double m = 0.0;
-  for (int k = 0; k < step; ++k) m = m0[k] > m ? m0[k] : m;
+  if (stride == 1) {
+    V m0{}, m1{};
+    M nan{};
+    for (; i + 2 * step <= n; i += 2 * step) {
+      prefetch_ahead(p + i);
+      const V x0 = term<1>(load(p + i)), x1 = term<1>(load(p + i + step));
+      nan |= (x0 != x0) | (x1 != x1);
+      m0 = x0 > m0 ? x0 : m0;
+      m1 = x1 > m1 ? x1 : m1;
+    }
+    if (any(nan)) return __builtin_nan("");
+    m0 = m1 > m0 ? m1 : m0;
+    for (int k = 0; k < step; ++k) m = m0[k] > m ? m0[k] : m;
+  }
+  for (; i < n; ++i) m = nan_max(m, __builtin_fabs(value(p[i * stride])));
   return m;
 }
 
 static double max_f32(const void* data, int64_t n, int64_t stride) {
-  const float* p = static_cast<const float*>(data);
-  double m = 0.0;
-  int64_t i = 0;
-  if (stride == 1) {
-    bool saw_nan = false;
-    m = max_abs_lanes<vf, vi>(n, L, [p](int64_t k) {
-      prefetch_ahead(p + k);
-      return loadu<vf>(p + k);
-    }, &saw_nan, &i);
-    if (saw_nan) return __builtin_nan("");
-  }
-  for (; i < n; ++i) m = nan_max(m, __builtin_fabs(static_cast<double>(p[i * stride])));
-  return m;
+  return max_abs<vf, vi>(static_cast<const float*>(data), n, stride, loadu<vf, float>,
+                         [](float x) { return static_cast<double>(x); });
 }
 
 template <bool BF16>
 static double max_h16(const void* data, int64_t n, int64_t stride) {
   using H = Half16<BF16>;
-  const uint16_t* p = static_cast<const uint16_t*>(data);
-  double m = 0.0;
-  int64_t i = 0;
-  if (stride == 1) {
-    bool saw_nan = false;
-    m = max_abs_lanes<vf, vi>(n, L, [p](int64_t k) {
-      prefetch_ahead(p + k);
-      return H::load(p + k);
-    }, &saw_nan, &i);
-    if (saw_nan) return __builtin_nan("");
-  }
-  for (; i < n; ++i) m = nan_max(m, __builtin_fabs(static_cast<double>(H::to_float(p[i * stride]))));
-  return m;
+  return max_abs<vf, vi>(static_cast<const uint16_t*>(data), n, stride, H::load,
+                         [](uint16_t x) { return static_cast<double>(H::to_float(x)); });
 }
 
 static double max_f64(const void* data, int64_t n, int64_t stride) {
-  const double* p = static_cast<const double*>(data);
-  double m = 0.0;
-  int64_t i = 0;
-  if (stride == 1) {
-    bool saw_nan = false;
-    m = max_abs_lanes<vd, vl>(n, D, [p](int64_t k) {
-      prefetch_ahead(p + k);
-      return loadu<vd>(p + k);
-    }, &saw_nan, &i);
-    if (saw_nan) return __builtin_nan("");
-  }
-  for (; i < n; ++i) m = nan_max(m, __builtin_fabs(p[i * stride]));
-  return m;
+  return max_abs<vd, vl>(static_cast<const double*>(data), n, stride, loadu<vd, double>, [](double x) { return x; });
 }
 
 // ---------------------------------------------------------------- scaling
 
-static void scale_f32(void* data, int64_t n, int64_t stride, double coef) {
-  float* p = static_cast<float*>(data);
-  const float c = static_cast<float>(coef);  // torch reads a scalar operand in opmath (float)
+// x *= c for float32 / float64 (vector type V of element type T).
+template <class V, class T>
+static void scale_native(T* p, int64_t n, int64_t stride, T c) {
+  constexpr int W = sizeof(V) / sizeof(T);
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 2 * L <= n; i += 2 * L) {
+    for (; i + 2 * W <= n; i += 2 * W) {
       prefetch_ahead(p + i);
-      storeu(p + i, loadu<vf>(p + i) * c);
-      storeu(p + i + L, loadu<vf>(p + i + L) * c);
+      storeu(p + i, loadu<V>(p + i) * c);
+      storeu(p + i + W, loadu<V>(p + i + W) * c);
     }
   }
   for (; i < n; ++i) p[i * stride] *= c;
 }
 
-static void scale_f64(void* data, int64_t n, int64_t stride, double c) {
-  double* p = static_cast<double*>(data);
-  int64_t i = 0;
-  if (stride == 1) {
-    for (; i + 2 * D <= n; i += 2 * D) {
-      prefetch_ahead(p + i);
-      storeu(p + i, loadu<vd>(p + i) * c);
-      storeu(p + i + D, loadu<vd>(p + i + D) * c);
-    }
-  }
-  for (; i < n; ++i) p[i * stride] *= c;
+static void scale_f32(void* data, int64_t n, int64_t stride, double coef) {
+  // torch reads a scalar operand in opmath: float for float32 grads
+  scale_native<vf>(static_cast<float*>(data), n, stride, static_cast<float>(coef));
+}
+
+static void scale_f64(void* data, int64_t n, int64_t stride, double coef) {
+  scale_native<vd>(static_cast<double*>(data), n, stride, coef);
 }
 
 template <bool BF16>
