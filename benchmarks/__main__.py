@@ -55,8 +55,11 @@ def main(argv=None) -> int:
     suite = QUICK if args.quick else SUITE
     cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops]
     machine = machine_info(args.device)
-    print(f"fastclip vs torch on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "
-          f"commit {machine['commit']}", file=sys.stderr)
+    print(
+        f"fastclip vs torch on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "
+        f"commit {machine['commit']}",
+        file=sys.stderr,
+    )
     rows, start = [], time.perf_counter()
     for i, (layout, dtype, op) in enumerate(cases, 1):
         elapsed = time.perf_counter() - start

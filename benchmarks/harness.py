@@ -45,7 +45,9 @@ OPS = {
     "norm-noclip": Op("clip_grad_norm_ (no clip)", False, "read", lambda m, p, s: m.clip_grad_norm_(p, 1e9)),
     "norm-clip": Op("clip_grad_norm_ (clipping)", True, "read+rw", lambda m, p, s: m.clip_grad_norm_(p, s["norm"] / 2)),
     "value-few": Op("clip_grad_value_ (few change)", True, "read", lambda m, p, s: m.clip_grad_value_(p, 3 * s["std"])),
-    "value-most": Op("clip_grad_value_ (most change)", True, "rw", lambda m, p, s: m.clip_grad_value_(p, 1e-3 * s["std"])),
+    "value-most": Op(
+        "clip_grad_value_ (most change)", True, "rw", lambda m, p, s: m.clip_grad_value_(p, 1e-3 * s["std"])
+    ),
 }
 
 

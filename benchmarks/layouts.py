@@ -31,14 +31,20 @@ def gpt2_small() -> Layout:
     shapes = [((vocab, d), "weight"), ((ctx, d), "small")]
     for _ in range(layers):
         shapes += [
-            ((d,), "small"), ((d,), "small"),                   # ln_1
-            ((d, 3 * d), "weight"), ((3 * d,), "small"),        # attn.c_attn
-            ((d, d), "weight"), ((d,), "small"),                # attn.c_proj
-            ((d,), "small"), ((d,), "small"),                   # ln_2
-            ((d, 4 * d), "weight"), ((4 * d,), "small"),        # mlp.c_fc
-            ((4 * d, d), "weight"), ((d,), "small"),            # mlp.c_proj
+            ((d,), "small"),
+            ((d,), "small"),  # ln_1
+            ((d, 3 * d), "weight"),
+            ((3 * d,), "small"),  # attn.c_attn
+            ((d, d), "weight"),
+            ((d,), "small"),  # attn.c_proj
+            ((d,), "small"),
+            ((d,), "small"),  # ln_2
+            ((d, 4 * d), "weight"),
+            ((4 * d,), "small"),  # mlp.c_fc
+            ((4 * d, d), "weight"),
+            ((d,), "small"),  # mlp.c_proj
         ]
-    shapes += [((d,), "small"), ((d,), "small")]                # ln_f
+    shapes += [((d,), "small"), ((d,), "small")]  # ln_f
     return Layout("gpt2-small", "GPT-2 small: 148 tensors, 124M elements", tuple(shapes))
 
 
@@ -46,14 +52,21 @@ def llama_blocks(blocks: int = 8, d: int = 1024, hidden: int = 2816, kv: int = 2
     shapes = [((vocab, d), "weight")]
     for _ in range(blocks):
         shapes += [
-            ((d,), "small"),                                    # input RMSNorm
-            ((d, d), "weight"), ((kv, d), "weight"), ((kv, d), "weight"), ((d, d), "weight"),  # q, k, v, o (GQA)
-            ((d,), "small"),                                    # post-attention RMSNorm
-            ((hidden, d), "weight"), ((hidden, d), "weight"), ((d, hidden), "weight"),  # gate, up, down
+            ((d,), "small"),  # input RMSNorm
+            ((d, d), "weight"),
+            ((kv, d), "weight"),
+            ((kv, d), "weight"),
+            ((d, d), "weight"),  # q, k, v, o (GQA)
+            ((d,), "small"),  # post-attention RMSNorm
+            ((hidden, d), "weight"),
+            ((hidden, d), "weight"),
+            ((d, hidden), "weight"),  # gate, up, down
         ]
-    shapes += [((d,), "small"), ((vocab, d), "weight")]         # final norm, lm_head
+    shapes += [((d,), "small"), ((vocab, d), "weight")]  # final norm, lm_head
     n = len(shapes)
-    return Layout("llama-blocks", f"Llama-style stack ({blocks} blocks, d={d}, GQA, SwiGLU): {n} tensors", tuple(shapes))
+    return Layout(
+        "llama-blocks", f"Llama-style stack ({blocks} blocks, d={d}, GQA, SwiGLU): {n} tensors", tuple(shapes)
+    )
 
 
 def vit_base() -> Layout:
@@ -61,19 +74,27 @@ def vit_base() -> Layout:
     shapes = [((d, 3, 16, 16), "weight"), ((d,), "small"), ((1, 1, d), "small"), ((1, patches, d), "small")]
     for _ in range(layers):
         shapes += [
-            ((d,), "small"), ((d,), "small"),
-            ((3 * d, d), "weight"), ((3 * d,), "small"),
-            ((d, d), "weight"), ((d,), "small"),
-            ((d,), "small"), ((d,), "small"),
-            ((4 * d, d), "weight"), ((4 * d,), "small"),
-            ((d, 4 * d), "weight"), ((d,), "small"),
+            ((d,), "small"),
+            ((d,), "small"),
+            ((3 * d, d), "weight"),
+            ((3 * d,), "small"),
+            ((d, d), "weight"),
+            ((d,), "small"),
+            ((d,), "small"),
+            ((d,), "small"),
+            ((4 * d, d), "weight"),
+            ((4 * d,), "small"),
+            ((d, 4 * d), "weight"),
+            ((d,), "small"),
         ]
     shapes += [((d,), "small"), ((d,), "small"), ((1000, d), "weight"), ((1000,), "small")]
     return Layout("vit-b16", f"ViT-B/16: {len(shapes)} tensors, 86M elements", tuple(shapes))
 
 
 def tiny_tensors(count: int = 2000, size: int = 64) -> Layout:
-    return Layout(f"{count}x{size}", f"{count} tensors of {size} elements (host overhead)", (((size,), "weight"),) * count)
+    return Layout(
+        f"{count}x{size}", f"{count} tensors of {size} elements (host overhead)", (((size,), "weight"),) * count
+    )
 
 
 LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors)}

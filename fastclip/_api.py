@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 import warnings
+
 import torch
 from typing_extensions import deprecated
 
@@ -20,6 +21,7 @@ from ._errors import check_clip_value, empty_inf_norm_message, nonfinite_message
 from ._work import collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS, LINF
+
 
 def _as_list(parameters) -> list:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)

@@ -24,8 +24,10 @@ def fused(request):
 @pytest.fixture
 def seed():
     """A fresh seed per test (printed on failure through the test id's report)."""
-    s = random.SystemRandom().randrange(2**31) if os.environ.get("FASTCLIP_TEST_SEED") is None else int(
-        os.environ["FASTCLIP_TEST_SEED"]
+    s = (
+        random.SystemRandom().randrange(2**31)
+        if os.environ.get("FASTCLIP_TEST_SEED") is None
+        else int(os.environ["FASTCLIP_TEST_SEED"])
     )
     torch.manual_seed(s)
     print(f"seed={s}")

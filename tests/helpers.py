@@ -64,7 +64,9 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor):
     ia = a.view(torch.int16 if a.element_size() == 2 else torch.int32 if a.element_size() == 4 else torch.int64)
     ib = b.view(ia.dtype)
     bad = (ia != ib).nonzero()
-    assert bad.numel() == 0, f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
+    assert bad.numel() == 0, (
+        f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
+    )
 
 
 def assert_grads_bitwise_equal(params_a, params_b):

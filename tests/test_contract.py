@@ -125,9 +125,7 @@ def test_empty_generator_warns_once(backend):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         total = fastclip.clip_grad_norm_(gen, 1.0, backend=backend)
-    assert [str(w.message) for w in caught] == [
-        "`parameters` is an empty generator, no gradient clipping will occur."
-    ]
+    assert [str(w.message) for w in caught] == ["`parameters` is an empty generator, no gradient clipping will occur."]
     assert caught[0].filename == __file__  # points at the caller, as torch's does
     assert_bitwise_equal(total, torch.tensor(0.0))
     # an exhausted list or iterator that is not a generator: no warning

@@ -61,7 +61,9 @@ def test_every_isa_and_thread_count_gives_the_same_bits(dtype, seed):
     for key, value in results.items():
         assert value == first, key
     exact = torch.cat([t.double().view(-1) for t in tensors])
-    assert first[1] == pytest.approx(torch.linalg.vector_norm(exact).item(), rel=1e-6 if dtype in (torch.float16, torch.bfloat16) else 1e-12)
+    assert first[1] == pytest.approx(
+        torch.linalg.vector_norm(exact).item(), rel=1e-6 if dtype in (torch.float16, torch.bfloat16) else 1e-12
+    )
     assert first[2] == torch.cat([t.view(-1) for t in tensors]).abs().max().double().item()
 
 
@@ -104,7 +106,21 @@ def test_norm_of_every_16_bit_pattern(isa, dtype):
 def test_scale_and_clamp_of_special_and_subnormal_values_match_torch(isa, dtype, seed):
     info = torch.finfo(dtype)
     special = torch.tensor(
-        [0.0, -0.0, info.tiny, -info.tiny, info.tiny / 8, -info.tiny / 3, info.max, -info.max, float("inf"), float("-inf"), float("nan"), 1.0, -1.0],
+        [
+            0.0,
+            -0.0,
+            info.tiny,
+            -info.tiny,
+            info.tiny / 8,
+            -info.tiny / 3,
+            info.max,
+            -info.max,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            1.0,
+            -1.0,
+        ],
         dtype=dtype,
     )
     x = torch.cat([special, torch.randn(1000, dtype=dtype) * 10, special * 3])
@@ -123,7 +139,10 @@ def test_scale_and_clamp_of_special_and_subnormal_values_match_torch(isa, dtype,
 
 
 def test_mixed_dtypes_in_one_pass(seed):
-    tensors = [torch.randn(n).to(d) for n, d in [(1000, torch.float16), (77, torch.float64), (5000, torch.bfloat16), (33, torch.float32)]]
+    tensors = [
+        torch.randn(n).to(d)
+        for n, d in [(1000, torch.float16), (77, torch.float64), (5000, torch.bfloat16), (33, torch.float32)]
+    ]
     table = table_of(tensors)
     want = torch.linalg.vector_norm(torch.cat([t.double() for t in tensors])).item()
     assert _ext.norm(table, 2, 2) == pytest.approx(want, rel=1e-6)
@@ -276,8 +295,16 @@ def test_fast_gather_leaves_unusual_tensors_to_the_general_path(gather):
 
 def test_fast_gather_tables(gather, seed):
     base = torch.randn(100)
-    tensors = [torch.randn(3, 4), base[10:20], torch.zeros(0), torch.tensor(1.5), torch.randn(5, 1, 2).half(),
-               torch.randn(7).bfloat16(), torch.randn(2, 2).double(), torch.ones(1, 6).t()]
+    tensors = [
+        torch.randn(3, 4),
+        base[10:20],
+        torch.zeros(0),
+        torch.tensor(1.5),
+        torch.randn(5, 1, 2).half(),
+        torch.randn(7).bfloat16(),
+        torch.randn(2, 2).double(),
+        torch.ones(1, 6).t(),
+    ]
     got, table, mask = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor)
     assert got == tensors and table is not None
     assert table.ptrs == [t.data_ptr() for t in tensors]

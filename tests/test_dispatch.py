@@ -27,7 +27,7 @@ def test_signatures_are_torchs_plus_a_keyword_only_backend(name):
     assert list(ours)[: len(theirs)] == list(theirs)
     for key, param in theirs.items():
         assert ours[key].default == param.default and ours[key].kind == param.kind, key
-    assert list(ours)[len(theirs):] == ["backend"]
+    assert list(ours)[len(theirs) :] == ["backend"]
     assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY and ours["backend"].default is None
 
 
@@ -115,7 +115,12 @@ def test_missing_extension_falls_back_to_torch_and_warns_once(monkeypatch, seed)
     monkeypatch.setattr(
         type(cpu),
         "status",
-        lambda self: {"built": False, "available": False, "reason": "fastclip._cpu could not be loaded (test)", "version": None},
+        lambda self: {
+            "built": False,
+            "available": False,
+            "reason": "fastclip._cpu could not be loaded (test)",
+            "version": None,
+        },
     )
     monkeypatch.setattr(_dispatch, "_warned_missing_extension", False)
     params = make_params([(5, 5)])
