@@ -34,6 +34,19 @@ def test_at_least_as_accurate_as_torch(fused, dtype, norm_type, seed):
         check_clip_grad_norm(params, fused, max_norm, norm_type)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("norm_type", [1, 2])
+def test_fp64_norms_are_nearly_correctly_rounded(fused, layout, norm_type, seed):
+    # float64 sums carry their rounding errors (TwoSum), like torch's cascade sums
+    base = torch.randn(300, 170, dtype=torch.float64) * torch.logspace(-4, 4, 170, dtype=torch.float64)
+    grad = base if layout == "contiguous" else base[:, 1::3]
+    exact = reference_norm([grad], norm_type)
+    ours = fastclip.get_total_norm([grad], norm_type, backend=fused).item()
+    theirs = torch.nn.utils.get_total_norm([grad], norm_type).item()
+    assert abs(ours - exact) <= math.ulp(exact)
+    assert abs(ours - exact) <= abs(theirs - exact) + math.ulp(exact)
+
+
 def test_fp32_norm_error_vs_torch_on_a_large_tensor(fused, seed):
     g = torch.randn(4_000_000) * 3 + 1
     exact = torch.linalg.vector_norm(g.double()).item()  # squares of floats are exact in float64

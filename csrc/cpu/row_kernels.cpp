@@ -2,6 +2,8 @@
 // run time (FASTCLIP_CPU_ISA, read by the Python side, may force another).
 #include "row_kernels.h"
 
+#include "../common/compensated_sum.h"
+
 #include <cstdint>
 #include <cstring>
 #include <string>

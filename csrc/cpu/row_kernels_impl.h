@@ -220,35 +220,60 @@ static inline double combine8(const double* a) {
 // fp32 and fp64: 16 logical double accumulators (element i of the run goes
 // to accumulator i % 16), then the elements left over, in order.  `load`
 // gives D elements as doubles.  The squares of floats are exact in double,
-// so for fp32 the only rounding is the sum.
-template <int P, class T, class Load>
+// so for fp32 the only rounding is the sum.  fp64 (kCompensated) carries the
+// rounding error of every addition (TwoSum), as torch's cascade summation
+// keeps fp64 sums accurate.
+static inline void two_sum_add(vd& sum, vd& error, const vd& x) {
+  const vd t = sum + x;
+  const vd z = t - sum;
+  error += (sum - (t - z)) + (x - z);
+  sum = t;
+}
+
+template <int P, bool kCompensated, class T, class Load>
 static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
   constexpr int kVecs = 16 / D;
   int64_t i = 0;
-  double s = 0.0;
+  double lanes[16] = {}, errors[16] = {};
   if (stride == 1) {
-    vd acc[kVecs] = {};
+    vd acc[kVecs] = {}, err[kVecs] = {};
     for (; i + 16 <= n; i += 16) {
       prefetch_block<16 * sizeof(T)>(p + i);
-      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(load(p + i + k * D));
+      for (int k = 0; k < kVecs; ++k) {
+        const vd x = term<P>(load(p + i + k * D));
+        if constexpr (kCompensated) {
+          two_sum_add(acc[k], err[k], x);
+        } else {
+          acc[k] += x;
+        }
+      }
     }
-    double lanes[16];
-    for (int k = 0; k < kVecs; ++k) storeu(lanes + k * D, acc[k]);
-    s = combine16(lanes);
+    for (int k = 0; k < kVecs; ++k) {
+      storeu(lanes + k * D, acc[k]);
+      storeu(errors + k * D, err[k]);
+    }
   }
-  double tail = 0.0;
-  for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i * stride]));
-  return s + tail;
+  if constexpr (kCompensated) {
+    CompensatedSum total;
+    for (int k = 0; k < 16; ++k) total.add(lanes[k]);
+    for (int k = 0; k < 16; ++k) total.error += errors[k];
+    for (; i < n; ++i) total.add(term1<P>(static_cast<double>(p[i * stride])));
+    return total.value();
+  } else {
+    double tail = 0.0;
+    for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i * stride]));
+    return combine16(lanes) + tail;
+  }
 }
 
 template <int P>
 static double sum_f32(const void* data, int64_t n, int64_t stride) {
-  return sum16<P>(static_cast<const float*>(data), n, stride, load_as_double);
+  return sum16<P, false>(static_cast<const float*>(data), n, stride, load_as_double);
 }
 
 template <int P>
 static double sum_f64(const void* data, int64_t n, int64_t stride) {
-  return sum16<P>(static_cast<const double*>(data), n, stride, loadu<vd, double>);
+  return sum16<P, true>(static_cast<const double*>(data), n, stride, loadu<vd, double>);
 }
 
 // fp16 / bf16: squares are exact in float.  32 logical float accumulators sum

@@ -5,6 +5,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "../common/compensated_sum.h"
 #include "thread_pool.h"
 
 namespace fastclip::cpu {
@@ -15,16 +16,6 @@ double nan_max(double a, double b) {
   return a > b ? a : b;
 }
 
-// Pairwise summation in a fixed tree: accurate, and independent of threads.
-double pairwise_sum(const double* a, int64_t n) {
-  if (n <= 8) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += a[i];
-    return s;
-  }
-  const int64_t half = n / 2;
-  return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
-}
 
 int64_t span_elements(const TensorSpec& t) {
   if (t.strided == nullptr) return t.numel;
@@ -114,20 +105,26 @@ double Work::norm(NormKind kind, int nthreads) const {
   const int ki = static_cast<int>(kind) - 1;
   std::vector<double> partial(units_.size());
   parallel_items(num_units(), threads_for(nthreads, false), false, [&](int64_t u) {
-    double acc = 0.0;
+    double max = 0.0;
+    CompensatedSum sum;  // the rows of a strided unit
     for_each_run(units_[static_cast<size_t>(u)], [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
       const double r = k.reduce[ki][static_cast<int>(t.dtype)](p, n, s);
-      acc = kind == NormKind::kInf ? nan_max(acc, r) : acc + r;
+      if (kind == NormKind::kInf) {
+        max = nan_max(max, r);
+      } else {
+        sum.add(r);
+      }
     });
-    partial[static_cast<size_t>(u)] = acc;
+    partial[static_cast<size_t>(u)] = kind == NormKind::kInf ? max : sum.value();
   });
   if (kind == NormKind::kInf) {
     double m = 0.0;
     for (double v : partial) m = nan_max(m, v);
     return m;
   }
-  const double sum = pairwise_sum(partial.data(), num_units());
-  return kind == NormKind::kL2 ? std::sqrt(sum) : sum;
+  CompensatedSum total;  // in unit order: the same result for any thread count
+  for (double v : partial) total.add(v);
+  return kind == NormKind::kL2 ? std::sqrt(total.value()) : total.value();
 }
 
 void Work::scale(double coef, int nthreads) const {
