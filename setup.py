@@ -34,7 +34,7 @@ ext_modules = [
         ],
         include_dirs=["csrc"],
         depends=[
-            "csrc/common/compensated_sum.h",
+            "csrc/common/accumulate.h",
             "csrc/common/dtypes.h",
             "csrc/common/tensor_table.h",
             "csrc/python/collect.h",

@@ -16,10 +16,13 @@ from operator import attrgetter
 
 import torch
 
-try:  # the tensor table and its fast gather live in the C++ extension
+try:  # the tensor table, its fast gather and the CPU kernels live in the C++ extension
     from . import _cpu as _ext
-except ImportError:
+
+    EXT_IMPORT_ERROR = ""
+except ImportError as exc:  # not built, or built for another Python
     _ext = None
+    EXT_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
     # torch >= 2.10 publishes DLPack's C exchange API: one C call describes a tensor
     _ext.set_dlpack_exchange_api(getattr(torch.Tensor, "__dlpack_c_exchange_api__", None))

@@ -2,7 +2,7 @@
 // run time (FASTCLIP_CPU_ISA, read by the Python side, may force another).
 #include "row_kernels.h"
 
-#include "../common/compensated_sum.h"
+#include "../common/accumulate.h"
 
 #include <cstdint>
 #include <cstring>

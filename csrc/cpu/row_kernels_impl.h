@@ -317,15 +317,9 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
   return combine8(lanes) + tail;
 }
 
-// max |x| with NaN propagation (max is exact, so no order to fix).
+// max |x| over a run, NaN propagating (max is exact, so no order to fix).
 // Comparisons ignore NaN, so NaN is tracked in its own mask and wins.
-static inline double nan_max(double a, double b) {
-  if (a != a || b != b) return __builtin_nan("");
-  return a > b ? a : b;
-}
-
-// max |x| over a run: `load` gives a vector of elements from a pointer,
-// `value` one element as double.
+// `load` gives a vector of elements from a pointer, `value` one element as double.
 template <class V, class M, class T, class Load, class Value>
 static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value value) {
   constexpr int step = sizeof(V) / sizeof(V{}[0]);

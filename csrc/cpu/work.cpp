@@ -5,17 +5,11 @@
 #include <limits>
 #include <stdexcept>
 
-#include "../common/compensated_sum.h"
+#include "../common/accumulate.h"
 #include "thread_pool.h"
 
 namespace fastclip::cpu {
 namespace {
-
-double nan_max(double a, double b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
-  return a > b ? a : b;
-}
-
 
 int64_t span_elements(const TensorSpec& t) {
   if (t.strided == nullptr) return t.numel;

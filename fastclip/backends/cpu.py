@@ -13,16 +13,8 @@ import os
 
 import torch
 
-from .._work import DTYPE_CODES, GradList
+from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
 from .base import FusedBackend
-
-try:
-    from .. import _cpu as _ext
-
-    _IMPORT_ERROR = ""
-except ImportError as exc:  # not built, or built for another Python
-    _ext = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 if _ext is not None and os.environ.get("FASTCLIP_CPU_ISA"):
     if not _ext.select_isa(os.environ["FASTCLIP_CPU_ISA"]):
@@ -43,7 +35,7 @@ class CpuBackend(FusedBackend):
             return {
                 "built": False,
                 "available": False,
-                "reason": f"the compiled extension fastclip._cpu could not be loaded ({_IMPORT_ERROR})",
+                "reason": f"the compiled extension fastclip._cpu could not be loaded ({EXT_IMPORT_ERROR})",
                 "version": None,
             }
         return {
