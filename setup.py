@@ -37,6 +37,7 @@ ext_modules = [
             "csrc/common/accumulate.h",
             "csrc/common/dtypes.h",
             "csrc/common/tensor_table.h",
+            "csrc/common/unit_table.h",
             "csrc/python/collect.h",
             "csrc/python/dlpack_exchange.h",
             "csrc/cpu/row_kernels.h",

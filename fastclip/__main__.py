@@ -16,9 +16,14 @@ def format_info(info: dict) -> str:
     for name, status in info.items():
         extras = {k: v for k, v in status.items() if k not in ("built", "available", "reason") and v is not None}
         details = status["reason"] or ", ".join(f"{k}={v}" for k, v in extras.items())
-        lines.append(f"{name:<8} {str(status['built']):<6} {str(status['available']):<10} {details}")
+        lines.append(f"{name:<8} {status['built']!s:<6} {status['available']!s:<10} {details}")
     lines.append("")
-    lines.append(f"auto on CPU tensors uses: {next(n for n in fastclip.available_backends() if n in ('cpu', 'torch'))}")
+    available = fastclip.available_backends()
+    lines.append(f"auto on CPU tensors uses: {next(n for n in available if n in ('cpu', 'torch'))}")
+    if torch.cuda.is_available():
+        lines.append(f"auto on CUDA tensors uses: {next(n for n in available if n in ('cuda', 'triton', 'torch'))}")
+    else:
+        lines.append("auto on CUDA tensors uses: (no CUDA device here)")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """Backend registry and selection.
 
 backend=None means $FASTCLIP_BACKEND, else "auto".  "auto" takes the first
-available fused backend, in order of preference, that serves the grads'
-device, and otherwise hands the call to torch.  A named fused backend that
+available fused backend, in order of preference, that is meant for the
+grads' device type and serves them, and otherwise hands the call to torch
+(the Triton backend also serves CPU tensors under TRITON_INTERPRET=1, for
+tests, but "auto" never picks it for them).  A named fused backend that
 cannot serve the call raises BackendError instead of falling back silently.
 """
 
@@ -18,21 +20,12 @@ from ._work import GradList
 from .backends import torch_ref
 from .backends.base import FusedBackend, NotImplementedBackend
 from .backends.cpu import CpuBackend
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # noqa: BLE001 - absent or broken triton: no version to report
-        return None
-
+from .backends.triton_backend import TritonBackend
 
 # Fastest first, per device: "auto" walks this list.
 FUSED_BACKENDS: dict[str, FusedBackend] = {
     "cuda": NotImplementedBackend("cuda", lambda: torch.version.cuda),
-    "triton": NotImplementedBackend("triton", _triton_version),
+    "triton": TritonBackend(),
     "cpu": CpuBackend(),
 }
 BACKEND_NAMES = ("auto", *sorted(FUSED_BACKENDS), "torch")
@@ -56,7 +49,7 @@ def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBacken
         if grads is None:
             return None
         for backend in FUSED_BACKENDS.values():
-            if backend.available and backend.serves(grads):
+            if grads.device.type in backend.auto_device_types and backend.available and backend.serves(grads):
                 return backend
         _warn_if_cpu_extension_missing(grads)
         return None

@@ -42,7 +42,7 @@ _CPU = torch.device("cpu")
 class GradList:
     """The gradients of one call, all on one device, as a tensor table."""
 
-    __slots__ = ("tensors", "device", "dtypes", "_table", "_lists")
+    __slots__ = ("_lists", "_table", "device", "dtypes", "tensors")
 
     def __init__(self, tensors, device, dtypes, table=None, lists=None):
         self.tensors = tensors  # keeps the memory alive while kernels run
@@ -65,6 +65,23 @@ class GradList:
             return next(iter(self.dtypes))
         return functools.reduce(torch.promote_types, self.dtypes)
 
+    def strided_indices(self) -> list[int]:
+        """Indices of the grads that are views, not one dense block (the GPU
+        backends leave them to the host: see triton_backend.py)."""
+        return [] if self._lists is None else [i for i, _sizes, _strides in self._lists[3]]
+
+    def with_dense_copies(self) -> GradList:
+        """This list, with every view that is not one dense block replaced by
+        a contiguous copy (read-only uses: the GPU backends' norm)."""
+        strided = self.strided_indices()
+        if not strided:
+            return self
+        tensors, ptrs = list(self.tensors), list(self._lists[0])
+        for i in strided:
+            tensors[i] = tensors[i].contiguous()
+            ptrs[i] = tensors[i].data_ptr()
+        return GradList(tensors, self.device, self.dtypes, lists=(ptrs, self._lists[1], self._lists[2], []))
+
     def has_empty(self) -> bool:
         return self._table.has_empty() if self._table is not None else 0 in self._lists[1]
 
@@ -82,15 +99,21 @@ def collect(items: list, from_params: bool, sign_matters: bool = False) -> tuple
     clip_value), so views with torch's negative bit must go to torch; only
     the general path checks for them."""
     if _ext is not None:
-        grads, table, dtype_mask = _ext.collect(items, from_params, DTYPE_CODES, torch.Tensor)
+        grads, table, dtype_mask, cuda_index = _ext.collect(items, from_params, DTYPE_CODES, torch.Tensor)
         if table is not None and not sign_matters:
-            return grads, GradList(grads, _CPU, _dtypes_of_mask(dtype_mask), table=table), ""
+            device = _CPU if cuda_index < 0 else _cuda_device(cuda_index)
+            return grads, GradList(grads, device, _dtypes_of_mask(dtype_mask), table=table), ""
     else:
         grads = [g for g in map(_grad_of, items) if g is not None] if from_params else items
     return (grads, *describe(grads, sign_matters))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _cuda_device(index: int) -> torch.device:
+    return torch.device("cuda", index)
+
+
+@functools.cache
 def _dtypes_of_mask(mask: int) -> frozenset:
     return frozenset(d for d, code in DTYPE_CODES.items() if mask >> code & 1)
 

@@ -9,9 +9,10 @@ from fractions import Fraction
 import torch
 
 import fastclip
+from fastclip._dispatch import FUSED_BACKENDS
 from fastclip._work import collect
 from fastclip.backends.base import FUSED_NORM_KINDS
-from fastclip.backends.cpu import clip_details
+from fastclip.backends.triton_backend import interpreting
 
 # Every backend usable here, plus "auto".  The contract suite runs against each.
 FUSED = [b for b in fastclip.available_backends() if b != "torch"]
@@ -22,6 +23,11 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def is_fused(backend: str) -> bool:
     """True if `backend` takes plain CPU grads through fastclip's own kernels."""
     return backend in FUSED or (backend == "auto" and "cpu" in FUSED)
+
+
+def interpreted(backend: str) -> bool:
+    """True for the Triton backend under TRITON_INTERPRET=1: slow, so tests keep sizes small."""
+    return backend == "triton" and interpreting()
 
 
 def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None):
@@ -125,11 +131,12 @@ def takes_fused_path(backend: str, params, norm_type=2.0) -> bool:
     return kind is not None and bool(grads) and collect(grads, False)[1] is not None
 
 
-def clip_total_for(params, norm_type, max_norm) -> torch.Tensor:
+def clip_total_for(params, norm_type, max_norm, backend="cpu") -> torch.Tensor:
     """The total fastclip's fused path clips with (float32 for fp16/bf16 grads)."""
     grads = [p.grad for p in params if p.grad is not None]
     work = collect(grads, False)[1]
-    total, _ = clip_details(work, FUSED_NORM_KINDS[float(norm_type)], float(max_norm))
+    fused = FUSED_BACKENDS["cpu" if backend == "auto" else backend]
+    total, _ = fused.clip_details(work, FUSED_NORM_KINDS[float(norm_type)], float(max_norm))
     dtype = torch.float64 if work.result_dtype == torch.float64 else torch.float32
     return torch.tensor(total, dtype=dtype)
 
@@ -166,6 +173,6 @@ def check_clip_grad_norm(params, backend, max_norm, norm_type=2.0, foreach=None,
     if math.isfinite(exact) and math.isfinite(ref_total.item()):
         assert ours_err <= torch_err + ulp(exact, total.dtype), (total.item(), ref_total.item(), exact)
     expected = clone_params(params)
-    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm))
+    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm, backend))
     assert_grads_bitwise_equal(ours, expected)
     return total, ours

@@ -289,7 +289,7 @@ def test_fast_gather_leaves_unusual_tensors_to_the_general_path(gather):
         torch.ones(3).as_subclass(torch.nn.Parameter),
     ]
     for t in unusual:
-        tensors, table, _ = _ext.collect([torch.ones(2), t], False, DTYPE_CODES, torch.Tensor)
+        tensors, table, _, _ = _ext.collect([torch.ones(2), t], False, DTYPE_CODES, torch.Tensor)
         assert table is None and len(tensors) == 2 and tensors[1] is t
 
 
@@ -305,7 +305,8 @@ def test_fast_gather_tables(gather, seed):
         torch.randn(2, 2).double(),
         torch.ones(1, 6).t(),
     ]
-    got, table, mask = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor)
+    got, table, mask, device = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor)
+    assert device == -1  # the CPU
     assert got == tensors and table is not None
     assert table.ptrs == [t.data_ptr() for t in tensors]
     assert table.numels == [t.numel() for t in tensors]
@@ -314,7 +315,7 @@ def test_fast_gather_tables(gather, seed):
     # from parameters: None grads skipped, AttributeError for non-parameters
     ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
     ps[0].grad, ps[2].grad = torch.ones(2), torch.ones(2)
-    got, table, _ = _ext.collect(ps, True, DTYPE_CODES, torch.Tensor)
+    got, table, _, _ = _ext.collect(ps, True, DTYPE_CODES, torch.Tensor)
     assert got == [ps[0].grad, ps[2].grad] and len(table) == 2
     with pytest.raises(AttributeError, match="'tuple' object has no attribute 'grad'"):
         _ext.collect([ps[0], (1, 2)], True, DTYPE_CODES, torch.Tensor)

@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/unit_table.h"
 #include "../python/collect.h"
 #include "row_kernels.h"
 #include "thread_pool.h"
@@ -75,6 +76,20 @@ PYBIND11_MODULE(_cpu, m) {
            py::arg("strided") = std::vector<Strided>{})
       .def("__len__", &TensorTable::size)
       .def("has_empty", &TensorTable::has_empty)
+      .def(
+          "unit_table",
+          [](const TensorTable& t, int64_t unit) {
+            UnitTable u;
+            try {
+              u = make_unit_table(t, unit);
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(std::string("fastclip._cpu.") + e.what());
+            }
+            return py::make_tuple(py::bytes(u.bytes), u.rows, u.units, u.aligned16, u.dtype_mask);
+          },
+          py::arg("unit"),
+          "(bytes, rows, units, aligned16, dtype mask): the GPU backends' table, four int64 columns "
+          "[first unit | address | numel | dtype code] of the dense non-empty tensors (csrc/common/unit_table.h).")
       .def_readonly("ptrs", &TensorTable::ptrs)
       .def_readonly("numels", &TensorTable::numels)
       .def_readonly("dtypes", &TensorTable::dtypes);
@@ -84,11 +99,11 @@ PYBIND11_MODULE(_cpu, m) {
       [](const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain) {
         Collected c = collect(items, from_params, codes, plain);
         py::object table = c.complete ? py::cast(std::move(c.table)) : py::none();
-        return py::make_tuple(c.tensors, table, c.dtype_mask);
+        return py::make_tuple(c.tensors, table, c.dtype_mask, c.cuda_device);
       },
       py::arg("items"), py::arg("from_params"), py::arg("codes"), py::arg("plain"),
-      "(tensors, TensorTable or None, dtype bit mask): the table only if every tensor is a plain, "
-      "contiguous CPU tensor of a known dtype.");
+      "(tensors, TensorTable or None, dtype bit mask, CUDA device index or -1 for CPU): the table only if "
+      "every tensor is a plain, contiguous tensor of a known dtype, all on the CPU or all on one CUDA device.");
 
   m.def("set_dlpack_exchange_api", &set_dlpack_exchange_api, py::arg("capsule"),
         "Describe tensors through this DLPack C exchange API capsule (None: by attributes).");

@@ -28,7 +28,18 @@ bool describe_with_dlpack(PyObject* t, Collected& out) {
   dlpack::Tensor d;
   if (g_dlpack->dltensor_from_py_object_no_sync(t, &d) != 0) return PyErr_Clear(), false;  // no storage, meta, ...
   const int32_t code = code_of(d.dtype);
-  if (d.device.device_type != dlpack::kCPU || code < 0) return false;
+  if (code < 0) return false;
+  // All on the CPU, or all on one CUDA device (the GPU backends' case).
+  int32_t device;
+  if (d.device.device_type == dlpack::kCPU) {
+    device = -1;
+  } else if (d.device.device_type == dlpack::kCUDA && d.device.device_id >= 0) {
+    device = d.device.device_id;
+  } else {
+    return false;
+  }
+  if (out.cuda_device != -2 && out.cuda_device != device) return false;
+  out.cuda_device = device;
   int64_t numel = 1, expected_stride = 1;
   bool contiguous = true;
   for (int k = d.ndim - 1; k >= 0; --k) {
@@ -106,6 +117,7 @@ bool describe_with_attributes(PyObject* t, PyObject* codes, TensorAccess& access
   if (PyErr_Occurred()) return PyErr_Clear(), false;
 
   const int32_t code = static_cast<int32_t>(access.last_code);
+  out.cuda_device = -1;
   out.table.push_dense(address, bytes / element_size(static_cast<DType>(code)), code);
   out.dtype_mask |= 1u << code;
   return true;
@@ -167,6 +179,7 @@ Collected collect(const py::list& items, bool from_params, const py::dict& codes
   }
   if (found < count && PyList_SetSlice(out.tensors.ptr(), found, count, nullptr) != 0) throw py::error_already_set();
   out.complete = complete;
+  if (out.cuda_device == -2) out.cuda_device = -1;  // no tensors: the CPU, as torch answers
   if (!complete) out.table = TensorTable();
   return out;
 }

@@ -5,8 +5,9 @@
 // them.  Here each grad is read once (.grad) and described by one C call of
 // DLPack's exchange API (torch >= 2.10), or else by torch.Tensor's attribute
 // descriptors called from C.  No torch headers, no torch ABI.  Only plain,
-// contiguous CPU tensors of the four float dtypes are taken here; anything
-// else is left to the general Python path (fastclip/_work.py).
+// contiguous tensors of the four float dtypes, all on the CPU or (through the
+// exchange API) all on one CUDA device, are taken here; anything else is
+// left to the general Python path (fastclip/_work.py).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -20,6 +21,7 @@ struct Collected {
   bool complete = false;       // true: `table` describes every tensor
   TensorTable table;
   uint32_t dtype_mask = 0;     // bit per dtype code present
+  int32_t cuda_device = -2;    // -1: CPU; >= 0: that CUDA device; -2: no tensor seen yet
 };
 
 // `items`: a list of parameters (from_params: read .grad, skip None) or of

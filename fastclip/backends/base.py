@@ -18,6 +18,7 @@ FUSED_NORM_KINDS = {1.0: L1, 2.0: L2, float("inf"): LINF}
 
 class FusedBackend:
     name = ""
+    auto_device_types: tuple[str, ...] = ()  # device types "auto" may give this backend
 
     def status(self) -> dict:
         """{'built': bool, 'available': bool, 'reason': str, ...versions}."""
@@ -48,6 +49,13 @@ class FusedBackend:
 
     def clamp(self, grads: GradList, clip_value: float) -> None:
         """clip_grad_value_ in one pass; the caller has checked the range."""
+        raise NotImplementedError
+
+    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+        """(the total the coefficient is computed from: float32 unless the norm is
+        float64, the coefficient), without touching the grads.  For tests:
+        torch's clip_grads_with_norm_ with that total must give our grads bit
+        for bit."""
         raise NotImplementedError
 
 

@@ -29,6 +29,7 @@ if _ext is not None and os.environ.get("FASTCLIP_CPU_THREADING"):
 
 class CpuBackend(FusedBackend):
     name = "cpu"
+    auto_device_types = ("cpu",)
 
     def status(self) -> dict:
         if _ext is None:
@@ -85,11 +86,8 @@ class CpuBackend(FusedBackend):
         _ext.clamp(grads.table, clip_value, torch.get_num_threads())
         grads.mark_modified()
 
-
-def clip_details(grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
-    """(float32-or-float64 total used for the coefficient, coefficient) without
-    touching the grads: lets tests check the scaling bit for bit."""
-    total = _ext.norm(grads.table, kind, torch.get_num_threads())
-    code = DTYPE_CODES[grads.result_dtype]
-    coef_total = total if code == DTYPE_CODES[torch.float64] else _ext.round_to_dtype(total, 0)
-    return coef_total, _ext.clip_coefficient(total, code, max_norm)
+    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+        total = _ext.norm(grads.table, kind, torch.get_num_threads())
+        code = DTYPE_CODES[grads.result_dtype]
+        coef_total = total if code == DTYPE_CODES[torch.float64] else _ext.round_to_dtype(total, 0)
+        return coef_total, _ext.clip_coefficient(total, code, max_norm)

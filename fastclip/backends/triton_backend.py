@@ -1,0 +1,309 @@
+"""The Triton backend: host side (kernels in triton_kernels.py).
+
+Per call: the grads' table (built in C++ from the gathered TensorTable, see
+csrc/common/unit_table.h) is looked up in a small cache keyed by its bytes, so
+a training loop whose grads keep their addresses copies nothing to the device
+after the first step; a new table goes through pinned memory with a
+non-blocking copy (no sync) and stays cached, so a CUDA graph that captured
+the copy can replay it.  Then one launch for the norm (and coefficient), one
+for the scale, or one for the clamp.  Nothing waits for the device unless
+error_if_nonfinite=True.
+
+On the CPU, with TRITON_INTERPRET=1, the same kernels run through Triton's
+interpreter on CPU tensors: that is how this backend is tested without a GPU.
+"auto" never picks it for CPU tensors.
+
+Grads that are views (not one dense block) are rare: their norm is taken
+from contiguous copies in the same launch, and they are scaled or clamped
+with torch ops that compute exactly what the kernels do.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import os
+import struct
+
+import torch
+
+from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
+from .base import FusedBackend
+
+
+@dataclasses.dataclass
+class TritonConfig:
+    """Work split and launch shape.  A unit is block * iters elements."""
+
+    block: int
+    iters: int
+    num_warps: int
+    programs_per_sm: int  # persistent grid: programs_per_sm * SMs (capped at the number of units)
+    interpreter_programs: int = 4  # grid under TRITON_INTERPRET=1
+
+    @property
+    def unit(self) -> int:
+        return self.block * self.iters
+
+
+# GPU: 4096-element blocks over 8 warps are 16 elements per thread per step
+# (one to four 16-byte loads), 8 steps unrolled per unit: 64 KB of bf16 or
+# 128 KB of fp32 per unit.  Under the interpreter, small units keep tests fast
+# and put several units in small tensors.
+GPU_CONFIG = TritonConfig(block=4096, iters=8, num_warps=8, programs_per_sm=4)
+INTERPRETER_CONFIG = TritonConfig(block=256, iters=2, num_warps=1, programs_per_sm=1)
+
+_PLAN_CACHE_SIZE = 16
+
+
+def _bits(x: float) -> int:
+    """The float64 x as the int64 with its bits (kernels take doubles this way)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One table on the device, and what the launches need to know about it."""
+
+    table: torch.Tensor  # int64, 4 columns of `rows`
+    host_table: torch.Tensor | None  # pinned source of the copy, kept alive for CUDA-graph replay
+    rows: int
+    units: int
+    aligned: bool
+    flags: dict  # HAS_F32 ... for the kernels
+    search_steps: int
+    overlap: bool  # some grads share memory: scale them one at a time
+
+
+class TritonBackend(FusedBackend):
+    name = "triton"
+    auto_device_types = ("cuda",)
+
+    def __init__(self):
+        self._kernels = None
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._workspaces: dict = {}
+        self._max_programs: dict = {}
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        try:
+            import triton
+        except Exception as exc:  # noqa: BLE001 - absent or broken: report why
+            return self._status(False, f"triton cannot be imported ({type(exc).__name__}: {exc})", None)
+        version = triton.__version__
+        if _ext is None:
+            return self._status(
+                False, f"its tensor table needs the compiled extension fastclip._cpu ({EXT_IMPORT_ERROR})", version
+            )
+        if interpreting():
+            return self._status(True, "", version, mode="interpreter (TRITON_INTERPRET=1): CPU tensors")
+        if not torch.cuda.is_available():
+            return self._status(
+                False,
+                "no CUDA device (TRITON_INTERPRET=1 runs its kernels on CPU tensors through Triton's interpreter)",
+                version,
+            )
+        return self._status(True, "", version, mode="compiled: CUDA tensors")
+
+    @staticmethod
+    def _status(available: bool, reason: str, version, **extra) -> dict:
+        return {"built": version is not None, "available": available, "reason": reason, "version": version, **extra}
+
+    @property
+    def available(self) -> bool:
+        return self.status()["available"]
+
+    def serves(self, grads: GradList) -> bool:
+        if interpreting():
+            return grads.device.type == "cpu"
+        return grads.device.type == "cuda"
+
+    # ------------------------------------------------------------ operations
+
+    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
+        return self._norm(grads, kind, float("inf"))[0]
+
+    def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
+        total, coef = self._norm(grads, kind, max_norm)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):  # the one sync, as in torch
+            return total, True
+        self._scale(grads, coef)
+        return total, False
+
+    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
+        if (
+            type(coef) is not torch.Tensor
+            or coef.dim() != 0
+            or coef.dtype not in DTYPE_CODES
+            or coef.device != grads.device
+        ):
+            return False
+        self._scale(grads, coef)
+        return True
+
+    def clamp(self, grads: GradList, clip_value: float) -> None:
+        if clip_value != clip_value:  # a NaN bound makes every element NaN: torch's own ops, exactly
+            torch._foreach_clamp_min_(grads.tensors, clip_value)
+            torch._foreach_clamp_max_(grads.tensors, clip_value)
+            return
+        plan = self._plan(grads)
+        if plan.units:
+            bounds = {}
+            for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
+                # torch converts each bound to the grad's dtype; these values are exact in float32
+                bounds["lo" + name] = torch.tensor(-clip_value, dtype=dtype).item()
+                bounds["hi" + name] = torch.tensor(clip_value, dtype=dtype).item()
+            self._launch(
+                self._k().clamp_kernel, grads, plan,
+                **bounds, lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
+            )  # fmt: skip
+        for i in grads.strided_indices():
+            t = grads.tensors[i]
+            t.clamp_min_(-clip_value).clamp_max_(clip_value)
+        grads.mark_modified()
+
+    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+        _total, coef = self._norm(grads, kind, max_norm)
+        results = self._workspace(grads.device).results.tolist()
+        coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
+        return coef_total, results[0]
+
+    # ------------------------------------------------------------ internals
+
+    def _norm(self, grads: GradList, kind: int, max_norm: float):
+        """(total norm tensor, float64 coefficient tensor), both on the device."""
+        dense = grads.with_dense_copies()  # views: norm of a contiguous copy
+        plan = self._plan(dense)
+        ws = self._workspace(grads.device)
+        total = torch.empty((), dtype=grads.result_dtype, device=grads.device)
+        if plan.units == 0:  # only empty grads
+            total.zero_()
+            ws.results[0] = _ext.clip_coefficient(0.0, DTYPE_CODES[grads.result_dtype], max_norm)
+            ws.results[1] = 0.0
+            return total, ws.coef
+        self._launch(
+            self._k().norm_kernel, dense, plan,
+            partials=ws.partials, counter=ws.counter, total_out=total, results=ws.results,
+            max_norm_bits=_bits(max_norm),
+            KIND=kind, RESULT_F64=grads.result_dtype == torch.float64,
+            FINISH_BLOCK=ws.partials.numel(),
+        )  # fmt: skip
+        return total, ws.coef
+
+    def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
+        plan = self._plan(grads)
+        if plan.overlap:
+            # Duplicated or overlapping grads are scaled once per appearance,
+            # like torch: one tensor at a time, so no two programs race.
+            for t in grads.tensors:
+                _torch_scale(t, coef)
+        else:
+            if plan.units:
+                self._launch(self._k().scale_kernel, grads, plan, coef_ptr=coef)
+            for i in grads.strided_indices():
+                _torch_scale(grads.tensors[i], coef)
+        grads.mark_modified()
+
+    def _k(self):
+        if self._kernels is None:
+            # Imported on first use: triton decides then whether to interpret.
+            self._kernels = importlib.import_module(".triton_kernels", __package__)
+        return self._kernels
+
+    def _config(self) -> TritonConfig:
+        return INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
+
+    def _plan(self, grads: GradList) -> _Plan:
+        config = self._config()
+        table_bytes, rows, units, aligned, dtype_mask = grads.table.unit_table(config.unit)
+        key = (grads.device, config.unit, table_bytes)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        host = (
+            torch.frombuffer(bytearray(table_bytes), dtype=torch.int64) if rows else torch.zeros(4, dtype=torch.int64)
+        )
+        if grads.device.type == "cuda":
+            host = host.pin_memory()
+            table = host.to(grads.device, non_blocking=True)  # stream-ordered, no sync
+        else:
+            table, host = host, None
+        plan = _Plan(
+            table=table,
+            host_table=host,
+            rows=rows,
+            units=units,
+            aligned=bool(aligned),
+            flags={f"HAS_{n}": bool(dtype_mask >> DTYPE_CODES[d] & 1) for n, d in _FLAG_DTYPES},
+            search_steps=max(rows - 1, 0).bit_length(),
+            overlap=_ext.tensors_overlap(grads.table),
+        )
+        self._plans[key] = plan
+        if len(self._plans) > _PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _workspace(self, device: torch.device) -> _Workspace:
+        """Per device and stream: concurrent calls on other streams get their own."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, stream)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = _Workspace(self._grid_cap(device), device)
+        return ws
+
+    def _grid_cap(self, device: torch.device) -> int:
+        cap = self._max_programs.get(device)
+        if cap is None:
+            config = self._config()
+            if device.type == "cuda":
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                cap = sms * config.programs_per_sm
+            else:
+                cap = config.interpreter_programs
+            cap = self._max_programs[device] = 1 << (cap - 1).bit_length()  # a power of two for the finish
+        return cap
+
+    def _launch(self, kernel, grads: GradList, plan: _Plan, **args) -> None:
+        config = self._config()
+        grid = (min(plan.units, self._grid_cap(grads.device)),)
+        common = dict(
+            table=plan.table, n_rows=plan.rows, n_units=plan.units,
+            SEARCH_STEPS=plan.search_steps, BLOCK=config.block, ITERS=config.iters, ALIGNED=plan.aligned,
+            **plan.flags,
+        )  # fmt: skip
+        if grads.device.type == "cuda":
+            with torch.cuda.device(grads.device):  # triton launches on the current device
+                kernel[grid](**common, **args, num_warps=config.num_warps)
+        else:
+            kernel[grid](**common, **args)
+
+
+_FLAG_DTYPES = (("F32", torch.float32), ("F64", torch.float64), ("F16", torch.float16), ("BF16", torch.bfloat16))
+
+
+class _Workspace:
+    def __init__(self, programs: int, device: torch.device):
+        self.partials = torch.zeros(programs, dtype=torch.float64, device=device)
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # reset by the last program
+        self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
+        self.coef = self.results[0]
+
+
+def _torch_scale(t: torch.Tensor, coef: torch.Tensor) -> None:
+    """t *= coef exactly as scale_kernel does: in float32 for fp32/fp16/bf16
+    (the coefficient rounded to float32), in float64 for fp64."""
+    opmath = torch.float64 if t.dtype == torch.float64 else torch.float32
+    c = coef.to(opmath)
+    if t.dtype == opmath:
+        t.mul_(c)
+    else:
+        t.copy_(t.to(opmath) * c)
