@@ -16,7 +16,7 @@ import time
 import torch
 
 from .harness import OPS, run_case
-from .layouts import gpt2_small, llama_blocks, tiny_tensors, vit_base
+from .layouts import billion, gpt2_small, llama_blocks, tiny_tensors, vit_base
 from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
@@ -26,6 +26,16 @@ SUITE = [
     (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
     (llama_blocks, "bfloat16", ["norm-noclip", "norm-clip"]),
     (vit_base, "float32", ["norm-noclip", "norm-clip"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+]
+# On a GPU: the 1e9-element reference workload of the Triton/CUDA issues, plus
+# the host-overhead case (300 and 2000 tensors).
+SUITE_CUDA = [
+    (billion, "bfloat16", list(OPS)),
+    (billion, "float32", ["norm-noclip", "norm-clip"]),
+    (gpt2_small, "bfloat16", ["norm-noclip", "norm-clip"]),
+    (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
+    (lambda: tiny_tensors(300, 64), "float32", ["norm-noclip", "norm-clip"]),
     (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few"]),
 ]
 QUICK = [
@@ -52,7 +62,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here")
 
-    suite = QUICK if args.quick else SUITE
+    suite = QUICK if args.quick else SUITE_CUDA if args.device == "cuda" else SUITE
     cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops]
     machine = machine_info(args.device)
     print(

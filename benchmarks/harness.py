@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import fastclip
+from fastclip._dispatch import FUSED_BACKENDS
 from fastclip._work import collect
 
 from .layouts import Layout, make_grads
@@ -67,11 +68,9 @@ class _Fastclip:
 def implementations(device: str) -> dict:
     impls = {"torch": torch.nn.utils}
     for name in fastclip.available_backends():
-        if name == "torch":
-            continue
-        if name == "cpu" and device != "cpu":
-            continue
-        impls[f"fastclip:{name}"] = _Fastclip(name)
+        # each fused backend on the device type it is for (not Triton's interpreter on CPU tensors)
+        if name != "torch" and device in FUSED_BACKENDS[name].auto_device_types:
+            impls[f"fastclip:{name}"] = _Fastclip(name)
     return impls
 
 
@@ -85,6 +84,8 @@ class CaseResult:
     nbytes: int
     times: dict = field(default_factory=dict)  # impl or floor name -> [seconds]
     floor_sources: dict = field(default_factory=dict)  # "read"/"rw" -> which measurement was fastest
+    host: dict = field(default_factory=dict)  # CUDA: impl -> [seconds until the call returned, before the sync]
+    launches: dict = field(default_factory=dict)  # CUDA: impl -> kernels one call ran (torch profiler)
 
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
@@ -113,10 +114,16 @@ def _sync(device: str):
 
 
 def _floors(params, device: str):
-    """Fastest known ways to read, and to read and write back, the same bytes."""
+    """Fastest known ways to read, and to read and write back, the same bytes:
+    label -> function, or (function, factor) when the time counts `factor` times
+    (a device copy moves the bytes twice: half its time is one read)."""
     nbytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
     flat = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)  # one buffer of the same size
     floors = {"read": {"torch flat sum": lambda: flat.sum()}, "rw": {"torch flat mul_": lambda: flat.mul_(1.0)}}
+    if device == "cuda":
+        dst = torch.empty_like(flat)
+        floors["read"]["device copy / 2"] = (lambda: dst.copy_(flat), 0.5)
+        floors["rw"]["device copy"] = lambda: dst.copy_(flat)
     if device == "cpu" and "cpu" in fastclip.available_backends():
         from fastclip.backends.cpu import _ext
 
@@ -125,6 +132,18 @@ def _floors(params, device: str):
         floors["read"]["fastclip read"] = lambda: _ext.touch_read(table, threads)
         floors["rw"]["fastclip read+write"] = lambda: _ext.touch_write(table, threads)
     return floors
+
+
+def _kernels_launched(fn) -> int:
+    """Kernels (not copies or fills) one call runs on the GPU, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(1 for n in names if not n.lower().startswith(("memcpy", "memset")))
 
 
 def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str = "cpu", seed: int = 0) -> CaseResult:
@@ -143,10 +162,15 @@ def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str =
 
     evict = _evictor(device, nbytes)
     entries = [(name, (lambda m=m: op.call(m, params, stats)), op.modifies) for name, m in impls.items()]
+    factors = {}
     for kind, fns in floors.items():
-        entries += [(f"floor:{kind}:{label}", fn, kind == "rw") for label, fn in fns.items()]
+        for label, fn in fns.items():
+            fn, factors[f"floor:{kind}:{label}"] = fn if isinstance(fn, tuple) else (fn, 1.0)
+            entries.append((f"floor:{kind}:{label}", fn, kind == "rw"))
     for name, _, _ in entries:
         result.times[name] = []
+        if device == "cuda" and name in impls:
+            result.host[name] = []
     for r in range(rounds + 1):  # round 0 warms up
         shift = r % len(entries)
         for name, fn, modifies in entries[shift:] + entries[:shift]:
@@ -156,9 +180,18 @@ def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str =
             _sync(device)
             start = time.perf_counter()
             fn()
+            returned = time.perf_counter()
             _sync(device)
             if r > 0:
-                result.times[name].append(time.perf_counter() - start)
+                result.times[name].append((time.perf_counter() - start) * factors.get(name, 1.0))
+                if name in result.host:
+                    result.host[name].append(returned - start)
+    if device == "cuda":
+        for name, fn, modifies in entries:
+            if name in impls:
+                if modifies:
+                    restore()
+                result.launches[name] = _kernels_launched(fn)
     # each floor is the fastest of its measurements
     for kind in ("read", "rw"):
         best = min((n for n in result.times if n.startswith(f"floor:{kind}:")), key=result.median)

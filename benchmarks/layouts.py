@@ -97,7 +97,14 @@ def tiny_tensors(count: int = 2000, size: int = 64) -> Layout:
     )
 
 
-LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors)}
+def billion(small: int = 100, large: int = 200) -> Layout:
+    """The GPU reference workload: 300 tensors, about 1e9 elements, a third of
+    them tiny (norms, biases), the rest large matrices."""
+    shapes = [((4096,), "small")] * small + [((2048, 2440), "weight")] * large
+    return Layout("1B-300", f"{small + large} tensors, about 1e9 elements (GPU reference)", tuple(shapes))
+
+
+LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors, billion)}
 
 
 def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 
 import torch
@@ -73,33 +74,37 @@ def summarize(r: CaseResult) -> list[dict]:
                 "floor_sources": dict(r.floor_sources),
             }
         )
+        if name in r.host:  # CUDA: host time of a call, and kernels launched
+            rows[-1]["host_us"] = statistics.median(r.host[name]) * 1e6
+            rows[-1]["launches"] = r.launches.get(name)
     return rows
 
 
 HEADER = ["layout", "dtype", "operation", "impl", "median ms", "GB/s", "of floor", "vs torch"]
+CUDA_HEADER = ["host us", "launches"]
 
 
 def table(rows: list[dict]) -> str:
-    lines = [rows_to_line(HEADER)]
+    cuda = any("host_us" in row for row in rows)
+    lines = [rows_to_line(HEADER + (CUDA_HEADER if cuda else []))]
     for row in rows:
-        lines.append(
-            rows_to_line(
-                [
-                    row["layout"],
-                    row["dtype"],
-                    row["op"],
-                    row["impl"],
-                    f"{row['median_ms']:.3f}",
-                    f"{row['gb_per_s']:.1f}",
-                    f"{row['fraction_of_floor']:.0%}",
-                    f"{row['speedup_vs_torch']:.2f}x",
-                ]
-            )
-        )
+        cells = [
+            row["layout"],
+            row["dtype"],
+            row["op"],
+            row["impl"],
+            f"{row['median_ms']:.3f}",
+            f"{row['gb_per_s']:.1f}",
+            f"{row['fraction_of_floor']:.0%}",
+            f"{row['speedup_vs_torch']:.2f}x",
+        ]
+        if cuda:
+            cells += [f"{row.get('host_us', 0):.0f}", str(row.get("launches", ""))]
+        lines.append(rows_to_line(cells))
     return "\n".join(lines)
 
 
-WIDTHS = [13, 9, 31, 14, 10, 7, 9, 9]
+WIDTHS = [13, 9, 31, 14, 10, 7, 9, 9, 8, 8]
 
 
 def rows_to_line(cells) -> str:
@@ -107,24 +112,34 @@ def rows_to_line(cells) -> str:
 
 
 def markdown(rows: list[dict], machine: dict) -> str:
+    cuda = any("host_us" in r for r in rows)
     out = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
         f"torch {machine['torch']}, fastclip {machine['fastclip']} ({machine['cpu_isa']}), "
         f"commit {machine['commit']}, {machine['date']}.",
         "",
-        "| layout | dtype | operation | impl | median ms | GB/s | of floor | vs torch |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| layout | dtype | operation | impl | median ms | GB/s | of floor | vs torch |"
+        + (" host us | launches |" if cuda else ""),
+        "|---|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
     for r in rows:
         out.append(
             f"| {r['layout']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['median_ms']:.3f} | "
             f"{r['gb_per_s']:.1f} | {r['fraction_of_floor']:.0%} | {r['speedup_vs_torch']:.2f}x |"
+            + (f" {r.get('host_us', 0):.0f} | {r.get('launches', '')} |" if cuda else "")
         )
     out += [
         "",
         "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write); "
         "'of floor' is the time of the fastest plain read (and in-place write) of the same bytes in the same run "
-        "divided by the operation's time.",
+        "divided by the operation's time."
+        + (
+            " On CUDA the floors also include a device-to-device copy (half its time for one read); "
+            "'host us' is the time until the call returned (before the device finished), 'launches' the "
+            "kernels one call ran (torch profiler)."
+            if cuda
+            else ""
+        ),
     ]
     return "\n".join(out) + "\n"
 

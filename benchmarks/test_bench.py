@@ -26,36 +26,49 @@ CASES = [
     (gpt2_small, "bfloat16", "norm-clip"),
     (tiny_tensors, "float32", "norm-noclip"),
 ]
-IMPLS = list(implementations("cpu")) + ["floor"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PAIRS = [(d, impl) for d in DEVICES for impl in [*implementations(d), "floor"]]
 
 
 @functools.lru_cache(maxsize=2)
-def _grads(make, dtype):
-    params = make_grads(make(), dtype)
+def _grads(make, dtype, device):
+    params = make_grads(make(), dtype, device)
     return params, [p.grad.clone() for p in params], _norm_stats(params)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _synced(fn, device):
+    if device != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize(("device", "impl"), PAIRS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}-{c[1]}-{c[2]}")
-def test_clip(benchmark, case, impl):
+def test_clip(benchmark, case, device, impl):
     make, dtype, op_key = case
     op = OPS[op_key]
-    params, backup, stats = _grads(make, dtype)
+    params, backup, stats = _grads(make, dtype, device)
     grads = [p.grad for p in params]
-    benchmark.group = f"{make.__name__} {dtype} {op.name}"
+    benchmark.group = f"{device} {make.__name__} {dtype} {op.name}"
     benchmark.extra_info.update(numel=sum(g.numel() for g in grads), tensors=len(grads))
 
     def restore():
         torch._foreach_copy_(grads, backup)
 
     if impl == "floor":  # the least traffic the operation needs, fastest way known
-        floors = _floors(params, "cpu")
+        floors = _floors(params, device)
         kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"]}[op.floor]
-        fns = [min(floors[k].values(), key=lambda f: _time_once(f)) for k in kinds]
-        benchmark.pedantic(lambda: [f() for f in fns], rounds=_rounds(grads), warmup_rounds=1)
+        plain = {k: [f for f in floors[k].values() if not isinstance(f, tuple)] for k in kinds}
+        fns = [min(plain[k], key=lambda f: _time_once(_synced(f, device))) for k in kinds]
+        benchmark.pedantic(_synced(lambda: [f() for f in fns], device), rounds=_rounds(grads), warmup_rounds=1)
         return
-    module = implementations("cpu")[impl]
-    run = functools.partial(op.call, module, params, stats)
+    module = implementations(device)[impl]
+    run = _synced(functools.partial(op.call, module, params, stats), device)
     benchmark.pedantic(run, setup=restore if op.modifies else None, rounds=_rounds(grads), warmup_rounds=1)
     restore()
 

@@ -1,0 +1,157 @@
+"""CUDA-only checks of the GPU backends (skipped without a GPU): results
+against torch on CUDA tensors, no host sync, CUDA-graph capture and replay,
+a non-default stream, run-to-run determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, clone_params, reference_norm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in fastclip.available_backends()]
+
+
+@pytest.fixture(params=GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend available"))])
+def gpu_backend(request):
+    return request.param
+
+
+def cuda_params(sizes, dtype, scale=1.0):
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device="cuda"))
+        p.grad = (torch.randn(n, dtype=torch.float64, device="cuda") * scale).to(dtype)
+        params.append(p)
+    return params
+
+
+SIZES = [1, 0, 4097, 32768, 32769, 3 * 32768 + 5, 1_000_003, 17]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_clip_grad_norm_like_torch_on_cuda(gpu_backend, dtype, norm_type, seed):
+    sizes = [n for n in SIZES if n or norm_type != math.inf]
+    params = cuda_params(sizes, dtype)
+    for max_norm in (1e9, 0.5):
+        ours, ref = clone_params(params), clone_params(params)
+        total = fastclip.clip_grad_norm_(ours, max_norm, norm_type, backend=gpu_backend)
+        ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
+        assert total.dtype == ref_total.dtype and total.device == ref_total.device and total.dim() == 0
+        exact = reference_norm([p.grad.cpu() for p in params], norm_type)
+        err, torch_err = abs(total.double().item() - exact), abs(ref_total.double().item() - exact)
+        assert err <= torch_err + torch.finfo(dtype).eps * exact
+        # grads: torch's clip_grads_with_norm_ with the total we clip with
+        results = fastclip._dispatch.FUSED_BACKENDS[gpu_backend]._workspace(params[0].device).results
+        coef_total = results[1].to(torch.float64 if dtype == torch.float64 else torch.float32)
+        expected = clone_params(params)
+        torch.nn.utils.clip_grads_with_norm_(expected, max_norm, coef_total)
+        assert_grads_bitwise_equal(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_clip_grad_value_bit_for_bit_on_cuda(gpu_backend, dtype, seed):
+    params = cuda_params(SIZES, dtype)
+    ours, ref = clone_params(params), clone_params(params)
+    fastclip.clip_grad_value_(ours, 0.7, backend=gpu_backend)
+    torch.nn.utils.clip_grad_value_(ref, 0.7)
+    assert_grads_bitwise_equal(ours, ref)
+
+
+def test_mixed_dtypes_and_views_on_cuda(gpu_backend, seed):
+    params = cuda_params([1000, 33], torch.bfloat16) + cuda_params([777], torch.float32)
+    base = torch.randn(64, 64, device="cuda")
+    view = torch.nn.Parameter(torch.zeros(64, 32, device="cuda"))
+    view.grad = base[:, ::2]  # not one dense block
+    params.append(view)
+    ours = clone_params(params)
+    total = fastclip.clip_grad_norm_(ours, 0.1, backend=gpu_backend)
+    exact = reference_norm([p.grad.cpu() for p in params], 2.0)
+    assert total.dtype == torch.float32 and total.item() == pytest.approx(exact, rel=1e-5)
+    clipped = reference_norm([p.grad.cpu() for p in ours], 2.0)
+    assert clipped == pytest.approx(0.1, rel=1e-2)
+
+
+def test_no_host_device_sync(gpu_backend, seed):
+    params = cuda_params(SIZES, torch.bfloat16)
+    total = torch.tensor(3.0, device="cuda")
+    calls = [
+        lambda: fastclip.clip_grad_norm_(params, 0.5, backend=gpu_backend),
+        lambda: fastclip.clip_grad_norm_(params, 1e9, norm_type="inf", backend=gpu_backend),
+        lambda: fastclip.get_total_norm([p.grad for p in params], backend=gpu_backend),
+        lambda: fastclip.clip_grads_with_norm_(params, 1.0, total, backend=gpu_backend),
+        lambda: fastclip.clip_grad_value_(params, 0.1, backend=gpu_backend),
+    ]
+    for call in calls:
+        call()  # compile and cache the table first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_capture_and_replay(gpu_backend, seed):
+    params = cuda_params([5000, 33, 70_000], torch.float32, scale=10.0)
+    static = [p.grad for p in params]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on the capture stream (compile, plan, workspace)
+            fastclip.clip_grad_norm_(params, 1.0, backend=gpu_backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_total = fastclip.clip_grad_norm_(params, 1.0, backend=gpu_backend)
+    for _ in range(3):
+        fresh = [torch.randn_like(g) * 10 for g in static]
+        for g, f in zip(static, fresh):
+            g.copy_(f)
+        expected_total = torch.linalg.vector_norm(torch.cat([f.flatten() for f in fresh]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert captured_total.item() == pytest.approx(expected_total.item(), rel=1e-5)
+        clipped = torch.linalg.vector_norm(torch.cat([g.flatten() for g in static]))
+        assert clipped.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_non_default_stream(gpu_backend, seed):
+    params = cuda_params([100_000, 7], torch.float32)
+    ref = clone_params(params)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        total = fastclip.clip_grad_norm_(params, 0.5, backend=gpu_backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bit_identical_run_to_run(gpu_backend, seed):
+    grads = [torch.randn(n, device="cuda") for n in (10_000_019, 4097, 3)]
+    first = fastclip.get_total_norm(grads, backend=gpu_backend)
+    for _ in range(5):
+        assert torch.equal(fastclip.get_total_norm(grads, backend=gpu_backend), first)
+
+
+def test_auto_picks_a_gpu_backend_for_cuda_grads(monkeypatch, seed):
+    from fastclip.backends import torch_ref
+
+    if not GPU_BACKENDS:
+        pytest.skip("no GPU backend available")
+    calls = []
+    monkeypatch.setattr(torch_ref, "clip_grad_norm_", lambda *a, **k: calls.append(a))
+    fastclip.clip_grad_norm_(cuda_params([10], torch.float32), 1.0)
+    assert calls == []
