@@ -5,9 +5,11 @@ csrc/common/unit_table.h) is looked up in a small cache keyed by its bytes, so
 a training loop whose grads keep their addresses copies nothing to the device
 after the first step; a new table goes through pinned memory with a
 non-blocking copy (no sync) and stays cached, so a CUDA graph that captured
-the copy can replay it.  Then one launch for the norm (and coefficient), one
-for the scale, or one for the clamp.  Nothing waits for the device unless
-error_if_nonfinite=True.
+the copy can replay it (tables made during a capture are never evicted).
+As with any CUDA graph, run a call before capturing: it compiles the
+kernels and builds the table outside the capture.  Then one launch for the
+norm (and coefficient), one for the scale, or one for the clamp.  Nothing
+waits for the device unless error_if_nonfinite=True.
 
 On the CPU, with TRITON_INTERPRET=1, the same kernels run through Triton's
 interpreter on CPU tensors: that is how this backend is tested without a GPU.
@@ -78,6 +80,7 @@ class _Plan:
     flags: dict  # HAS_F32 ... for the kernels
     search_steps: int
     overlap: bool  # some grads share memory: scale them one at a time
+    captured: bool = False  # made while a CUDA graph was being captured: the graph reads `table`, keep it
 
 
 class TritonBackend(FusedBackend):
@@ -246,9 +249,11 @@ class TritonBackend(FusedBackend):
             search_steps=max(rows - 1, 0).bit_length(),
             overlap=_ext.tensors_overlap(grads.table),
         )
+        plan.captured = grads.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         self._plans[key] = plan
-        if len(self._plans) > _PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
+        evictable = [k for k, p in self._plans.items() if not p.captured]
+        if len(evictable) > _PLAN_CACHE_SIZE:
+            del self._plans[evictable[0]]  # the least recently used
         return plan
 
     def _workspace(self, device: torch.device) -> _Workspace:
