@@ -32,7 +32,8 @@ def cuda_params(sizes, dtype, scale=1.0):
     return params
 
 
-SIZES = [1, 0, 4097, 32768, 32769, 3 * 32768 + 5, 1_000_003, 17]
+UNIT = 8192  # triton_backend.GPU_CONFIG.unit: sizes at, around and across unit boundaries
+SIZES = [1, 0, 4097, UNIT, UNIT + 1, 3 * UNIT + 5, 1_000_003, 17]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
