@@ -54,9 +54,8 @@ def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBacken
         _warn_if_cpu_extension_missing(grads)
         return None
     backend = FUSED_BACKENDS[name]
-    status = backend.status()
-    if not status["available"]:
-        raise BackendError(f"fastclip backend {name!r} is not available: {status['reason']}")
+    if not backend.available:
+        raise BackendError(f"fastclip backend {name!r} is not available: {backend.status()['reason']}")
     if grads is None:
         raise BackendError(f"fastclip backend {name!r} cannot serve {why_not_fused}; use backend='auto' or 'torch'")
     if not backend.serves(grads):

@@ -95,6 +95,7 @@ class TritonBackend(FusedBackend):
         self._plans: collections.OrderedDict = collections.OrderedDict()
         self._workspaces: dict = {}
         self._max_programs: dict = {}
+        self._available, self._available_in = False, None
 
     # ------------------------------------------------------------ status
 
@@ -124,7 +125,12 @@ class TritonBackend(FusedBackend):
 
     @property
     def available(self) -> bool:
-        return self.status()["available"]
+        # asked on every "auto" call: remember the answer (per interpreter setting)
+        mode = interpreting()
+        if self._available_in != mode:
+            self._available = self.status()["available"]
+            self._available_in = mode
+        return self._available
 
     def serves(self, grads: GradList) -> bool:
         if interpreting():
@@ -288,11 +294,13 @@ class TritonBackend(FusedBackend):
             SEARCH_STEPS=plan.search_steps, BLOCK=config.block, ITERS=config.iters, ALIGNED=plan.aligned,
             **plan.flags,
         )  # fmt: skip
-        if grads.device.type == "cuda":
+        if grads.device.type != "cuda":
+            kernel[grid](**common, **args)
+        elif grads.device.index == torch.cuda.current_device():
+            kernel[grid](**common, **args, num_warps=config.num_warps)
+        else:
             with torch.cuda.device(grads.device):  # triton launches on the current device
                 kernel[grid](**common, **args, num_warps=config.num_warps)
-        else:
-            kernel[grid](**common, **args)
 
 
 _FLAG_DTYPES = (("F32", torch.float32), ("F64", torch.float64), ("F16", torch.float16), ("BF16", torch.bfloat16))
