@@ -142,7 +142,9 @@ def _dtype_norm(
     return part
 
 
-@triton.jit
+# Float64 bit patterns come as int64 arguments; do_not_specialize keeps
+# Triton from turning a pattern that happens to equal 1 into a constant.
+@triton.jit(do_not_specialize=["max_norm_bits"])
 def norm_kernel(
     table,
     n_rows,
@@ -341,7 +343,7 @@ def _dtype_clamp(
         _unit_clamp(ptr, count, lo, hi, CMP, BLOCK, ITERS, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lo64_bits", "hi64_bits"])
 def clamp_kernel(
     table,
     n_rows,
