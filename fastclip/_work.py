@@ -4,9 +4,9 @@
 table (addresses, element counts, dtype codes, plus sizes and strides for the
 rare non-dense view), or says why no fused backend may take them, in which
 case the call goes to torch unchanged.  This runs on every call and, for 2000
-tiny grads, is most of the host time: the common case (plain, contiguous CPU
-tensors) is gathered in C++ (csrc/python/collect.cpp); `describe` is the
-general path.
+tiny grads, is most of the host time: the common case (plain, contiguous
+tensors, all on the CPU or all on one CUDA device) is gathered in C++
+(csrc/python/collect.cpp); `describe` is the general path.
 """
 
 from __future__ import annotations
