@@ -42,7 +42,7 @@ _CPU = torch.device("cpu")
 class GradList:
     """The gradients of one call, all on one device, as a tensor table."""
 
-    __slots__ = ("_lists", "_table", "device", "dtypes", "tensors")
+    __slots__ = ("tensors", "device", "dtypes", "_table", "_lists")
 
     def __init__(self, tensors, device, dtypes, table=None, lists=None):
         self.tensors = tensors  # keeps the memory alive while kernels run

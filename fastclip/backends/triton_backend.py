@@ -41,8 +41,7 @@ class TritonConfig:
     block: int
     iters: int
     num_warps: int
-    programs_per_sm: int  # persistent grid: programs_per_sm * SMs (capped at the number of units)
-    interpreter_programs: int = 4  # grid under TRITON_INTERPRET=1
+    programs_per_sm: int  # persistent grid: programs_per_sm * SMs (the interpreter counts as one SM)
 
     @property
     def unit(self) -> int:
@@ -57,7 +56,7 @@ class TritonConfig:
 # all four dtypes.)  Not yet tuned on a GPU.  Under the interpreter, small
 # units keep tests fast and put several units in small tensors.
 GPU_CONFIG = TritonConfig(block=4096, iters=2, num_warps=8, programs_per_sm=2)
-INTERPRETER_CONFIG = TritonConfig(block=256, iters=2, num_warps=1, programs_per_sm=1)
+INTERPRETER_CONFIG = TritonConfig(block=256, iters=2, num_warps=1, programs_per_sm=4)
 
 _PLAN_CACHE_SIZE = 16
 
@@ -169,9 +168,9 @@ class TritonBackend(FusedBackend):
         if plan.units:
             bounds = {}
             for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
-                # torch converts each bound to the grad's dtype; these values are exact in float32
-                bounds["lo" + name] = torch.tensor(-clip_value, dtype=dtype).item()
-                bounds["hi" + name] = torch.tensor(clip_value, dtype=dtype).item()
+                # torch converts each bound to the grad's dtype (as the CPU kernels do); exact in float32
+                bounds["lo" + name] = _ext.round_to_dtype(-clip_value, DTYPE_CODES[dtype])
+                bounds["hi" + name] = _ext.round_to_dtype(clip_value, DTYPE_CODES[dtype])
             self._launch(
                 self._k().clamp_kernel, grads, plan,
                 **bounds, lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
@@ -277,12 +276,8 @@ class TritonBackend(FusedBackend):
     def _grid_cap(self, device: torch.device) -> int:
         cap = self._max_programs.get(device)
         if cap is None:
-            config = self._config()
-            if device.type == "cuda":
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
-                cap = sms * config.programs_per_sm
-            else:
-                cap = config.interpreter_programs
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            cap = sms * self._config().programs_per_sm
             cap = self._max_programs[device] = 1 << (cap - 1).bit_length()  # a power of two for the finish
         return cap
 
