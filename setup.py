@@ -1,11 +1,25 @@
-"""Builds fastclip's C++ extension.  Needs only setuptools, pybind11 and a C++17
+"""Builds fastclip's extensions.  Needs only setuptools, pybind11 and a C++17
 compiler: the kernels are torch-independent (raw pointers, sizes, dtype codes),
-so no torch is needed to build and one binary serves every torch version."""
+so no torch is needed to build and one binary serves every torch version.
 
+fastclip._cpu   the CPU kernels and the tensor table (always).
+fastclip._cuda  the CUDA kernels, built with nvcc when one is found (no GPU
+                needed to build): FASTCLIP_CUDA=1 requires it, =0 skips it;
+                FASTCLIP_CUDA_ARCHS="80;90" (the default) picks the GPU
+                architectures, the last one also as PTX for newer GPUs.  The
+                CUDA runtime is linked statically.
+"""
+
+import os
+import shutil
+import subprocess
 import sys
+import sysconfig
 
+import pybind11
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ParallelCompile("FASTCLIP_BUILD_JOBS", default=0).install()  # compile the sources in parallel
 
@@ -51,4 +65,85 @@ ext_modules = [
     ),
 ]
 
-setup(ext_modules=ext_modules)
+
+# ---------------------------------------------------------------- fastclip._cuda
+
+CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/module.cpp"]
+CUDA_DEPENDS = ["csrc/cuda/kernel_table.h", "csrc/cuda/launch.h"]
+
+
+def cuda_mode() -> str:
+    mode = os.environ.get("FASTCLIP_CUDA", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        raise SystemExit(f"FASTCLIP_CUDA={mode!r}: use 1 (build the CUDA backend), 0 (skip it) or auto")
+    return mode
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc") or None
+
+
+class BuildExt(build_ext):
+    """Builds fastclip._cuda with nvcc (compile both sources, link with the
+    static CUDA runtime); the other extensions as usual."""
+
+    def build_extension(self, ext):
+        if ext.name != "fastclip._cuda":
+            return super().build_extension(ext)
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise RuntimeError("nvcc not found (set CUDA_HOME, or FASTCLIP_CUDA=0 to build without the CUDA backend)")
+        target = self.get_ext_fullpath(ext.name)
+        if not self.force and all(
+            os.path.exists(target) and os.path.getmtime(src) <= os.path.getmtime(target)
+            for src in CUDA_SOURCES + CUDA_DEPENDS
+        ):
+            return
+        archs = [a.strip() for a in os.environ.get("FASTCLIP_CUDA_ARCHS", "80;90").split(";") if a.strip()]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        common = [
+            "-std=c++17", "-O3", "-Icsrc", "-Xcompiler=-fPIC,-fvisibility=hidden",
+            f'-DFASTCLIP_CUDA_ARCHS="{";".join(archs)}"',
+        ]  # fmt: skip
+        includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        tmp = os.path.join(self.build_temp, "cuda")
+        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        kernels_o, module_o = os.path.join(tmp, "kernels.o"), os.path.join(tmp, "module.o")
+        jobs = [  # in parallel: the kernels take the longest
+            [nvcc, "-c", CUDA_SOURCES[0], "-o", kernels_o, *common, *gencode],
+            [nvcc, "-c", CUDA_SOURCES[1], "-o", module_o, *common, *includes],
+        ]
+        for cmd in jobs:
+            print(" ".join(cmd))
+        procs = [subprocess.Popen(cmd) for cmd in jobs]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError("nvcc failed to compile fastclip._cuda")
+        link = [nvcc, "-shared", "--cudart=static", "-o", target, kernels_o, module_o, "-Xcompiler=-fPIC"]
+        print(" ".join(link))
+        subprocess.check_call(link)
+
+
+class OptionalCudaBuildExt(BuildExt):
+    """With FASTCLIP_CUDA unset (auto), a failed CUDA build leaves fastclip
+    without its CUDA backend instead of failing the install."""
+
+    def build_extension(self, ext):
+        if ext.name == "fastclip._cuda" and cuda_mode() == "auto":
+            try:
+                return super().build_extension(ext)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                print(f"WARNING: fastclip._cuda not built ({exc}); the 'cuda' backend will be unavailable")
+                return None
+        return super().build_extension(ext)
+
+
+mode = cuda_mode()
+if mode == "1" or (mode == "auto" and find_nvcc() is not None):
+    ext_modules.append(Extension("fastclip._cuda", sources=CUDA_SOURCES, depends=CUDA_DEPENDS))
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalCudaBuildExt})

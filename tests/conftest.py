@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .helpers import ALL_BACKENDS, FUSED
+from .helpers import ALL_BACKENDS, FUSED, gpu_only
 
 
 def _speed_up_triton_interpreter():
@@ -58,14 +58,28 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _speed_up_triton_interpreter()
 
 
+def _on_its_device(name):
+    """Yield the backend name; for a backend that serves only CUDA tensors,
+    with CUDA as torch's default device meanwhile, so the tests' tensors
+    (and torch's reference results) are made there."""
+    if not gpu_only(name):
+        yield name
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield name
+    finally:
+        torch.set_default_device(None)
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request):
-    return request.param
+    yield from _on_its_device(request.param)
 
 
 @pytest.fixture(params=FUSED or [pytest.param("none", marks=pytest.mark.skip("no fused backend built"))])
 def fused(request):
-    return request.param
+    yield from _on_its_device(request.param)
 
 
 @pytest.fixture

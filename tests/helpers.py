@@ -25,6 +25,12 @@ def is_fused(backend: str) -> bool:
     return backend in FUSED or (backend == "auto" and "cpu" in FUSED)
 
 
+def gpu_only(backend: str) -> bool:
+    """True for a backend that serves only CUDA tensors here: the contract
+    suite runs it with CUDA as torch's default device (see conftest)."""
+    return backend == "cuda" or (backend == "triton" and not interpreting())
+
+
 def interpreted(backend: str) -> bool:
     """True for the Triton backend under TRITON_INTERPRET=1: slow, so tests keep sizes small."""
     return backend == "triton" and interpreting()

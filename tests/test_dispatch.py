@@ -40,7 +40,8 @@ def test_available_backends_and_info():
         assert {"built", "available", "reason", "version"} <= set(status)
         assert status["available"] == (status["reason"] == "")
     assert info["cpu"]["built"] and info["cpu"]["isa"] in info["cpu"]["isas"]
-    assert not info["cuda"]["available"]
+    # cuda: built wherever nvcc was found (tests/test_cuda_backend.py), usable with a GPU
+    assert info["cuda"]["available"] == (info["cuda"]["built"] and torch.cuda.is_available())
     # triton: usable with a GPU, or on CPU tensors under TRITON_INTERPRET=1 (set by conftest without a GPU)
     assert info["triton"]["available"] == (info["triton"]["version"] is not None)
     assert ("triton" in names) == info["triton"]["available"]
@@ -49,7 +50,8 @@ def test_available_backends_and_info():
 
 def test_info_command():
     out = subprocess.run([sys.executable, "-m", "fastclip", "info"], capture_output=True, text=True, check=True).stdout
-    assert "cpu" in out and "torch" in out and "triton" in out and "auto on CPU tensors uses: cpu" in out
+    assert "cpu" in out and "torch" in out and "triton" in out and "cuda" in out
+    assert "auto on CPU tensors uses: cpu" in out
 
 
 class _Spy:

@@ -37,7 +37,7 @@ def grad_lists(draw):
     mixed = draw(st.booleans())
     dtype0 = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**31 - 1))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
     params = []
     for _ in range(n):
         dtype = draw(st.sampled_from(DTYPES)) if mixed else dtype0

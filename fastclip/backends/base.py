@@ -57,26 +57,3 @@ class FusedBackend:
         torch's clip_grads_with_norm_ with that total must give our grads bit
         for bit."""
         raise NotImplementedError
-
-
-class NotImplementedBackend(FusedBackend):
-    """A backend name that this version of fastclip reserves but does not ship."""
-
-    def __init__(self, name: str, version=lambda: None):
-        self.name = name
-        self._version = version
-
-    def status(self) -> dict:
-        return {
-            "built": False,
-            "available": False,
-            "reason": f"the {self.name} backend is not implemented in this version of fastclip",
-            "version": self._version(),
-        }
-
-    @property
-    def available(self) -> bool:
-        return False
-
-    def serves(self, grads: GradList) -> bool:
-        return False

@@ -32,6 +32,7 @@ import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
 from .base import FusedBackend
+from .gpu_common import Workspace, torch_scale
 
 
 @dataclasses.dataclass
@@ -214,12 +215,12 @@ class TritonBackend(FusedBackend):
             # Duplicated or overlapping grads are scaled once per appearance,
             # like torch: one tensor at a time, so no two programs race.
             for t in grads.tensors:
-                _torch_scale(t, coef)
+                torch_scale(t, coef)
         else:
             if plan.units:
                 self._launch(self._k().scale_kernel, grads, plan, coef_ptr=coef)
             for i in grads.strided_indices():
-                _torch_scale(grads.tensors[i], coef)
+                torch_scale(grads.tensors[i], coef)
         grads.mark_modified()
 
     def _k(self):
@@ -264,13 +265,13 @@ class TritonBackend(FusedBackend):
             del self._plans[evictable[0]]  # the least recently used
         return plan
 
-    def _workspace(self, device: torch.device) -> _Workspace:
+    def _workspace(self, device: torch.device) -> Workspace:
         """Per device and stream: concurrent calls on other streams get their own."""
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device, stream)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._workspaces[key] = _Workspace(self._grid_cap(device), device)
+            ws = self._workspaces[key] = Workspace(self._grid_cap(device), device)
         return ws
 
     def _grid_cap(self, device: torch.device) -> int:
@@ -299,22 +300,3 @@ class TritonBackend(FusedBackend):
 
 
 _FLAG_DTYPES = (("F32", torch.float32), ("F64", torch.float64), ("F16", torch.float16), ("BF16", torch.bfloat16))
-
-
-class _Workspace:
-    def __init__(self, programs: int, device: torch.device):
-        self.partials = torch.zeros(programs, dtype=torch.float64, device=device)
-        self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # reset by the last program
-        self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
-        self.coef = self.results[0]
-
-
-def _torch_scale(t: torch.Tensor, coef: torch.Tensor) -> None:
-    """t *= coef exactly as scale_kernel does: in float32 for fp32/fp16/bf16
-    (the coefficient rounded to float32), in float64 for fp64."""
-    opmath = torch.float64 if t.dtype == torch.float64 else torch.float32
-    c = coef.to(opmath)
-    if t.dtype == opmath:
-        t.mul_(c)
-    else:
-        t.copy_(t.to(opmath) * c)

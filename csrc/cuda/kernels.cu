@@ -1,0 +1,590 @@
+// fastclip's CUDA kernels and their launchers (interface: launch.h).
+//
+// Work: the grads, viewed as one concatenation, cut into units of kUnitElems
+// elements (kernel_table.h).  A persistent grid, sized from the compiled
+// kernel's occupancy, gives block b the units b, b + G, b + 2G, ...  Each
+// block finds a unit's grad by a binary search over the table, which is a
+// kernel parameter (__grid_constant__: read in place, never copied).
+//
+// clip_grad_norm_ is one cooperative launch when the table fits one launch:
+//   1. every block reduces its units into one float64 partial;
+//   2. grid.sync();
+//   3. every block combines all partials in the same fixed order (so every
+//      block gets the same bits, and runs repeat bit for bit), and computes
+//      torch's clip coefficient; block 0 stores the total;
+//   4. unless the coefficient is exactly 1, every block scales its units,
+//      last first (the units read last are the ones still in L2).
+// Otherwise (no cooperative launch, or a table of several chunks) the norm
+// launches end with "last block done" (the last block to finish combines the
+// partials, in the same order) and scale launches read the coefficient from
+// device memory.  clip_grad_value_ is one launch that writes back only the
+// 16-byte vectors in which some element changes.
+//
+// Accumulation: fp16/bf16 in float32 within a unit, fp32 and fp64 in float64;
+// units and blocks combine in float64.  The inf-norm propagates NaN.
+// 16-byte vector loads and stores wherever the grad is 16-byte aligned (a
+// unit starts a multiple of 32 KB into its grad); 64-bit element offsets.
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "launch.h"
+
+namespace cg = cooperative_groups;
+
+namespace fastclip::cuda {
+namespace {
+
+// ------------------------------------------------------------------ dtypes
+
+// S: storage, Math: what scale and clamp compute in (torch's opmath), UnitAcc:
+// a thread's accumulator within one unit.
+struct F32 {
+  using S = float;
+  using Math = float;
+  using UnitAcc = double;
+  static __device__ float widen(float s) { return s; }
+  static __device__ float narrow(float m) { return m; }
+};
+struct F64 {
+  using S = double;
+  using Math = double;
+  using UnitAcc = double;
+  static __device__ double widen(double s) { return s; }
+  static __device__ double narrow(double m) { return m; }
+};
+struct F16 {
+  using S = unsigned short;
+  using Math = float;
+  using UnitAcc = float;
+  static __device__ float widen(S s) { return __half2float(__ushort_as_half(s)); }
+  static __device__ S narrow(float m) { return __half_as_ushort(__float2half_rn(m)); }
+};
+struct BF16 {
+  using S = unsigned short;
+  using Math = float;
+  using UnitAcc = float;
+  static __device__ float widen(S s) { return __uint_as_float(static_cast<unsigned>(s) << 16); }
+  static __device__ S narrow(float m) { return __bfloat16_as_ushort(__float2bfloat16_rn(m)); }
+};
+
+template <class T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;  // NaN wins, as torch's max
+}
+
+__device__ __forceinline__ double combine(double a, double b, int kind) {
+  return kind == kLinf ? nan_max(a, b) : a + b;
+}
+
+// ------------------------------------------------------------------ walking a unit
+
+// Calls op(x) on the unit's elements in place, a 16-byte vector (or one
+// element) at a time, and stores back what op says changed.
+template <class D, class Op>
+__device__ __forceinline__ void visit_unit(typename D::S* p, int64_t count, Op& op) {
+  using S = typename D::S;
+  constexpr int V = 16 / sizeof(S);
+  struct alignas(16) Vec {
+    S x[V];
+  };
+  const bool aligned = (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+  if (aligned && count == kUnitElems) {
+    // The common case: a full unit, 8 to 32 vectors per thread, 4 loads in flight.
+    constexpr int kPerThread = kUnitElems / V / kThreads;
+    constexpr int kBatch = 4;
+    static_assert(kPerThread % kBatch == 0, "unit must split into batches");
+    Vec* vp = reinterpret_cast<Vec*>(p) + threadIdx.x;
+#pragma unroll
+    for (int b = 0; b < kPerThread; b += kBatch) {
+      Vec v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) v[j] = vp[(b + j) * kThreads];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j)
+        if (op(v[j].x)) vp[(b + j) * kThreads] = v[j];
+    }
+    return;
+  }
+  // A grad's last unit, or a grad that is not 16-byte aligned.
+  int64_t done = 0;
+  if (aligned) {
+    Vec* vp = reinterpret_cast<Vec*>(p);
+    const int64_t vectors = count / V;
+    for (int64_t i = threadIdx.x; i < vectors; i += kThreads) {
+      Vec v = vp[i];
+      if (op(v.x)) vp[i] = v;
+    }
+    done = vectors * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < count; i += kThreads) {
+    S x[1] = {p[i]};
+    if (op(x)) p[i] = x[0];
+  }
+}
+
+template <class D, int KIND>
+struct NormOp {
+  typename D::UnitAcc acc = 0;
+  template <int N>
+  __device__ __forceinline__ bool operator()(typename D::S (&x)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const auto v = static_cast<typename D::UnitAcc>(D::widen(x[k]));
+      const auto a = v < 0 ? -v : v;
+      if (KIND == kL1) acc += a;
+      else if (KIND == kL2) acc = fma(v, v, acc);
+      else acc = nan_max(acc, a);
+    }
+    return false;
+  }
+};
+
+template <class D>
+struct ScaleOp {
+  typename D::Math coef;
+  template <int N>
+  __device__ __forceinline__ bool operator()(typename D::S (&x)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] = D::narrow(D::widen(x[k]) * coef);
+    return true;
+  }
+};
+
+// torch's clamp_min_(lo) then clamp_max_(hi); NaN elements never change.
+template <class D>
+struct ClampOp {
+  typename D::Math lo, hi;
+  template <int N>
+  __device__ __forceinline__ bool operator()(typename D::S (&x)[N]) {
+    bool changed = false;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const auto v = D::widen(x[k]);
+      auto y = v < lo ? lo : v;
+      y = y > hi ? hi : y;
+      if (v < lo || v > hi) {
+        x[k] = D::narrow(y);
+        changed = true;
+      }
+    }
+    return changed;
+  }
+};
+
+template <class D, int KIND>
+__device__ __forceinline__ double unit_norm(void* p, int64_t count) {
+  NormOp<D, KIND> op;
+  visit_unit<D>(static_cast<typename D::S*>(p), count, op);
+  return static_cast<double>(op.acc);
+}
+
+template <class D>
+__device__ __forceinline__ double unit_norm(void* p, int64_t count, int kind) {
+  switch (kind) {
+    case kL1: return unit_norm<D, kL1>(p, count);
+    case kL2: return unit_norm<D, kL2>(p, count);
+    default: return unit_norm<D, kLinf>(p, count);
+  }
+}
+
+// Where unit u of the table is: (first element's address, element count, dtype code).
+struct UnitRef {
+  void* p;
+  int64_t count;
+  int code;
+};
+
+template <int CAP>
+__device__ __forceinline__ UnitRef unit_ref(const KernelTable<CAP>& t, int32_t u) {
+  const int r = t.locate(u);
+  const int code = t.code(r);
+  const int64_t start = static_cast<int64_t>(u - t.first_unit[r]) * kUnitElems;
+  const int64_t left = t.numel(r) - start;
+  const int size = code == 1 ? 8 : code == 0 ? 4 : 2;
+  return {reinterpret_cast<char*>(t.address[r]) + start * size, left < kUnitElems ? left : kUnitElems, code};
+}
+
+// ------------------------------------------------------------------ block-level pieces
+
+// The block's combined value, in thread 0 (fixed order: deterministic).
+__device__ double block_reduce(double v, int kind) {
+  __shared__ double warp_values[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, o), kind);
+  __syncthreads();  // warp_values may still be read by an earlier call
+  if (lane == 0) warp_values[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_values[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = combine(v, __shfl_down_sync(0xffffffffu, v, o), kind);
+  }
+  return v;
+}
+
+template <int CAP>
+__device__ double norm_of_my_units(const KernelTable<CAP>& t, int kind) {
+  double acc = 0.0;
+  for (int32_t u = blockIdx.x; u < t.units; u += gridDim.x) {
+    const UnitRef w = unit_ref(t, u);
+    double part;
+    switch (w.code) {
+      case 0: part = unit_norm<F32>(w.p, w.count, kind); break;
+      case 1: part = unit_norm<F64>(w.p, w.count, kind); break;
+      case 2: part = unit_norm<F16>(w.p, w.count, kind); break;
+      default: part = unit_norm<BF16>(w.p, w.count, kind); break;
+    }
+    acc = combine(acc, part, kind);
+  }
+  return acc;
+}
+
+// This block's units, last first, times coef (in float32 for fp32/fp16/bf16,
+// float64 for fp64, like torch's _foreach_mul_).
+template <int CAP>
+__device__ void scale_my_units(const KernelTable<CAP>& t, double coef) {
+  if (static_cast<int32_t>(blockIdx.x) >= t.units) return;
+  const int32_t mine = (t.units - 1 - static_cast<int32_t>(blockIdx.x)) / gridDim.x + 1;
+  const float coef32 = static_cast<float>(coef);
+  for (int32_t k = mine - 1; k >= 0; --k) {
+    const UnitRef w = unit_ref(t, blockIdx.x + k * gridDim.x);
+    switch (w.code) {
+      case 0: { ScaleOp<F32> op{coef32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
+      case 1: { ScaleOp<F64> op{coef}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
+      case 2: { ScaleOp<F16> op{coef32}; visit_unit<F16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
+      default: { ScaleOp<BF16> op{coef32}; visit_unit<BF16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
+    }
+  }
+}
+
+__device__ double load_scalar(const void* p, int code) {
+  switch (code) {
+    case 0: return *static_cast<const float*>(p);
+    case 1: return *static_cast<const double*>(p);
+    case 2: return F16::widen(*static_cast<const unsigned short*>(p));
+    default: return BF16::widen(*static_cast<const unsigned short*>(p));
+  }
+}
+
+__device__ void store_scalar(void* p, int code, double v) {
+  switch (code) {
+    case 0: *static_cast<float*>(p) = static_cast<float>(v); break;
+    case 1: *static_cast<double*>(p) = v; break;
+    case 2: *static_cast<unsigned short*>(p) = F16::narrow(static_cast<float>(v)); break;
+    default: *static_cast<unsigned short*>(p) = BF16::narrow(static_cast<float>(v)); break;
+  }
+}
+
+// ------------------------------------------------------------------ kernels
+
+enum Finish : int {
+  kPartialsOnly = 0,  // an early chunk of a long table: leave the partials
+  kLastBlock = 1,     // the last block to finish combines all partials
+  kCooperative = 2,   // grid.sync, every block combines, then scales
+};
+
+struct NormArgs {
+  double* partials;
+  unsigned int* counter;
+  void* total_out;
+  double* results;
+  double max_norm;
+  int32_t partial_base;  // this launch's first slot in partials
+  int32_t n_partials;    // slots to combine when finishing (all launches so far)
+  int32_t kind;
+  int32_t result_code;
+  int32_t finish;
+};
+
+template <int CAP>
+__global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ KernelTable<CAP> t, const NormArgs a) {
+  __shared__ double s_coef;
+  __shared__ bool s_last;
+  const double mine = block_reduce(norm_of_my_units(t, a.kind), a.kind);
+  if (threadIdx.x == 0) a.partials[a.partial_base + blockIdx.x] = mine;
+  if (a.finish == kPartialsOnly) return;
+  if (a.finish == kLastBlock) {
+    if (threadIdx.x == 0) {
+      __threadfence();  // this block's partial is visible before it is counted
+      s_last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+  } else {
+    cg::this_grid().sync();
+  }
+  double raw = 0.0;
+  for (int i = threadIdx.x; i < a.n_partials; i += kThreads) raw = combine(raw, __ldcg(a.partials + i), a.kind);
+  raw = block_reduce(raw, a.kind);
+  if (threadIdx.x == 0) {
+    const double total = a.kind == kL2 ? sqrt(raw) : raw;  // float64 sqrt: correctly rounded
+    const double coef = clip_coefficient(total, a.result_code, a.max_norm);
+    s_coef = coef;
+    if (blockIdx.x == 0 || a.finish == kLastBlock) {
+      store_scalar(a.total_out, a.result_code, total);
+      a.results[0] = coef;
+      a.results[1] = total;
+    }
+    if (a.finish == kLastBlock) *a.counter = 0;  // ready for the next call, and for CUDA-graph replay
+  }
+  if (a.finish != kCooperative) return;
+  __syncthreads();
+  const double coef = s_coef;
+  if (coef != 1.0) scale_my_units(t, coef);  // x * 1 == x: skipping moves one read of the grads instead of three
+}
+
+template <int CAP>
+__global__ void __launch_bounds__(kThreads)
+    scale_kernel(const __grid_constant__ KernelTable<CAP> t, const void* coef_ptr, int coef_code) {
+  const double coef = load_scalar(coef_ptr, coef_code);
+  if (coef != 1.0) scale_my_units(t, coef);
+}
+
+template <int CAP>
+__global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ KernelTable<CAP> t, const ClampBounds b) {
+  for (int32_t u = blockIdx.x; u < t.units; u += gridDim.x) {
+    const UnitRef w = unit_ref(t, u);
+    switch (w.code) {
+      case 0: { ClampOp<F32> op{b.lo32, b.hi32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
+      case 1: { ClampOp<F64> op{b.lo64, b.hi64}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
+      case 2: { ClampOp<F16> op{b.lo16, b.hi16}; visit_unit<F16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
+      default: {
+        ClampOp<BF16> op{b.lo_bf16, b.hi_bf16};
+        visit_unit<BF16>(static_cast<unsigned short*>(w.p), w.count, op);
+        break;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+void check(cudaError_t err, const char* call) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fastclip._cuda: ") + call + " failed: " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) + ")");
+}
+
+template <class Kernel>
+int blocks_per_sm(Kernel kernel, const char* name) {
+  int n = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0), name);
+  if (n < 1) throw std::runtime_error(std::string("fastclip._cuda: ") + name + " fits no block on an SM");
+  return n;
+}
+
+DeviceSetup make_setup(int device) {
+  DeviceSetup s;
+  s.device = device;
+  check(cudaSetDevice(device), "cudaSetDevice");
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  s.name = prop.name;
+  s.major = prop.major;
+  s.minor = prop.minor;
+  s.sms = prop.multiProcessorCount;
+  int coop = 0, driver = 0;
+  check(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device), "cudaDeviceGetAttribute");
+  check(cudaDriverGetVersion(&driver), "cudaDriverGetVersion");
+  s.cooperative = coop != 0;
+  s.large_params = driver >= 12010 && prop.major >= 7;
+  // Occupancy of the kernels as compiled for this device (this also fails
+  // clearly when the binary has no code for it).  Both table sizes compile to
+  // the same code; take the smaller occupancy so one grid serves both.
+  const char* occupancy = "cudaOccupancyMaxActiveBlocksPerMultiprocessor";
+  s.norm_grid = s.sms * std::min(blocks_per_sm(norm_kernel<kSmallRows>, occupancy),
+                                 blocks_per_sm(norm_kernel<kLargeRows>, occupancy));
+  s.scale_grid = s.sms * std::min(blocks_per_sm(scale_kernel<kSmallRows>, occupancy),
+                                  blocks_per_sm(scale_kernel<kLargeRows>, occupancy));
+  s.clamp_grid = s.sms * std::min(blocks_per_sm(clamp_kernel<kSmallRows>, occupancy),
+                                  blocks_per_sm(clamp_kernel<kLargeRows>, occupancy));
+  cudaFuncAttributes attr;
+  check(cudaFuncGetAttributes(&attr, norm_kernel<kLargeRows>), "cudaFuncGetAttributes");
+  s.norm_registers = attr.numRegs;
+  return s;
+}
+
+std::mutex setups_mutex;
+std::vector<std::unique_ptr<DeviceSetup>> setups;
+
+// The chunks a table is launched in, and the table size (rows per launch) used.
+struct Plan {
+  const DeviceSetup* setup;
+  int cap;
+  std::vector<Chunk> chunks;
+};
+
+Plan plan_for(int device, const UnitColumns& c, int64_t units) {
+  validate(c, units);
+  const DeviceSetup& s = device_setup(device);
+  const int cap = c.rows <= kSmallRows || !s.large_params ? kSmallRows : kLargeRows;
+  return {&s, cap, chunks_of(c, units, cap)};
+}
+
+int grid_for(int max_grid, const Chunk& chunk) {
+  return static_cast<int>(chunk.units < max_grid ? chunk.units : max_grid);
+}
+
+int64_t partials_of(const Plan& plan) {  // one per block of every norm launch
+  int64_t n = 0;
+  for (const Chunk& chunk : plan.chunks) n += grid_for(plan.setup->norm_grid, chunk);
+  return n;
+}
+
+// Launches kernel(*args...) (args point at the kernel's parameters, the
+// table among them: passed by pointer, so its 32 KB are copied once, by the driver).
+template <class... Params>
+void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool cooperative, const char* what,
+            void** args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  config.attrs = attr;
+  config.numAttrs = cooperative ? 1 : 0;
+  check(cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args), what);
+}
+
+template <int CAP>
+int clip_norm_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, const NormJob& job) {
+  const DeviceSetup& s = *plan.setup;
+  const size_t n = plan.chunks.size();
+  const bool cooperative = job.scale && job.allow_cooperative && s.cooperative && n == 1;
+  auto table = std::make_unique<KernelTable<CAP>>();  // 32 KB: not on the stack
+  int launches = 0;
+  int32_t base = 0;
+  for (size_t k = 0; k < n; ++k) {
+    fill(*table, c, plan.chunks[k]);
+    const int grid = grid_for(s.norm_grid, plan.chunks[k]);
+    NormArgs a;
+    a.partials = job.partials;
+    a.counter = job.counter;
+    a.total_out = job.total_out;
+    a.results = job.results;
+    a.max_norm = job.max_norm;
+    a.partial_base = base;
+    a.n_partials = base + grid;
+    a.kind = job.kind;
+    a.result_code = job.result_code;
+    a.finish = k + 1 < n ? kPartialsOnly : cooperative ? kCooperative : kLastBlock;
+    void* args[] = {table.get(), &a};
+    launch(norm_kernel<CAP>, grid, stream, cooperative,
+           cooperative ? "cudaLaunchKernelExC (cooperative norm_kernel)" : "cudaLaunchKernelExC (norm_kernel)", args);
+    ++launches;
+    base += grid;
+  }
+  if (job.scale && !cooperative) {
+    for (size_t k = n; k-- > 0;) {  // last chunk first: its grads were read last
+      fill(*table, c, plan.chunks[k]);
+      const void* coef = job.results;  // [0]: the coefficient, float64
+      int coef_code = 1;
+      void* args[] = {table.get(), &coef, &coef_code};
+      launch(scale_kernel<CAP>, grid_for(s.scale_grid, plan.chunks[k]), stream, false,
+             "cudaLaunchKernelExC (scale_kernel)", args);
+      ++launches;
+    }
+  }
+  return launches;
+}
+
+template <int CAP>
+int scale_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, const void* coef, int coef_code) {
+  // (coef and coef_code are copies: the launch takes their addresses)
+  auto table = std::make_unique<KernelTable<CAP>>();
+  int launches = 0;
+  for (const Chunk& chunk : plan.chunks) {
+    fill(*table, c, chunk);
+    void* args[] = {table.get(), &coef, &coef_code};
+    launch(scale_kernel<CAP>, grid_for(plan.setup->scale_grid, chunk), stream, false,
+           "cudaLaunchKernelExC (scale_kernel)", args);
+    ++launches;
+  }
+  return launches;
+}
+
+template <int CAP>
+int clamp_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, const ClampBounds& bounds) {
+  auto table = std::make_unique<KernelTable<CAP>>();
+  int launches = 0;
+  for (const Chunk& chunk : plan.chunks) {
+    fill(*table, c, chunk);
+    ClampBounds b = bounds;
+    void* args[] = {table.get(), &b};
+    launch(clamp_kernel<CAP>, grid_for(plan.setup->clamp_grid, chunk), stream, false,
+           "cudaLaunchKernelExC (clamp_kernel)", args);
+    ++launches;
+  }
+  return launches;
+}
+
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+RuntimeStatus runtime_status() {
+  RuntimeStatus r;
+  cudaRuntimeGetVersion(&r.runtime_version);
+  cudaDriverGetVersion(&r.driver_version);
+  const cudaError_t err = cudaGetDeviceCount(&r.devices);
+  if (err != cudaSuccess) {
+    r.devices = 0;
+    r.error = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    cudaGetLastError();  // not sticky: clear it
+  } else if (r.devices == 0) {
+    r.error = "no CUDA device";
+  }
+  return r;
+}
+
+const DeviceSetup& device_setup(int device) {
+  std::lock_guard<std::mutex> lock(setups_mutex);
+  if (device < 0 || device > 1024) throw std::invalid_argument("fastclip._cuda: bad device index");
+  if (setups.size() <= static_cast<size_t>(device)) setups.resize(device + 1);
+  if (!setups[device]) setups[device] = std::make_unique<DeviceSetup>(make_setup(device));
+  return *setups[device];
+}
+
+int64_t partials_needed(int device, const UnitColumns& c, int64_t units) {
+  return partials_of(plan_for(device, c, units));
+}
+
+int clip_norm(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const NormJob& job) {
+  const Plan plan = plan_for(device, c, units);
+  if (plan.chunks.empty()) return 0;
+  if (partials_of(plan) > job.partials_capacity)
+    throw std::invalid_argument("fastclip._cuda: the partials buffer is too small for this table");
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return plan.cap == kSmallRows ? clip_norm_with<kSmallRows>(plan, as_stream(stream), c, job)
+                                : clip_norm_with<kLargeRows>(plan, as_stream(stream), c, job);
+}
+
+int scale(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const void* coef, int coef_code) {
+  if (coef_code < 0 || coef_code > 3) throw std::invalid_argument("fastclip._cuda: bad coefficient dtype code");
+  const Plan plan = plan_for(device, c, units);
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return plan.cap == kSmallRows ? scale_with<kSmallRows>(plan, as_stream(stream), c, coef, coef_code)
+                                : scale_with<kLargeRows>(plan, as_stream(stream), c, coef, coef_code);
+}
+
+int clamp(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const ClampBounds& bounds) {
+  const Plan plan = plan_for(device, c, units);
+  check(cudaSetDevice(device), "cudaSetDevice");
+  return plan.cap == kSmallRows ? clamp_with<kSmallRows>(plan, as_stream(stream), c, bounds)
+                                : clamp_with<kLargeRows>(plan, as_stream(stream), c, bounds);
+}
+
+}  // namespace fastclip::cuda

@@ -1,0 +1,81 @@
+// What the Python module (module.cpp) asks of the CUDA kernels (kernels.cu).
+// Plain C++, no CUDA types: addresses and the stream travel as integers,
+// so nothing here depends on torch or on the CUDA headers.
+//
+// Every function sets the device, launches on `stream` and returns the
+// number of kernel launches; none waits for the device.  A CUDA error raises
+// std::runtime_error naming the CUDA call that failed.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "kernel_table.h"
+
+namespace fastclip::cuda {
+
+struct RuntimeStatus {
+  int devices = 0;
+  int driver_version = 0;   // e.g. 13000 for CUDA 13.0; 0 when there is no driver
+  int runtime_version = 0;  // of the CUDA runtime linked into this module
+  std::string error;        // why no device can be used, or ""
+};
+RuntimeStatus runtime_status();
+
+// Launch shape of one device, found once from the compiled kernels' occupancy.
+struct DeviceSetup {
+  int device = 0;
+  std::string name;
+  int major = 0, minor = 0;
+  int sms = 0;
+  int norm_grid = 0;    // blocks of a norm launch: resident blocks per SM * SMs (cooperative: all at once)
+  int scale_grid = 0;
+  int clamp_grid = 0;
+  int norm_registers = 0;  // per thread, of the compiled norm kernel (32 KB-table variant)
+  bool cooperative = false;   // the device can launch cooperative grids
+  bool large_params = false;  // 32 KB of kernel parameters (CUDA >= 12.1, compute capability >= 7.0)
+};
+const DeviceSetup& device_setup(int device);
+
+enum NormKind : int { kL1 = 1, kL2 = 2, kLinf = 3 };
+
+struct NormJob {
+  int kind = kL2;
+  double max_norm = 0.0;      // for the coefficient
+  int result_code = 0;        // dtype code of total_out
+  void* total_out = nullptr;  // 0-dim result tensor
+  double* results = nullptr;  // [clip coefficient, float64 total] (device)
+  double* partials = nullptr; // one double per block of every launch
+  int64_t partials_capacity = 0;
+  unsigned int* counter = nullptr;  // zero; the last block of a norm launch resets it
+  bool scale = false;               // also multiply the grads by the coefficient
+  bool allow_cooperative = true;    // one launch for norm and scale when the device can
+};
+
+// Doubles of `partials` that clip_norm needs for a table of `rows` rows.
+int64_t partials_needed(int device, const UnitColumns& table, int64_t units);
+
+int clip_norm(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const NormJob& job);
+int scale(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const void* coef, int coef_code);
+
+// clip_grad_value_'s bounds, already rounded to each dtype (as torch converts them).
+struct ClampBounds {
+  float lo32, hi32, lo16, hi16, lo_bf16, hi_bf16;
+  double lo64, hi64;
+};
+int clamp(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const ClampBounds& bounds);
+
+// torch's clip coefficient from the total norm (the kernels compute it on the
+// device with this same function): clamp(max_norm / (total + 1e-6), max=1),
+// as reciprocal then multiply, in float32 unless the result dtype is float64.
+FASTCLIP_HD double clip_coefficient(double total, int result_code, double max_norm) {
+  if (result_code == 1) {
+    const double c = (1.0 / (total + 1e-6)) * max_norm;
+    return c > 1.0 ? 1.0 : c;  // NaN stays NaN, as with torch.clamp
+  }
+  const float r = 1.0f / (static_cast<float>(total) + static_cast<float>(1e-6));
+  const float c = r * static_cast<float>(max_norm);
+  return c > 1.0f ? 1.0 : static_cast<double>(c);
+}
+
+}  // namespace fastclip::cuda

@@ -1,0 +1,184 @@
+// fastclip._cuda: the CUDA C++ backend's Python module (kernels: kernels.cu).
+//
+// Torch-independent: it takes the unit table's bytes (built by fastclip._cpu,
+// csrc/common/unit_table.h), raw device addresses, dtype codes and the CUDA
+// stream as integers, and links the CUDA runtime statically, so it builds
+// without torch or a GPU and one binary serves any torch version.  Launch
+// functions return the number of kernel launches and never wait for the
+// device; a CUDA error raises RuntimeError naming the CUDA call.
+//
+// plan_chunks, locate and clip_coefficient run the kernels' host-side and
+// shared code on the CPU, for tests on machines without a GPU.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+#include "launch.h"
+
+namespace py = pybind11;
+using namespace fastclip::cuda;
+
+namespace {
+
+UnitColumns columns(std::string_view table, int64_t rows) {
+  try {
+    return UnitColumns::of(table.data(), table.size(), rows);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(std::string("fastclip._cuda: ") + e.what());
+  }
+}
+
+// invalid_argument from the table checks becomes ValueError; CUDA failures stay RuntimeError.
+template <class F>
+auto guarded(F f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+void* address(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fastclip fused CUDA kernels (torch-independent; CUDA runtime linked statically)";
+
+  m.def("runtime_status", [] {
+    const RuntimeStatus s = runtime_status();
+    py::dict d;
+    d["devices"] = s.devices;
+    d["driver_version"] = s.driver_version;
+    d["runtime_version"] = s.runtime_version;
+    d["error"] = s.error;
+    return d;
+  }, "Devices this module's CUDA runtime sees, driver and runtime versions, and why none can be used.");
+
+  m.def("device_setup", [](int device) {
+    const DeviceSetup& s = device_setup(device);
+    py::dict d;
+    d["name"] = s.name;
+    d["capability"] = py::make_tuple(s.major, s.minor);
+    d["sms"] = s.sms;
+    d["norm_grid"] = s.norm_grid;
+    d["scale_grid"] = s.scale_grid;
+    d["clamp_grid"] = s.clamp_grid;
+    d["norm_registers"] = s.norm_registers;
+    d["cooperative"] = s.cooperative;
+    d["large_params"] = s.large_params;
+    return d;
+  }, py::arg("device"), "Launch shape of a device (from the compiled kernels' occupancy); raises if it cannot run them.");
+
+  m.def("partials_needed", [](int device, std::string_view table, int64_t rows, int64_t units) {
+    const UnitColumns c = columns(table, rows);
+    return guarded([&] { return partials_needed(device, c, units); });
+  }, py::arg("device"), py::arg("table"), py::arg("rows"), py::arg("units"));
+
+  m.def(
+      "clip_norm",
+      [](int device, uintptr_t stream, std::string_view table, int64_t rows, int64_t units, int kind, double max_norm,
+         int result_code, uintptr_t total_out, uintptr_t results, uintptr_t partials, int64_t partials_capacity,
+         uintptr_t counter, bool scale, bool allow_cooperative) {
+        if (kind < kL1 || kind > kLinf) throw py::value_error("fastclip._cuda: norm kind must be 1, 2 or 3");
+        if (result_code < 0 || result_code > 3) throw py::value_error("fastclip._cuda: bad result dtype code");
+        const UnitColumns c = columns(table, rows);
+        NormJob job;
+        job.kind = kind;
+        job.max_norm = max_norm;
+        job.result_code = result_code;
+        job.total_out = address(total_out);
+        job.results = static_cast<double*>(address(results));
+        job.partials = static_cast<double*>(address(partials));
+        job.partials_capacity = partials_capacity;
+        job.counter = static_cast<unsigned int*>(address(counter));
+        job.scale = scale;
+        job.allow_cooperative = allow_cooperative;
+        return guarded([&] { return clip_norm(device, stream, c, units, job); });
+      },
+      py::arg("device"), py::arg("stream"), py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("kind"),
+      py::arg("max_norm"), py::arg("result_code"), py::arg("total_out"), py::arg("results"), py::arg("partials"),
+      py::arg("partials_capacity"), py::arg("counter"), py::arg("scale"), py::arg("allow_cooperative"),
+      "Total norm into total_out, [coefficient, float64 total] into results; with scale=True also clip the grads "
+      "(one cooperative launch when the device allows and the table fits one launch).");
+
+  m.def(
+      "scale",
+      [](int device, uintptr_t stream, std::string_view table, int64_t rows, int64_t units, uintptr_t coef,
+         int coef_code) {
+        const UnitColumns c = columns(table, rows);
+        return guarded([&] { return scale(device, stream, c, units, address(coef), coef_code); });
+      },
+      py::arg("device"), py::arg("stream"), py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("coef"),
+      py::arg("coef_code"), "grads *= the 0-dim device scalar at coef (of dtype code coef_code), unless it is 1.");
+
+  m.def(
+      "clamp",
+      [](int device, uintptr_t stream, std::string_view table, int64_t rows, int64_t units, float lo32, float hi32,
+         float lo16, float hi16, float lo_bf16, float hi_bf16, double lo64, double hi64) {
+        const UnitColumns c = columns(table, rows);
+        const ClampBounds b{lo32, hi32, lo16, hi16, lo_bf16, hi_bf16, lo64, hi64};
+        return guarded([&] { return clamp(device, stream, c, units, b); });
+      },
+      py::arg("device"), py::arg("stream"), py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("lo32"),
+      py::arg("hi32"), py::arg("lo16"), py::arg("hi16"), py::arg("lo_bf16"), py::arg("hi_bf16"), py::arg("lo64"),
+      py::arg("hi64"), "clip_grad_value_ with bounds already rounded to each dtype; stores only what changes.");
+
+  // ---- the kernels' host-side code, for tests without a GPU
+
+  m.def(
+      "plan_chunks",
+      [](std::string_view table, int64_t rows, int64_t units, int cap) {
+        const UnitColumns c = columns(table, rows);
+        return guarded([&] {
+          validate(c, units);
+          std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+          for (const Chunk& k : chunks_of(c, units, cap)) out.emplace_back(k.begin, k.end, k.units);
+          return out;
+        });
+      },
+      py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("cap"),
+      "[(first row, end row, units)] of the launches for a table, at most `cap` rows each.");
+
+  m.def(
+      "locate",
+      [](std::string_view table, int64_t rows, int64_t units, int64_t unit) {
+        const UnitColumns c = columns(table, rows);
+        return guarded([&] {
+          validate(c, units);
+          if (unit < 0 || unit >= units) throw std::invalid_argument("locate: no such unit");
+          // The kernels' own search, over the chunk of kLargeRows rows that holds the unit.
+          auto t = std::make_unique<KernelTable<kLargeRows>>();
+          for (const Chunk& k : chunks_of(c, units, kLargeRows)) {
+            const int64_t base = c.first_unit[k.begin];
+            if (unit >= base + k.units) continue;
+            fill(*t, c, k);
+            const int32_t u = static_cast<int32_t>(unit - base);
+            const int r = t->locate(u);
+            const int64_t start = static_cast<int64_t>(u - t->first_unit[r]) * kUnitElems;
+            const int64_t left = t->numel(r) - start;
+            return py::make_tuple(k.begin + r, start, left < kUnitElems ? left : kUnitElems, t->code(r));
+          }
+          throw std::invalid_argument("locate: unit not in any chunk");
+        });
+      },
+      py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("unit"),
+      "(row, first element, element count, dtype code) of a work unit, found as the kernels find it.");
+
+  m.def("clip_coefficient", &clip_coefficient, py::arg("total"), py::arg("result_code"), py::arg("max_norm"),
+        "The coefficient the kernels compute (the same function, compiled for the host).");
+
+  m.attr("unit_elems") = kUnitElems;
+  m.attr("threads") = kThreads;
+  m.attr("small_rows") = kSmallRows;
+  m.attr("large_rows") = kLargeRows;
+#ifdef FASTCLIP_CUDA_ARCHS
+  m.attr("archs") = FASTCLIP_CUDA_ARCHS;
+#else
+  m.attr("archs") = "";
+#endif
+}

@@ -1,0 +1,241 @@
+"""The CUDA C++ backend: host side (kernels: csrc/cuda/kernels.cu, module fastclip._cuda).
+
+Per call: the grads' unit table is built in C++ (fastclip._cpu, O(n)) and
+handed to fastclip._cuda, which passes it to the kernels by value as kernel
+parameters (up to 1600 grads per launch), so nothing is copied to or cached
+on the device, and a CUDA graph keeps the table in its launch parameters.
+
+clip_grad_norm_ is one cooperative launch: norm, grid-wide barrier, the clip
+coefficient, then the scale (skipped when the coefficient is exactly 1).
+It falls back to a norm launch plus a scale launch (no host sync either way)
+where a cooperative launch is not possible, or not allowed
+(FASTCLIP_CUDA_COOPERATIVE=0, or the `cooperative` attribute), and to one
+such pair per 1600 grads for longer lists.  clip_grad_value_ is one launch.
+Nothing waits for the device unless error_if_nonfinite=True.
+
+Grads that are views (not one dense block) and grads that overlap are handled
+as in the Triton backend: norm from contiguous copies, writes through torch
+ops that compute exactly what the kernels compute.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import torch
+
+from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
+from .base import FusedBackend
+from .gpu_common import Workspace, torch_scale
+
+try:
+    from .. import _cuda
+
+    CUDA_IMPORT_ERROR = ""
+except ImportError as exc:  # built without nvcc, or for another Python
+    _cuda = None
+    CUDA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_OVERLAP_CACHE_SIZE = 16
+
+
+def _cuda_version(v: int) -> str | None:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else None
+
+
+class CudaBackend(FusedBackend):
+    name = "cuda"
+    auto_device_types = ("cuda",)
+
+    def __init__(self):
+        # One launch for clip_grad_norm_ where the device allows (tests turn it off to check the fallback).
+        self.cooperative = os.environ.get("FASTCLIP_CUDA_COOPERATIVE", "1") != "0"
+        self.last_launches = 0  # kernel launches of the last operation (tests, benchmarks)
+        self._status = None
+        self._setups: dict = {}  # device index -> launch shape, or the reason it cannot run there
+        self._workspaces: dict = {}
+        self._overlap: collections.OrderedDict = collections.OrderedDict()
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        if _cuda is None:
+            return {
+                "built": False,
+                "available": False,
+                "reason": f"the extension fastclip._cuda is not built ({CUDA_IMPORT_ERROR or 'no nvcc at build time'})",
+                "version": None,
+            }
+        rt = _cuda.runtime_status()
+        info = {
+            "version": f"CUDA runtime {_cuda_version(rt['runtime_version'])} (static)",
+            "driver": _cuda_version(rt["driver_version"]),
+            "archs": _cuda.archs,
+        }
+        if _ext is None:
+            return {
+                "built": True,
+                "available": False,
+                "reason": f"its tensor table needs the compiled extension fastclip._cpu ({EXT_IMPORT_ERROR})",
+                **info,
+            }
+        if rt["driver_version"] == 0:
+            return {"built": True, "available": False, "reason": "no CUDA driver on this machine", **info}
+        if rt["error"]:
+            return {"built": True, "available": False, "reason": f"no usable CUDA device ({rt['error']})", **info}
+        return {"built": True, "available": True, "reason": "", "devices": rt["devices"], **info}
+
+    @property
+    def available(self) -> bool:
+        if self._status is None:  # asked on every "auto" call: the answer does not change in a process
+            self._status = self.status()["available"]
+        return self._status
+
+    def serves(self, grads: GradList) -> bool:
+        return grads.device.type == "cuda" and self._setup(grads.device) is not None
+
+    def setup(self, device: torch.device) -> dict:
+        """Launch shape on `device` (grid sizes from the kernels' occupancy, cooperative launch support)."""
+        setup = self._setup(device)
+        if setup is None:
+            raise RuntimeError(self._setups[device.index][1])
+        return setup
+
+    def _setup(self, device: torch.device):
+        entry = self._setups.get(device.index)
+        if entry is None:
+            try:
+                entry = (_cuda.device_setup(device.index), "")
+            except RuntimeError as exc:  # e.g. no kernel image for this GPU's architecture
+                entry = (None, str(exc))
+            self._setups[device.index] = entry
+        return entry[0]
+
+    # ------------------------------------------------------------ operations
+
+    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
+        return self._norm(grads, kind, float("inf"), scale=False)[0]
+
+    def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
+        # Norm and scale in the same launches, unless the norm must be checked
+        # first, or some grads are views or overlap (scaled by torch ops below).
+        total, coef, fused = self._norm(grads, kind, max_norm, scale=not error_if_nonfinite)
+        if fused:
+            grads.mark_modified()
+            return total, False
+        if error_if_nonfinite and not bool(torch.isfinite(total)):  # the one sync, as in torch
+            return total, True
+        launches = self.last_launches
+        self._scale(grads, coef)
+        self.last_launches += launches
+        return total, False
+
+    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
+        if (
+            type(coef) is not torch.Tensor
+            or coef.dim() != 0
+            or coef.dtype not in DTYPE_CODES
+            or coef.device != grads.device
+        ):
+            return False
+        self._scale(grads, coef)
+        return True
+
+    def clamp(self, grads: GradList, clip_value: float) -> None:
+        self.last_launches = 0
+        if clip_value != clip_value:  # a NaN bound makes every element NaN: torch's own ops, exactly
+            torch._foreach_clamp_min_(grads.tensors, clip_value)
+            torch._foreach_clamp_max_(grads.tensors, clip_value)
+            return
+        table, rows, units, _aligned, _mask = grads.table.unit_table(_cuda.unit_elems)
+        if units:
+            # torch converts each bound to the grad's dtype (as the CPU kernels do); exact in float32
+            lo = [_ext.round_to_dtype(-clip_value, code) for code in (0, 2, 3)]
+            hi = [_ext.round_to_dtype(clip_value, code) for code in (0, 2, 3)]
+            self.last_launches = _cuda.clamp(
+                grads.device.index, _stream(grads.device), table, rows, units,
+                lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], -clip_value, clip_value,
+            )  # fmt: skip
+        for i in grads.strided_indices():
+            grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)
+        grads.mark_modified()
+
+    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+        self._norm(grads, kind, max_norm, scale=False)
+        results = self._workspace(grads.device).results.tolist()
+        coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
+        return coef_total, results[0]
+
+    # ------------------------------------------------------------ internals
+
+    def _norm(self, grads: GradList, kind: int, max_norm: float, scale: bool):
+        """(total norm tensor, float64 coefficient tensor, scaled): both tensors
+        on the device.  With scale=True the grads are clipped in the same
+        launches, unless some are views or overlap (then scaled is False)."""
+        dense = grads.with_dense_copies()  # views: norm of a contiguous copy
+        table, rows, units, _aligned, _mask = dense.table.unit_table(_cuda.unit_elems)
+        scale = scale and dense is grads and not self._overlaps(grads, table)
+        device = grads.device
+        stream = _stream(device)
+        ws = self._workspace(device, stream)
+        total = torch.empty((), dtype=grads.result_dtype, device=device)
+        result_code = DTYPE_CODES[grads.result_dtype]
+        if units == 0:  # only empty grads: nothing to scale
+            total.zero_()
+            ws.results[0] = _ext.clip_coefficient(0.0, result_code, max_norm)
+            ws.results[1] = 0.0
+            self.last_launches = 0
+            return total, ws.coef, scale
+        # one partial per block of every launch: at most a full grid per chunk of the table
+        ws.ensure_partials(self.setup(device)["norm_grid"] * (rows // _cuda.small_rows + 1))
+        self.last_launches = _cuda.clip_norm(
+            device.index, stream, table, rows, units, kind, max_norm, result_code,
+            total.data_ptr(), ws.results.data_ptr(), ws.partials.data_ptr(), ws.partials.numel(),
+            ws.counter.data_ptr(), scale, self.cooperative,
+        )  # fmt: skip
+        return total, ws.coef, scale
+
+    def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
+        self.last_launches = 0
+        table, rows, units, _aligned, _mask = grads.table.unit_table(_cuda.unit_elems)
+        if self._overlaps(grads, table):
+            # Duplicated or overlapping grads are scaled once per appearance,
+            # like torch: one tensor at a time, so no two blocks race.
+            for t in grads.tensors:
+                torch_scale(t, coef)
+        else:
+            if units:
+                self.last_launches = _cuda.scale(
+                    grads.device.index, _stream(grads.device), table, rows, units,
+                    coef.data_ptr(), DTYPE_CODES[coef.dtype],
+                )  # fmt: skip
+            for i in grads.strided_indices():
+                torch_scale(grads.tensors[i], coef)
+        grads.mark_modified()
+
+    def _overlaps(self, grads: GradList, table: bytes) -> bool:
+        """Do some grads share memory?  Remembered per table of a list without
+        views (the table then names every non-empty grad; training loops
+        repeat theirs)."""
+        if grads.strided_indices():
+            return _ext.tensors_overlap(grads.table)
+        hit = self._overlap.get(table)
+        if hit is None:
+            hit = self._overlap[table] = _ext.tensors_overlap(grads.table)
+            if len(self._overlap) > _OVERLAP_CACHE_SIZE:
+                self._overlap.popitem(last=False)
+        return hit
+
+    def _workspace(self, device: torch.device, stream: int | None = None) -> Workspace:
+        """Per device and stream (default: the current one): concurrent calls
+        on other streams get their own."""
+        key = (device, _stream(device) if stream is None else stream)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = Workspace(self.setup(device)["norm_grid"], device)
+        return ws
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
