@@ -66,6 +66,21 @@ ext_modules = [
 ]
 
 
+# fastclip._cuda_emu: the CUDA kernels and launchers compiled for the CPU against a
+# CUDA emulation (csrc/cuda/emulation.h), so they are tested here without a GPU.
+if sys.platform.startswith("linux"):  # the emulation's fibers use ucontext
+    ext_modules.append(
+        Pybind11Extension(
+            "fastclip._cuda_emu",
+            sources=["csrc/cuda/emulated.cpp", "csrc/cuda/module.cpp"],
+            include_dirs=["csrc", "csrc/cuda"],
+            depends=["csrc/cuda/kernels.cu", "csrc/cuda/emulation.h", "csrc/cuda/kernel_table.h", "csrc/cuda/launch.h"],
+            define_macros=[("FASTCLIP_CUDA_EMULATION", "1")],
+            cxx_std=17,
+            extra_compile_args=["-O2", "-Wno-unknown-pragmas"],
+        )
+    )
+
 # ---------------------------------------------------------------- fastclip._cuda
 
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/module.cpp"]

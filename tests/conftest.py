@@ -11,8 +11,10 @@ import torch
 # Without a GPU the Triton backend's kernels run on CPU tensors through
 # Triton's interpreter, so the contract suite covers them too.  Set before
 # fastclip (and its kernels) are imported.
+# Likewise the CUDA backend's kernels run on CPU tensors in their emulation.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FASTCLIP_CUDA_EMULATE", "1")
 
 from .helpers import ALL_BACKENDS, FUSED, gpu_only
 

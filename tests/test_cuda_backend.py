@@ -1,9 +1,10 @@
 """The CUDA C++ backend where there may be no GPU: fastclip._cuda is built
-and linked wherever nvcc is (CI has nvcc and no GPU), imports, says why it
-cannot run, and the kernels' host-side code is right: the launch table's
-packing and chunking, the search every block runs to find its unit, and the
-clip coefficient (the same C++ functions the device runs, compiled for the
-host).  tests/test_gpu.py runs the kernels themselves against torch."""
+and linked wherever nvcc is (CI has nvcc and no GPU), imports, and says why
+it cannot run; the kernels' host-side code is right (the launch table's
+packing and chunking, the search every block runs to find its unit, the clip
+coefficient); and the kernels themselves match torch: on a GPU, or here on
+CPU tensors in their emulation (FASTCLIP_CUDA_EMULATE=1, csrc/cuda/emulation.h),
+where the whole contract suite also runs against backend="cuda"."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ import torch
 
 import fastclip
 from fastclip import _cpu
+from fastclip._dispatch import FUSED_BACKENDS
+from fastclip._work import collect
+
+from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, clone_params, reference_norm
 
 try:
     from fastclip import _cuda
@@ -52,14 +57,31 @@ def test_module_links_the_cuda_runtime_statically():
 
 @needs_module
 @no_gpu
-def test_built_but_not_available_without_a_gpu():
+def test_built_but_not_available_without_a_gpu(monkeypatch):
+    monkeypatch.setenv("FASTCLIP_CUDA_EMULATE", "0")
     status = fastclip.backend_info()["cuda"]
     assert status["built"] and not status["available"]
     assert "CUDA" in status["reason"] and status["version"].startswith("CUDA runtime 13.")
     assert "cuda" not in fastclip.available_backends()
-    out = subprocess.run([sys.executable, "-m", "fastclip", "info"], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "FASTCLIP_CUDA_EMULATE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "fastclip", "info"], capture_output=True, text=True, check=True, env=env
+    ).stdout
     line = next(x for x in out.splitlines() if x.startswith("cuda "))
     assert line.split()[1:3] == ["True", "False"]
+
+
+@no_gpu
+def test_named_cuda_backend_without_a_gpu_raises_and_leaves_grads(monkeypatch, seed):
+    monkeypatch.setenv("FASTCLIP_CUDA_EMULATE", "0")
+    p = torch.nn.Parameter(torch.zeros(5))
+    p.grad = torch.randn(5)
+    before = p.grad.clone()
+    with pytest.raises(fastclip.BackendError, match="backend 'cuda' is not available: "):
+        fastclip.clip_grad_norm_([p], 0.1, backend="cuda")
+    with pytest.raises(fastclip.BackendError, match="backend 'cuda' is not available: "):
+        fastclip.clip_grad_value_([p], 0.1, backend="cuda")
+    assert torch.equal(p.grad, before)
 
 
 @needs_module
@@ -186,3 +208,130 @@ def test_coefficient_is_the_cpu_kernels_coefficient(seed):
                 ours = _cuda.clip_coefficient(total, code, max_norm)
                 cpu = _cpu.clip_coefficient(total, code, max_norm)
                 assert ours == cpu or (math.isnan(ours) and math.isnan(cpu)), (total, code, max_norm, ours, cpu)
+
+
+# ---------------------------------------------------------------- the kernels against torch
+
+needs_backend = pytest.mark.skipif("cuda" not in fastclip.available_backends(), reason="cuda backend not available")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the emulation
+UNIT = 16384  # fastclip._cuda.unit_elems
+SIZES = [1, 0, 4097, UNIT - 1, UNIT, UNIT + 1, 3 * UNIT + 5, 200_003, 17]
+
+
+def backend():
+    return FUSED_BACKENDS["cuda"]
+
+
+def make(sizes, dtype, scale=1.0, offset=0):
+    """Parameters with grads of these sizes; offset > 0 starts each grad that
+    many elements into a buffer (contiguous but not 16-byte aligned)."""
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=DEVICE))
+        p.grad = (torch.randn(n + offset, dtype=torch.float64, device=DEVICE) * scale).to(dtype)[offset:]
+        params.append(p)
+    return params
+
+
+def clip_total(params, max_norm, kind=2):
+    """The float32 (float64 for fp64) total that fastclip clips with."""
+    work = collect([p.grad for p in params if p.grad is not None], False)[1]
+    total, _ = backend().clip_details(work, kind, max_norm)
+    return torch.tensor(total, dtype=torch.float64 if work.result_dtype == torch.float64 else torch.float32)
+
+
+def check_clip(params, max_norm, launches=None):
+    ours, ref = clone_params(params), clone_params(params)
+    total = fastclip.clip_grad_norm_(ours, max_norm, backend="cuda")
+    if launches is not None:
+        assert backend().last_launches == launches
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert total.dtype == ref_total.dtype and total.device == ref_total.device
+    exact = reference_norm([p.grad.cpu() for p in params], 2.0)
+    eps = torch.finfo(total.dtype).eps
+    assert abs(total.double().item() - exact) <= abs(ref_total.double().item() - exact) + eps * exact
+    expected = clone_params(params)
+    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total(params, max_norm))
+    assert_grads_bitwise_equal(ours, expected)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_one_launch_per_call(monkeypatch, dtype, seed):
+    cooperative = backend().setup(torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu"))["cooperative"]
+    params = make(SIZES, dtype, scale=3.0)
+    for max_norm in (1e9, 0.5):  # not clipping (the scale is skipped on the device), clipping
+        check_clip(params, max_norm, launches=1 if cooperative else 2)
+    grads = [p.grad for p in params]
+    fastclip.get_total_norm(grads, backend="cuda")
+    assert backend().last_launches == 1
+    fastclip.clip_grads_with_norm_(clone_params(params), 1.0, torch.tensor(5.0, device=DEVICE), backend="cuda")
+    assert backend().last_launches == 1
+    ours, ref = clone_params(params), clone_params(params)
+    fastclip.clip_grad_value_(ours, 0.7, backend="cuda")
+    assert backend().last_launches == 1
+    torch.nn.utils.clip_grad_value_(ref, 0.7)
+    assert_grads_bitwise_equal(ours, ref)
+    monkeypatch.setattr(backend(), "cooperative", False)
+    check_clip(params, 0.5, launches=2)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cooperative_and_two_launch_paths_agree_bit_for_bit(monkeypatch, dtype, seed):
+    params = make(SIZES, dtype, scale=3.0)
+    one, two = clone_params(params), clone_params(params)
+    total_one = fastclip.clip_grad_norm_(one, 1.0, backend="cuda")
+    monkeypatch.setattr(backend(), "cooperative", False)
+    total_two = fastclip.clip_grad_norm_(two, 1.0, backend="cuda")
+    assert torch.equal(total_one, total_two)
+    assert_grads_bitwise_equal(one, two)
+
+
+@needs_backend
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_mixed_dtypes_in_one_launch(norm_type, seed):
+    params = make([UNIT + 3, 7], torch.bfloat16) + make([5000], torch.float16) + make([UNIT * 2], torch.float32)
+    ours, ref = clone_params(params), clone_params(params)
+    total = fastclip.clip_grad_norm_(ours, 0.25, norm_type, backend="cuda")
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 0.25, norm_type)
+    exact = reference_norm([p.grad.cpu() for p in params], norm_type)
+    assert total.dtype == ref_total.dtype == torch.float32
+    assert abs(total.item() - exact) <= abs(ref_total.item() - exact) + 1e-6 * exact
+    expected = clone_params(params)
+    torch.nn.utils.clip_grads_with_norm_(expected, 0.25, clip_total(params, 0.25, {1.0: 1, 2.0: 2}.get(norm_type, 3)))
+    assert_grads_bitwise_equal(ours, expected)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_longer_than_one_launch(dtype, seed):
+    # more grads than one launch's 1600 rows: two chunks, a norm and a scale launch each
+    params = make([64] * 1700 + [200_003, UNIT + 1, 5], dtype)
+    for max_norm in (1e9, 0.5):
+        check_clip(params, max_norm, launches=4)
+    ours, ref = clone_params(params), clone_params(params)
+    fastclip.clip_grad_value_(ours, 0.3, backend="cuda")
+    assert backend().last_launches == 2
+    torch.nn.utils.clip_grad_value_(ref, 0.3)
+    assert_grads_bitwise_equal(ours, ref)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_grads_not_16_byte_aligned(dtype, seed):
+    params = make([UNIT * 2 + 3, 100, 1], dtype, offset=1)
+    assert params[0].grad.data_ptr() % 16 != 0
+    ours, ref = clone_params(params), clone_params(params)
+    fastclip.clip_grad_value_(ours, 0.5, backend="cuda")
+    torch.nn.utils.clip_grad_value_(ref, 0.5)
+    assert_grads_bitwise_equal(ours, ref)
+    check_clip(params, 0.5)
+
+
+@needs_backend
+def test_bit_identical_run_to_run(seed):
+    grads = [p.grad for p in make([500_009, 4097, 3], torch.float32)]
+    first = fastclip.get_total_norm(grads, backend="cuda")
+    for _ in range(3):
+        assert torch.equal(fastclip.get_total_norm(grads, backend="cuda"), first)

@@ -25,15 +25,22 @@
 // 16-byte vector loads and stores wherever the grad is 16-byte aligned (a
 // unit starts a multiple of 32 KB into its grad); 64-bit element offsets.
 
+#ifdef FASTCLIP_CUDA_EMULATION  // fastclip._cuda_emu: the same code on the CPU (emulation.h)
+#include "emulation.h"
+#else
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "launch.h"
@@ -444,6 +451,17 @@ int64_t partials_of(const Plan& plan) {  // one per block of every norm launch
 
 // Launches kernel(*args...) (args point at the kernel's parameters, the
 // table among them: passed by pointer, so its 32 KB are copied once, by the driver).
+#ifdef FASTCLIP_CUDA_EMULATION
+template <class... Params, size_t... I>
+void call_kernel(void (*kernel)(Params...), void** args, std::index_sequence<I...>) {
+  kernel(*static_cast<std::remove_cv_t<Params>*>(args[I])...);
+}
+
+template <class... Params>
+void launch(void (*kernel)(Params...), int grid, cudaStream_t, bool cooperative, const char*, void** args) {
+  emu::GridRun(grid, kThreads, cooperative).run([&] { call_kernel(kernel, args, std::index_sequence_for<Params...>{}); });
+}
+#else
 template <class... Params>
 void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool cooperative, const char* what,
             void** args) {
@@ -458,6 +476,7 @@ void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool coope
   config.numAttrs = cooperative ? 1 : 0;
   check(cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args), what);
 }
+#endif
 
 template <int CAP>
 int clip_norm_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, const NormJob& job) {

@@ -46,8 +46,15 @@ void* address(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 }  // namespace
 
+#ifdef FASTCLIP_CUDA_EMULATION
+PYBIND11_MODULE(_cuda_emu, m) {
+  m.doc() = "fastclip's CUDA kernels compiled for the CPU with a CUDA emulation (tests: csrc/cuda/emulation.h)";
+  m.attr("emulated") = true;
+#else
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastclip fused CUDA kernels (torch-independent; CUDA runtime linked statically)";
+  m.attr("emulated") = false;
+#endif
 
   m.def("runtime_status", [] {
     const RuntimeStatus s = runtime_status();

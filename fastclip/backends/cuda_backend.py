@@ -16,6 +16,11 @@ Nothing waits for the device unless error_if_nonfinite=True.
 Grads that are views (not one dense block) and grads that overlap are handled
 as in the Triton backend: norm from contiguous copies, writes through torch
 ops that compute exactly what the kernels compute.
+
+With FASTCLIP_CUDA_EMULATE=1 the same kernels and launchers, compiled for the
+CPU against a CUDA emulation (fastclip._cuda_emu, csrc/cuda/emulation.h), run
+on CPU tensors: that is how this backend is tested without a GPU.  "auto"
+never picks it for CPU tensors.
 """
 
 from __future__ import annotations
@@ -36,12 +41,20 @@ try:
 except ImportError as exc:  # built without nvcc, or for another Python
     _cuda = None
     CUDA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+try:
+    from .. import _cuda_emu
+except ImportError:  # not built (it needs Linux's ucontext)
+    _cuda_emu = None
 
 _OVERLAP_CACHE_SIZE = 16
 
 
 def _cuda_version(v: int) -> str | None:
     return f"{v // 1000}.{v % 1000 // 10}" if v else None
+
+
+def emulating() -> bool:
+    return os.environ.get("FASTCLIP_CUDA_EMULATE", "0").lower() in ("1", "true", "on", "yes")
 
 
 class CudaBackend(FusedBackend):
@@ -52,14 +65,27 @@ class CudaBackend(FusedBackend):
         # One launch for clip_grad_norm_ where the device allows (tests turn it off to check the fallback).
         self.cooperative = os.environ.get("FASTCLIP_CUDA_COOPERATIVE", "1") != "0"
         self.last_launches = 0  # kernel launches of the last operation (tests, benchmarks)
-        self._status = None
+        self._available, self._available_in = False, None
         self._setups: dict = {}  # device index -> launch shape, or the reason it cannot run there
         self._workspaces: dict = {}
         self._overlap: collections.OrderedDict = collections.OrderedDict()
 
     # ------------------------------------------------------------ status
 
+    @property
+    def _m(self):
+        """The module with the kernels: the CUDA build, or its CPU emulation."""
+        return _cuda_emu if emulating() else _cuda
+
     def status(self) -> dict:
+        if emulating():
+            built = _cuda is not None
+            if _cuda_emu is None or _ext is None:
+                why = "fastclip._cuda_emu" if _cuda_emu is None else "fastclip._cpu"
+                return {"built": built, "available": False, "reason": f"the extension {why} is not built",
+                        "version": None}  # fmt: skip
+            return {"built": built, "available": True, "reason": "", "version": None,
+                    "mode": "emulator (FASTCLIP_CUDA_EMULATE=1): CPU tensors"}  # fmt: skip
         if _cuda is None:
             return {
                 "built": False,
@@ -88,28 +114,34 @@ class CudaBackend(FusedBackend):
 
     @property
     def available(self) -> bool:
-        if self._status is None:  # asked on every "auto" call: the answer does not change in a process
-            self._status = self.status()["available"]
-        return self._status
+        # asked on every "auto" call: remember the answer (per emulation setting)
+        mode = emulating()
+        if self._available_in != mode:
+            self._available = self.status()["available"]
+            self._available_in = mode
+        return self._available
 
     def serves(self, grads: GradList) -> bool:
+        if emulating():
+            return grads.device.type == "cpu"
         return grads.device.type == "cuda" and self._setup(grads.device) is not None
 
     def setup(self, device: torch.device) -> dict:
         """Launch shape on `device` (grid sizes from the kernels' occupancy, cooperative launch support)."""
         setup = self._setup(device)
         if setup is None:
-            raise RuntimeError(self._setups[device.index][1])
+            raise RuntimeError(self._setups[(emulating(), device.index or 0)][1])
         return setup
 
     def _setup(self, device: torch.device):
-        entry = self._setups.get(device.index)
+        key = (emulating(), device.index or 0)
+        entry = self._setups.get(key)
         if entry is None:
             try:
-                entry = (_cuda.device_setup(device.index), "")
+                entry = (self._m.device_setup(device.index or 0), "")
             except RuntimeError as exc:  # e.g. no kernel image for this GPU's architecture
                 entry = (None, str(exc))
-            self._setups[device.index] = entry
+            self._setups[key] = entry
         return entry[0]
 
     # ------------------------------------------------------------ operations
@@ -148,13 +180,13 @@ class CudaBackend(FusedBackend):
             torch._foreach_clamp_min_(grads.tensors, clip_value)
             torch._foreach_clamp_max_(grads.tensors, clip_value)
             return
-        table, rows, units, _aligned, _mask = grads.table.unit_table(_cuda.unit_elems)
+        table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
         if units:
             # torch converts each bound to the grad's dtype (as the CPU kernels do); exact in float32
             lo = [_ext.round_to_dtype(-clip_value, code) for code in (0, 2, 3)]
             hi = [_ext.round_to_dtype(clip_value, code) for code in (0, 2, 3)]
-            self.last_launches = _cuda.clamp(
-                grads.device.index, _stream(grads.device), table, rows, units,
+            self.last_launches = self._m.clamp(
+                grads.device.index or 0, _stream(grads.device), table, rows, units,
                 lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], -clip_value, clip_value,
             )  # fmt: skip
         for i in grads.strided_indices():
@@ -174,7 +206,7 @@ class CudaBackend(FusedBackend):
         on the device.  With scale=True the grads are clipped in the same
         launches, unless some are views or overlap (then scaled is False)."""
         dense = grads.with_dense_copies()  # views: norm of a contiguous copy
-        table, rows, units, _aligned, _mask = dense.table.unit_table(_cuda.unit_elems)
+        table, rows, units, _aligned, _mask = dense.table.unit_table(self._m.unit_elems)
         scale = scale and dense is grads and not self._overlaps(grads, table)
         device = grads.device
         stream = _stream(device)
@@ -188,9 +220,9 @@ class CudaBackend(FusedBackend):
             self.last_launches = 0
             return total, ws.coef, scale
         # one partial per block of every launch: at most a full grid per chunk of the table
-        ws.ensure_partials(self.setup(device)["norm_grid"] * (rows // _cuda.small_rows + 1))
-        self.last_launches = _cuda.clip_norm(
-            device.index, stream, table, rows, units, kind, max_norm, result_code,
+        ws.ensure_partials(self.setup(device)["norm_grid"] * (rows // self._m.small_rows + 1))
+        self.last_launches = self._m.clip_norm(
+            device.index or 0, stream, table, rows, units, kind, max_norm, result_code,
             total.data_ptr(), ws.results.data_ptr(), ws.partials.data_ptr(), ws.partials.numel(),
             ws.counter.data_ptr(), scale, self.cooperative,
         )  # fmt: skip
@@ -198,7 +230,7 @@ class CudaBackend(FusedBackend):
 
     def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
         self.last_launches = 0
-        table, rows, units, _aligned, _mask = grads.table.unit_table(_cuda.unit_elems)
+        table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
         if self._overlaps(grads, table):
             # Duplicated or overlapping grads are scaled once per appearance,
             # like torch: one tensor at a time, so no two blocks race.
@@ -206,8 +238,8 @@ class CudaBackend(FusedBackend):
                 torch_scale(t, coef)
         else:
             if units:
-                self.last_launches = _cuda.scale(
-                    grads.device.index, _stream(grads.device), table, rows, units,
+                self.last_launches = self._m.scale(
+                    grads.device.index or 0, _stream(grads.device), table, rows, units,
                     coef.data_ptr(), DTYPE_CODES[coef.dtype],
                 )  # fmt: skip
             for i in grads.strided_indices():
@@ -238,4 +270,4 @@ class CudaBackend(FusedBackend):
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
