@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import warnings
 
-import torch
-
 from ._errors import BackendError
 from ._work import GradList
 from .backends import torch_ref

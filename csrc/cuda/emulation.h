@@ -278,7 +278,12 @@ inline grid_group this_grid() { return {}; }
 
 // ---- the CUDA runtime API used by kernels.cu's host side
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorNotSupported = 801,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+};
 using cudaStream_t = void*;
 enum cudaDeviceAttr { cudaDevAttrCooperativeLaunch = 95 };
 struct cudaDeviceProp {
@@ -293,6 +298,14 @@ inline const char* cudaGetErrorName(cudaError_t) { return "cudaErrorInvalidValue
 inline const char* cudaGetErrorString(cudaError_t) { return "invalid argument (emulated)"; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t) {
+  std::memset(p, value, n);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDeviceCount(int* n) {
   *n = 1;
   return cudaSuccess;

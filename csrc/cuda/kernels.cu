@@ -242,8 +242,8 @@ __device__ double block_reduce(double v, int kind) {
 template <int CAP>
 __device__ double norm_of_my_units(const KernelTable<CAP>& t, int kind) {
   double acc = 0.0;
-  for (int32_t u = blockIdx.x; u < t.units; u += gridDim.x) {
-    const UnitRef w = unit_ref(t, u);
+  for (int64_t u = blockIdx.x; u < t.units; u += gridDim.x) {  // 64-bit: u + G never wraps
+    const UnitRef w = unit_ref(t, static_cast<int32_t>(u));
     double part;
     switch (w.code) {
       case 0: part = unit_norm<F32>(w.p, w.count, kind); break;
@@ -261,10 +261,10 @@ __device__ double norm_of_my_units(const KernelTable<CAP>& t, int kind) {
 template <int CAP>
 __device__ void scale_my_units(const KernelTable<CAP>& t, double coef) {
   if (static_cast<int32_t>(blockIdx.x) >= t.units) return;
-  const int32_t mine = (t.units - 1 - static_cast<int32_t>(blockIdx.x)) / gridDim.x + 1;
+  const int64_t mine = (t.units - 1 - static_cast<int64_t>(blockIdx.x)) / gridDim.x + 1;
   const float coef32 = static_cast<float>(coef);
-  for (int32_t k = mine - 1; k >= 0; --k) {
-    const UnitRef w = unit_ref(t, blockIdx.x + k * gridDim.x);
+  for (int64_t k = mine - 1; k >= 0; --k) {
+    const UnitRef w = unit_ref(t, static_cast<int32_t>(blockIdx.x + k * gridDim.x));
     switch (w.code) {
       case 0: { ScaleOp<F32> op{coef32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
       case 1: { ScaleOp<F64> op{coef}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ 
       a.results[0] = coef;
       a.results[1] = total;
     }
-    if (a.finish == kLastBlock) *a.counter = 0;  // ready for the next call, and for CUDA-graph replay
+    if (a.finish == kLastBlock) *a.counter = 0;  // tidy (each norm sequence also sets it to 0 first)
   }
   if (a.finish != kCooperative) return;
   __syncthreads();
@@ -360,8 +360,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int CAP>
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ KernelTable<CAP> t, const ClampBounds b) {
-  for (int32_t u = blockIdx.x; u < t.units; u += gridDim.x) {
-    const UnitRef w = unit_ref(t, u);
+  for (int64_t u = blockIdx.x; u < t.units; u += gridDim.x) {  // 64-bit: u + G never wraps
+    const UnitRef w = unit_ref(t, static_cast<int32_t>(u));
     switch (w.code) {
       case 0: { ClampOp<F32> op{b.lo32, b.hi32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
       case 1: { ClampOp<F64> op{b.lo64, b.hi64}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
@@ -376,6 +376,28 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__
 }
 
 // ------------------------------------------------------------------ host side
+
+void check(cudaError_t err, const char* call);
+
+// Makes `device` current for a call and restores the previous device after:
+// the current context is per thread and shared with torch's own CUDA runtime,
+// so leaving another device current would move torch's current device too.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    else previous_ = -1;
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 void check(cudaError_t err, const char* call) {
   if (err != cudaSuccess)
@@ -394,7 +416,7 @@ int blocks_per_sm(Kernel kernel, const char* name) {
 DeviceSetup make_setup(int device) {
   DeviceSetup s;
   s.device = device;
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   cudaDeviceProp prop;
   check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
   s.name = prop.name;
@@ -458,13 +480,13 @@ void call_kernel(void (*kernel)(Params...), void** args, std::index_sequence<I..
 }
 
 template <class... Params>
-void launch(void (*kernel)(Params...), int grid, cudaStream_t, bool cooperative, const char*, void** args) {
+cudaError_t try_launch(void (*kernel)(Params...), int grid, cudaStream_t, bool cooperative, void** args) {
   emu::GridRun(grid, kThreads, cooperative).run([&] { call_kernel(kernel, args, std::index_sequence_for<Params...>{}); });
+  return cudaSuccess;
 }
 #else
 template <class... Params>
-void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool cooperative, const char* what,
-            void** args) {
+cudaError_t try_launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool cooperative, void** args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(kThreads);
@@ -474,46 +496,68 @@ void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, bool coope
   attr[0].val.cooperative = 1;
   config.attrs = attr;
   config.numAttrs = cooperative ? 1 : 0;
-  check(cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args), what);
+  return cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args);
 }
 #endif
+
+template <class... Params>
+void launch(void (*kernel)(Params...), int grid, cudaStream_t stream, const char* what, void** args) {
+  check(try_launch(kernel, grid, stream, false, args), what);
+}
 
 template <int CAP>
 int clip_norm_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, const NormJob& job) {
   const DeviceSetup& s = *plan.setup;
   const size_t n = plan.chunks.size();
-  const bool cooperative = job.scale && job.allow_cooperative && s.cooperative && n == 1;
   auto table = std::make_unique<KernelTable<CAP>>();  // 32 KB: not on the stack
+  NormArgs a;
+  a.partials = job.partials;
+  a.counter = job.counter;
+  a.total_out = job.total_out;
+  a.results = job.results;
+  a.max_norm = job.max_norm;
+  a.kind = job.kind;
+  a.result_code = job.result_code;
+  void* args[] = {table.get(), &a};
+
+  if (job.scale && job.allow_cooperative && s.cooperative && n == 1) {
+    fill(*table, c, plan.chunks[0]);
+    const int grid = grid_for(s.norm_grid, plan.chunks[0]);
+    a.partial_base = 0;
+    a.n_partials = grid;
+    a.finish = kCooperative;
+    const cudaError_t err = try_launch(norm_kernel<CAP>, grid, stream, true, args);
+    if (err == cudaSuccess) return 1;
+    // Refused (e.g. fewer SMs under MPS than the occupancy promised): take the two launches.
+    if (err != cudaErrorCooperativeLaunchTooLarge && err != cudaErrorNotSupported)
+      check(err, "cudaLaunchKernelExC (cooperative norm_kernel)");
+    cudaGetLastError();  // not sticky: clear it
+  }
+
+  // The last block of the last norm launch finds itself with the counter,
+  // which must start at 0: set it here, on the stream, so that the count
+  // holds in every CUDA graph too (a graph may replay before any other does).
+  check(cudaMemsetAsync(job.counter, 0, sizeof(unsigned int), stream), "cudaMemsetAsync");
   int launches = 0;
   int32_t base = 0;
   for (size_t k = 0; k < n; ++k) {
     fill(*table, c, plan.chunks[k]);
     const int grid = grid_for(s.norm_grid, plan.chunks[k]);
-    NormArgs a;
-    a.partials = job.partials;
-    a.counter = job.counter;
-    a.total_out = job.total_out;
-    a.results = job.results;
-    a.max_norm = job.max_norm;
     a.partial_base = base;
     a.n_partials = base + grid;
-    a.kind = job.kind;
-    a.result_code = job.result_code;
-    a.finish = k + 1 < n ? kPartialsOnly : cooperative ? kCooperative : kLastBlock;
-    void* args[] = {table.get(), &a};
-    launch(norm_kernel<CAP>, grid, stream, cooperative,
-           cooperative ? "cudaLaunchKernelExC (cooperative norm_kernel)" : "cudaLaunchKernelExC (norm_kernel)", args);
+    a.finish = k + 1 < n ? kPartialsOnly : kLastBlock;
+    launch(norm_kernel<CAP>, grid, stream, "cudaLaunchKernelExC (norm_kernel)", args);
     ++launches;
     base += grid;
   }
-  if (job.scale && !cooperative) {
+  if (job.scale) {
+    const void* coef = job.results;  // [0]: the coefficient, float64
+    int coef_code = 1;
+    void* scale_args[] = {table.get(), &coef, &coef_code};
     for (size_t k = n; k-- > 0;) {  // last chunk first: its grads were read last
       fill(*table, c, plan.chunks[k]);
-      const void* coef = job.results;  // [0]: the coefficient, float64
-      int coef_code = 1;
-      void* args[] = {table.get(), &coef, &coef_code};
-      launch(scale_kernel<CAP>, grid_for(s.scale_grid, plan.chunks[k]), stream, false,
-             "cudaLaunchKernelExC (scale_kernel)", args);
+      launch(scale_kernel<CAP>, grid_for(s.scale_grid, plan.chunks[k]), stream, "cudaLaunchKernelExC (scale_kernel)",
+             scale_args);
       ++launches;
     }
   }
@@ -528,8 +572,8 @@ int scale_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, cons
   for (const Chunk& chunk : plan.chunks) {
     fill(*table, c, chunk);
     void* args[] = {table.get(), &coef, &coef_code};
-    launch(scale_kernel<CAP>, grid_for(plan.setup->scale_grid, chunk), stream, false,
-           "cudaLaunchKernelExC (scale_kernel)", args);
+    launch(scale_kernel<CAP>, grid_for(plan.setup->scale_grid, chunk), stream, "cudaLaunchKernelExC (scale_kernel)",
+           args);
     ++launches;
   }
   return launches;
@@ -543,8 +587,8 @@ int clamp_with(const Plan& plan, cudaStream_t stream, const UnitColumns& c, cons
     fill(*table, c, chunk);
     ClampBounds b = bounds;
     void* args[] = {table.get(), &b};
-    launch(clamp_kernel<CAP>, grid_for(plan.setup->clamp_grid, chunk), stream, false,
-           "cudaLaunchKernelExC (clamp_kernel)", args);
+    launch(clamp_kernel<CAP>, grid_for(plan.setup->clamp_grid, chunk), stream, "cudaLaunchKernelExC (clamp_kernel)",
+           args);
     ++launches;
   }
   return launches;
@@ -586,7 +630,7 @@ int clip_norm(int device, uintptr_t stream, const UnitColumns& c, int64_t units,
   if (plan.chunks.empty()) return 0;
   if (partials_of(plan) > job.partials_capacity)
     throw std::invalid_argument("fastclip._cuda: the partials buffer is too small for this table");
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   return plan.cap == kSmallRows ? clip_norm_with<kSmallRows>(plan, as_stream(stream), c, job)
                                 : clip_norm_with<kLargeRows>(plan, as_stream(stream), c, job);
 }
@@ -594,14 +638,14 @@ int clip_norm(int device, uintptr_t stream, const UnitColumns& c, int64_t units,
 int scale(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const void* coef, int coef_code) {
   if (coef_code < 0 || coef_code > 3) throw std::invalid_argument("fastclip._cuda: bad coefficient dtype code");
   const Plan plan = plan_for(device, c, units);
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   return plan.cap == kSmallRows ? scale_with<kSmallRows>(plan, as_stream(stream), c, coef, coef_code)
                                 : scale_with<kLargeRows>(plan, as_stream(stream), c, coef, coef_code);
 }
 
 int clamp(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const ClampBounds& bounds) {
   const Plan plan = plan_for(device, c, units);
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   return plan.cap == kSmallRows ? clamp_with<kSmallRows>(plan, as_stream(stream), c, bounds)
                                 : clamp_with<kLargeRows>(plan, as_stream(stream), c, bounds);
 }

@@ -31,8 +31,7 @@ import os
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .base import FusedBackend
-from .gpu_common import Workspace, torch_scale
+from .gpu_common import GpuBackend, Workspace, clamp_bounds, clamp_to_nan, torch_scale
 
 try:
     from .. import _cuda
@@ -57,7 +56,7 @@ def emulating() -> bool:
     return os.environ.get("FASTCLIP_CUDA_EMULATE", "0").lower() in ("1", "true", "on", "yes")
 
 
-class CudaBackend(FusedBackend):
+class CudaBackend(GpuBackend):
     name = "cuda"
     auto_device_types = ("cuda",)
 
@@ -65,7 +64,6 @@ class CudaBackend(FusedBackend):
         # One launch for clip_grad_norm_ where the device allows (tests turn it off to check the fallback).
         self.cooperative = os.environ.get("FASTCLIP_CUDA_COOPERATIVE", "1") != "0"
         self.last_launches = 0  # kernel launches of the last operation (tests, benchmarks)
-        self._available, self._available_in = False, None
         self._setups: dict = {}  # device index -> launch shape, or the reason it cannot run there
         self._workspaces: dict = {}
         self._overlap: collections.OrderedDict = collections.OrderedDict()
@@ -112,14 +110,8 @@ class CudaBackend(FusedBackend):
             return {"built": True, "available": False, "reason": f"no usable CUDA device ({rt['error']})", **info}
         return {"built": True, "available": True, "reason": "", "devices": rt["devices"], **info}
 
-    @property
-    def available(self) -> bool:
-        # asked on every "auto" call: remember the answer (per emulation setting)
-        mode = emulating()
-        if self._available_in != mode:
-            self._available = self.status()["available"]
-            self._available_in = mode
-        return self._available
+    def availability_mode(self):
+        return emulating()
 
     def serves(self, grads: GradList) -> bool:
         if emulating():
@@ -163,31 +155,15 @@ class CudaBackend(FusedBackend):
         self.last_launches += launches
         return total, False
 
-    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
-        if (
-            type(coef) is not torch.Tensor
-            or coef.dim() != 0
-            or coef.dtype not in DTYPE_CODES
-            or coef.device != grads.device
-        ):
-            return False
-        self._scale(grads, coef)
-        return True
-
     def clamp(self, grads: GradList, clip_value: float) -> None:
         self.last_launches = 0
-        if clip_value != clip_value:  # a NaN bound makes every element NaN: torch's own ops, exactly
-            torch._foreach_clamp_min_(grads.tensors, clip_value)
-            torch._foreach_clamp_max_(grads.tensors, clip_value)
+        if clamp_to_nan(grads, clip_value):
             return
         table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
         if units:
-            # torch converts each bound to the grad's dtype (as the CPU kernels do); exact in float32
-            lo = [_ext.round_to_dtype(-clip_value, code) for code in (0, 2, 3)]
-            hi = [_ext.round_to_dtype(clip_value, code) for code in (0, 2, 3)]
             self.last_launches = self._m.clamp(
                 grads.device.index or 0, _stream(grads.device), table, rows, units,
-                lo[0], hi[0], lo[1], hi[1], lo[2], hi[2], -clip_value, clip_value,
+                **clamp_bounds(clip_value), lo64=-clip_value, hi64=clip_value,
             )  # fmt: skip
         for i in grads.strided_indices():
             grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)

@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .._work import DTYPE_CODES, GradList, _ext
+from .base import FusedBackend
+
+
+class GpuBackend(FusedBackend):
+    """What the GPU backends share.  `available` is asked on every "auto"
+    call: the answer is remembered per value of availability_mode() (the
+    interpreter or emulator setting)."""
+
+    _available_in = object()  # no answer yet
+    _available = False
+
+    def availability_mode(self):
+        raise NotImplementedError
+
+    @property
+    def available(self) -> bool:
+        mode = self.availability_mode()
+        if self._available_in != mode:
+            self._available = self.status()["available"]
+            self._available_in = mode
+        return self._available
+
+    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
+        if not kernel_can_take(grads, coef):
+            return False
+        self._scale(grads, coef)
+        return True
+
+    def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
+        raise NotImplementedError
 
 
 class Workspace:
@@ -16,8 +50,11 @@ class Workspace:
         self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
         self.coef = self.results[0]
 
+        self.retired: list = []  # outgrown buffers: a captured CUDA graph may still write them
+
     def ensure_partials(self, n: int) -> None:
         if self.partials.numel() < n:
+            self.retired.append(self.partials)
             self.partials = torch.zeros(n, dtype=torch.float64, device=self.partials.device)
 
 
@@ -30,3 +67,31 @@ def torch_scale(t: torch.Tensor, coef: torch.Tensor) -> None:
         t.mul_(c)
     else:
         t.copy_(t.to(opmath) * c)
+
+
+def kernel_can_take(grads: GradList, coef) -> bool:
+    """Can the scale kernels read `coef` (clip_grads_with_norm_'s coefficient)
+    from device memory: a plain 0-dim tensor of a kernel dtype on the grads' device?"""
+    return (
+        type(coef) is torch.Tensor and coef.dim() == 0 and coef.dtype in DTYPE_CODES and coef.device == grads.device
+    )
+
+
+def clamp_to_nan(grads: GradList, clip_value: float) -> bool:
+    """A NaN clip_value makes every element NaN: torch's own ops do it,
+    exactly.  True if it was NaN (and the call is done)."""
+    if not math.isnan(clip_value):
+        return False
+    torch._foreach_clamp_min_(grads.tensors, clip_value)
+    torch._foreach_clamp_max_(grads.tensors, clip_value)
+    return True
+
+
+def clamp_bounds(clip_value: float) -> dict:
+    """(-clip_value, clip_value) as torch converts them to each 16/32-bit
+    grad dtype (as the CPU kernels do): lo32, hi32, lo16, hi16, lo_bf16, hi_bf16."""
+    bounds = {}
+    for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
+        bounds["lo" + name] = _ext.round_to_dtype(-clip_value, DTYPE_CODES[dtype])  # exact in float32
+        bounds["hi" + name] = _ext.round_to_dtype(clip_value, DTYPE_CODES[dtype])
+    return bounds

@@ -31,8 +31,7 @@ import struct
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .base import FusedBackend
-from .gpu_common import Workspace, torch_scale
+from .gpu_common import GpuBackend, Workspace, clamp_bounds, clamp_to_nan, torch_scale
 
 
 @dataclasses.dataclass
@@ -86,7 +85,7 @@ class _Plan:
     captured: bool = False  # made while a CUDA graph was being captured: the graph reads `table`, keep it
 
 
-class TritonBackend(FusedBackend):
+class TritonBackend(GpuBackend):
     name = "triton"
     auto_device_types = ("cuda",)
 
@@ -95,7 +94,6 @@ class TritonBackend(FusedBackend):
         self._plans: collections.OrderedDict = collections.OrderedDict()
         self._workspaces: dict = {}
         self._max_programs: dict = {}
-        self._available, self._available_in = False, None
 
     # ------------------------------------------------------------ status
 
@@ -123,14 +121,8 @@ class TritonBackend(FusedBackend):
     def _status(available: bool, reason: str, version, **extra) -> dict:
         return {"built": version is not None, "available": available, "reason": reason, "version": version, **extra}
 
-    @property
-    def available(self) -> bool:
-        # asked on every "auto" call: remember the answer (per interpreter setting)
-        mode = interpreting()
-        if self._available_in != mode:
-            self._available = self.status()["available"]
-            self._available_in = mode
-        return self._available
+    def availability_mode(self):
+        return interpreting()
 
     def serves(self, grads: GradList) -> bool:
         if interpreting():
@@ -149,32 +141,14 @@ class TritonBackend(FusedBackend):
         self._scale(grads, coef)
         return total, False
 
-    def scale(self, grads: GradList, coef: torch.Tensor) -> bool:
-        if (
-            type(coef) is not torch.Tensor
-            or coef.dim() != 0
-            or coef.dtype not in DTYPE_CODES
-            or coef.device != grads.device
-        ):
-            return False
-        self._scale(grads, coef)
-        return True
-
     def clamp(self, grads: GradList, clip_value: float) -> None:
-        if clip_value != clip_value:  # a NaN bound makes every element NaN: torch's own ops, exactly
-            torch._foreach_clamp_min_(grads.tensors, clip_value)
-            torch._foreach_clamp_max_(grads.tensors, clip_value)
+        if clamp_to_nan(grads, clip_value):
             return
         plan = self._plan(grads)
         if plan.units:
-            bounds = {}
-            for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
-                # torch converts each bound to the grad's dtype (as the CPU kernels do); exact in float32
-                bounds["lo" + name] = _ext.round_to_dtype(-clip_value, DTYPE_CODES[dtype])
-                bounds["hi" + name] = _ext.round_to_dtype(clip_value, DTYPE_CODES[dtype])
             self._launch(
                 self._k().clamp_kernel, grads, plan,
-                **bounds, lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
+                **clamp_bounds(clip_value), lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
             )  # fmt: skip
         for i in grads.strided_indices():
             t = grads.tensors[i]
@@ -182,7 +156,7 @@ class TritonBackend(FusedBackend):
         grads.mark_modified()
 
     def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
-        _total, coef = self._norm(grads, kind, max_norm)
+        self._norm(grads, kind, max_norm)
         results = self._workspace(grads.device).results.tolist()
         coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
         return coef_total, results[0]
