@@ -22,9 +22,8 @@ import torch
 import fastclip
 from fastclip import _cpu
 from fastclip._dispatch import FUSED_BACKENDS
-from fastclip._work import collect
 
-from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, clone_params, reference_norm
+from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, clip_total_for, clone_params, reference_norm
 
 try:
     from fastclip import _cuda
@@ -233,13 +232,6 @@ def make(sizes, dtype, scale=1.0, offset=0):
     return params
 
 
-def clip_total(params, max_norm, kind=2):
-    """The float32 (float64 for fp64) total that fastclip clips with."""
-    work = collect([p.grad for p in params if p.grad is not None], False)[1]
-    total, _ = backend().clip_details(work, kind, max_norm)
-    return torch.tensor(total, dtype=torch.float64 if work.result_dtype == torch.float64 else torch.float32)
-
-
 def check_clip(params, max_norm, launches=None):
     ours, ref = clone_params(params), clone_params(params)
     total = fastclip.clip_grad_norm_(ours, max_norm, backend="cuda")
@@ -251,7 +243,7 @@ def check_clip(params, max_norm, launches=None):
     eps = torch.finfo(total.dtype).eps
     assert abs(total.double().item() - exact) <= abs(ref_total.double().item() - exact) + eps * exact
     expected = clone_params(params)
-    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total(params, max_norm))
+    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, 2.0, max_norm, "cuda"))
     assert_grads_bitwise_equal(ours, expected)
 
 
@@ -299,7 +291,7 @@ def test_mixed_dtypes_in_one_launch(norm_type, seed):
     assert total.dtype == ref_total.dtype == torch.float32
     assert abs(total.item() - exact) <= abs(ref_total.item() - exact) + 1e-6 * exact
     expected = clone_params(params)
-    torch.nn.utils.clip_grads_with_norm_(expected, 0.25, clip_total(params, 0.25, {1.0: 1, 2.0: 2}.get(norm_type, 3)))
+    torch.nn.utils.clip_grads_with_norm_(expected, 0.25, clip_total_for(params, norm_type, 0.25, "cuda"))
     assert_grads_bitwise_equal(ours, expected)
 
 

@@ -621,10 +621,6 @@ const DeviceSetup& device_setup(int device) {
   return *setups[device];
 }
 
-int64_t partials_needed(int device, const UnitColumns& c, int64_t units) {
-  return partials_of(plan_for(device, c, units));
-}
-
 int clip_norm(int device, uintptr_t stream, const UnitColumns& c, int64_t units, const NormJob& job) {
   const Plan plan = plan_for(device, c, units);
   if (plan.chunks.empty()) return 0;

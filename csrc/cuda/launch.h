@@ -52,9 +52,6 @@ struct NormJob {
   bool allow_cooperative = true;    // one launch for norm and scale when the device can
 };
 
-// Doubles of `partials` that clip_norm needs for a table of `rows` rows.
-int64_t partials_needed(int device, const UnitColumns& table, int64_t units);
-
 int clip_norm(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const NormJob& job);
 int scale(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const void* coef, int coef_code);
 

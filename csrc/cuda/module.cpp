@@ -81,11 +81,6 @@ PYBIND11_MODULE(_cuda, m) {
     return d;
   }, py::arg("device"), "Launch shape of a device (from the compiled kernels' occupancy); raises if it cannot run them.");
 
-  m.def("partials_needed", [](int device, std::string_view table, int64_t rows, int64_t units) {
-    const UnitColumns c = columns(table, rows);
-    return guarded([&] { return partials_needed(device, c, units); });
-  }, py::arg("device"), py::arg("table"), py::arg("rows"), py::arg("units"));
-
   m.def(
       "clip_norm",
       [](int device, uintptr_t stream, std::string_view table, int64_t rows, int64_t units, int kind, double max_norm,

@@ -31,7 +31,7 @@ import os
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .gpu_common import GpuBackend, Workspace, clamp_bounds, clamp_to_nan, torch_scale
+from .gpu_common import GpuBackend, clamp_bounds, clamp_to_nan, current_stream, torch_scale
 
 try:
     from .. import _cuda
@@ -61,11 +61,11 @@ class CudaBackend(GpuBackend):
     auto_device_types = ("cuda",)
 
     def __init__(self):
+        super().__init__()
         # One launch for clip_grad_norm_ where the device allows (tests turn it off to check the fallback).
         self.cooperative = os.environ.get("FASTCLIP_CUDA_COOPERATIVE", "1") != "0"
         self.last_launches = 0  # kernel launches of the last operation (tests, benchmarks)
-        self._setups: dict = {}  # device index -> launch shape, or the reason it cannot run there
-        self._workspaces: dict = {}
+        self._setups: dict = {}  # (emulating, device index) -> (launch shape, or None and the reason)
         self._overlap: collections.OrderedDict = collections.OrderedDict()
 
     # ------------------------------------------------------------ status
@@ -116,16 +116,17 @@ class CudaBackend(GpuBackend):
     def serves(self, grads: GradList) -> bool:
         if emulating():
             return grads.device.type == "cpu"
-        return grads.device.type == "cuda" and self._setup(grads.device) is not None
+        return grads.device.type == "cuda" and self._setup(grads.device)[0] is not None
 
     def setup(self, device: torch.device) -> dict:
         """Launch shape on `device` (grid sizes from the kernels' occupancy, cooperative launch support)."""
-        setup = self._setup(device)
+        setup, reason = self._setup(device)
         if setup is None:
-            raise RuntimeError(self._setups[(emulating(), device.index or 0)][1])
+            raise RuntimeError(reason)
         return setup
 
-    def _setup(self, device: torch.device):
+    def _setup(self, device: torch.device) -> tuple:
+        """(launch shape, "") or (None, why the kernels cannot run on `device`), found once."""
         key = (emulating(), device.index or 0)
         entry = self._setups.get(key)
         if entry is None:
@@ -134,12 +135,9 @@ class CudaBackend(GpuBackend):
             except RuntimeError as exc:  # e.g. no kernel image for this GPU's architecture
                 entry = (None, str(exc))
             self._setups[key] = entry
-        return entry[0]
+        return entry
 
     # ------------------------------------------------------------ operations
-
-    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
-        return self._norm(grads, kind, float("inf"), scale=False)[0]
 
     def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
         # Norm and scale in the same launches, unless the norm must be checked
@@ -162,22 +160,16 @@ class CudaBackend(GpuBackend):
         table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
         if units:
             self.last_launches = self._m.clamp(
-                grads.device.index or 0, _stream(grads.device), table, rows, units,
+                grads.device.index or 0, current_stream(grads.device), table, rows, units,
                 **clamp_bounds(clip_value), lo64=-clip_value, hi64=clip_value,
             )  # fmt: skip
         for i in grads.strided_indices():
             grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)
         grads.mark_modified()
 
-    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
-        self._norm(grads, kind, max_norm, scale=False)
-        results = self._workspace(grads.device).results.tolist()
-        coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
-        return coef_total, results[0]
-
     # ------------------------------------------------------------ internals
 
-    def _norm(self, grads: GradList, kind: int, max_norm: float, scale: bool):
+    def _norm(self, grads: GradList, kind: int, max_norm: float, scale: bool = False):
         """(total norm tensor, float64 coefficient tensor, scaled): both tensors
         on the device.  With scale=True the grads are clipped in the same
         launches, unless some are views or overlap (then scaled is False)."""
@@ -185,7 +177,7 @@ class CudaBackend(GpuBackend):
         table, rows, units, _aligned, _mask = dense.table.unit_table(self._m.unit_elems)
         scale = scale and dense is grads and not self._overlaps(grads, table)
         device = grads.device
-        stream = _stream(device)
+        stream = current_stream(device)
         ws = self._workspace(device, stream)
         total = torch.empty((), dtype=grads.result_dtype, device=device)
         result_code = DTYPE_CODES[grads.result_dtype]
@@ -215,7 +207,7 @@ class CudaBackend(GpuBackend):
         else:
             if units:
                 self.last_launches = self._m.scale(
-                    grads.device.index or 0, _stream(grads.device), table, rows, units,
+                    grads.device.index or 0, current_stream(grads.device), table, rows, units,
                     coef.data_ptr(), DTYPE_CODES[coef.dtype],
                 )  # fmt: skip
             for i in grads.strided_indices():
@@ -235,15 +227,5 @@ class CudaBackend(GpuBackend):
                 self._overlap.popitem(last=False)
         return hit
 
-    def _workspace(self, device: torch.device, stream: int | None = None) -> Workspace:
-        """Per device and stream (default: the current one): concurrent calls
-        on other streams get their own."""
-        key = (device, _stream(device) if stream is None else stream)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = self._workspaces[key] = Workspace(self.setup(device)["norm_grid"], device)
-        return ws
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    def _workspace_partials(self, device: torch.device) -> int:
+        return self.setup(device)["norm_grid"]

@@ -13,13 +13,27 @@ from .base import FusedBackend
 class GpuBackend(FusedBackend):
     """What the GPU backends share.  `available` is asked on every "auto"
     call: the answer is remembered per value of availability_mode() (the
-    interpreter or emulator setting)."""
+    interpreter or emulator setting).  A subclass provides _norm (total norm
+    and coefficient on the device, without touching the grads), _scale, and
+    the number of partials its norm kernel writes."""
 
     _available_in = object()  # no answer yet
     _available = False
 
+    def __init__(self):
+        self._workspaces: dict = {}
+
     def availability_mode(self):
         raise NotImplementedError
+
+    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
+        return self._norm(grads, kind, float("inf"))[0]
+
+    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
+        self._norm(grads, kind, max_norm)
+        results = self._workspace(grads.device).results.tolist()
+        coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
+        return coef_total, results[0]
 
     @property
     def available(self) -> bool:
@@ -35,8 +49,28 @@ class GpuBackend(FusedBackend):
         self._scale(grads, coef)
         return True
 
+    def _norm(self, grads: GradList, kind: int, max_norm: float):
+        raise NotImplementedError
+
     def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _workspace_partials(self, device: torch.device) -> int:
+        raise NotImplementedError
+
+    def _workspace(self, device: torch.device, stream: int | None = None) -> Workspace:
+        """Per device and stream (default: the current one): concurrent calls
+        on other streams get their own."""
+        key = (device, current_stream(device) if stream is None else stream)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = Workspace(self._workspace_partials(device), device)
+        return ws
+
+
+def current_stream(device: torch.device) -> int:
+    """The current CUDA stream's handle on `device` (0 for CPU tensors: interpreter, emulator)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 class Workspace:
@@ -49,7 +83,6 @@ class Workspace:
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # reset by the last program
         self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
         self.coef = self.results[0]
-
         self.retired: list = []  # outgrown buffers: a captured CUDA graph may still write them
 
     def ensure_partials(self, n: int) -> None:

@@ -31,7 +31,7 @@ import struct
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .gpu_common import GpuBackend, Workspace, clamp_bounds, clamp_to_nan, torch_scale
+from .gpu_common import GpuBackend, clamp_bounds, clamp_to_nan, torch_scale
 
 
 @dataclasses.dataclass
@@ -90,9 +90,9 @@ class TritonBackend(GpuBackend):
     auto_device_types = ("cuda",)
 
     def __init__(self):
+        super().__init__()
         self._kernels = None
         self._plans: collections.OrderedDict = collections.OrderedDict()
-        self._workspaces: dict = {}
         self._max_programs: dict = {}
 
     # ------------------------------------------------------------ status
@@ -131,9 +131,6 @@ class TritonBackend(GpuBackend):
 
     # ------------------------------------------------------------ operations
 
-    def norm(self, grads: GradList, kind: int) -> torch.Tensor:
-        return self._norm(grads, kind, float("inf"))[0]
-
     def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
         total, coef = self._norm(grads, kind, max_norm)
         if error_if_nonfinite and not bool(torch.isfinite(total)):  # the one sync, as in torch
@@ -154,12 +151,6 @@ class TritonBackend(GpuBackend):
             t = grads.tensors[i]
             t.clamp_min_(-clip_value).clamp_max_(clip_value)
         grads.mark_modified()
-
-    def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
-        self._norm(grads, kind, max_norm)
-        results = self._workspace(grads.device).results.tolist()
-        coef_total = results[1] if grads.result_dtype == torch.float64 else _ext.round_to_dtype(results[1], 0)
-        return coef_total, results[0]
 
     # ------------------------------------------------------------ internals
 
@@ -239,14 +230,8 @@ class TritonBackend(GpuBackend):
             del self._plans[evictable[0]]  # the least recently used
         return plan
 
-    def _workspace(self, device: torch.device) -> Workspace:
-        """Per device and stream: concurrent calls on other streams get their own."""
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (device, stream)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            ws = self._workspaces[key] = Workspace(self._grid_cap(device), device)
-        return ws
+    def _workspace_partials(self, device: torch.device) -> int:
+        return self._grid_cap(device)
 
     def _grid_cap(self, device: torch.device) -> int:
         cap = self._max_programs.get(device)
