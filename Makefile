@@ -3,8 +3,8 @@
 #   make test    set up, then run the test suite (what CI runs)
 # Set-up: a virtual environment in .venv with torch installed first (the CPU
 # wheel; a bare `torch` requirement would pull several GB of CUDA packages),
-# then fastclip built in editable mode with its test, benchmark and triton
-# extras (without a GPU the tests run the Triton kernels in its interpreter).
+# then fastclip built in editable mode with its test, benchmark, triton and
+# integration (Lightning) extras (without a GPU the tests run the Triton kernels in its interpreter).
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,bench,triton]'
+	$(PY) -m pip install --quiet -e '.[test,bench,triton,integration]'
 	touch $@
 
 test: setup

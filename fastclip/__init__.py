@@ -9,6 +9,7 @@ See README.md for the contract, the backends and the measured speed.
 from ._api import clip_grad_norm, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from ._dispatch import BACKEND_NAMES, available_backends, backend_info
 from ._errors import BackendError
+from ._patch import is_patched, patch, patched, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,8 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "is_patched",
+    "patch",
+    "patched",
+    "unpatch",
 ]

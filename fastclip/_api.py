@@ -16,7 +16,7 @@ import warnings
 import torch
 from typing_extensions import deprecated
 
-from . import _dispatch
+from . import _dispatch, _distributed, _ops, _work
 from ._errors import check_clip_value, empty_inf_norm_message, nonfinite_message
 from ._work import collect
 from .backends import torch_ref
@@ -27,28 +27,37 @@ def _as_list(parameters) -> list:
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _norm_plan(name: str, items: list, from_params: bool, norm_type):
-    """(fused backend, GradList, norm kind) if a fused backend takes this norm,
-    else None: torch does the call."""
+def _gather(name: str, items: list, from_params: bool, sign_matters: bool = False):
+    """collect()'s (grads, GradList or None, why not), or nothing to gather for backend="torch"."""
+    if name == "torch":
+        return None, None, "backend='torch'"
+    return collect(items, from_params, sign_matters)  # torch's AttributeError for a non-parameter
+
+
+def _norm_plan(name: str, grads, work, why: str, norm_type):
+    """(fused backend, GradList, norm kind) if a fused backend takes this
+    norm, else None: torch does the call."""
     if name == "torch":
         return None
-    grads, work, why = collect(items, from_params)  # torch's AttributeError first
-    kind = FUSED_NORM_KINDS.get(float(norm_type))  # then torch's ValueError / TypeError for 'fro', None
+    kind = FUSED_NORM_KINDS.get(float(norm_type))  # torch's ValueError / TypeError for 'fro', None
     if not grads or kind is None:  # other p (0, -inf, 0.5, -2, nan): torch's semantics exactly
         return None
     fused = _dispatch.select(name, work, why)
     return None if fused is None else (fused, work, kind)
 
 
-def _elementwise_plan(name: str, parameters: list, sign_matters: bool = False):
+def _elementwise_plan(name: str, grads, work, why: str):
     """(fused backend, GradList) for scaling or clamping the grads, or None."""
-    if name == "torch":
-        return None
-    grads, work, why = collect(parameters, True, sign_matters)
-    if not grads:
+    if name == "torch" or not grads:
         return None
     fused = _dispatch.select(name, work, why)
     return None if fused is None else (fused, work)
+
+
+def _has_dtensor(grads, work) -> bool:
+    """DTensor grads (FSDP2, tensor parallel)?  Only asked when the fast
+    gather declined the list (a DTensor is not a plain tensor)."""
+    return work is None and bool(grads) and _distributed.has_dtensor(grads)
 
 
 def _check_no_empty_for_inf(grads, kind: int, foreach) -> None:
@@ -57,7 +66,14 @@ def _check_no_empty_for_inf(grads, kind: int, foreach) -> None:
 
 
 def clip_grad_norm_(
-    parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None
+    parameters,
+    max_norm,
+    norm_type=2.0,
+    error_if_nonfinite=False,
+    foreach=None,
+    *,
+    backend=None,
+    process_group=None,
 ) -> torch.Tensor:
     """Clip the gradient norm of an iterable of parameters, in place.
 
@@ -66,7 +82,14 @@ def clip_grad_norm_(
     ``backend`` picks the implementation ("auto", "cpu", "triton", "cuda",
     "torch"; default ``$FASTCLIP_BACKEND`` or "auto").  Fused backends
     accumulate fp16/bf16 in float32 and clip with that total (see README).
+
+    DTensor grads (FSDP2, tensor parallel) are reduced over their mesh and
+    the norm is returned as a replicated DTensor.  ``process_group``: the
+    grads are this rank's shards of a whole that is spread over the group;
+    the norm is all-reduced over it (every rank of the group must call).
     """
+    if torch.compiler.is_compiling():
+        return _ops.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend)
     name = _dispatch.resolve_name(backend)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -75,27 +98,48 @@ def clip_grad_norm_(
         parameters = list(parameters)
         if is_generator and not parameters:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
-    plan = _norm_plan(name, parameters, True, norm_type)
+    grads, work, why = _gather(name, parameters, True)
+    if process_group is not None or _has_dtensor(grads, work):
+        grads = grads if grads is not None else [p.grad for p in parameters if p.grad is not None]
+        return _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group)
+    plan = _norm_plan(name, grads, work, why, norm_type)
     if plan is not None:
-        fused, grads, kind = plan
-        _check_no_empty_for_inf(grads, kind, foreach)
+        fused, work, kind = plan
+        _check_no_empty_for_inf(work, kind, foreach)
         try:
             max_norm_value = float(max_norm)
         except (TypeError, ValueError):
             plan = None  # torch raises it, after any error of its own norm step
     if plan is None:
         return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
-    total, aborted = fused.clip_norm(grads, kind, max_norm_value, error_if_nonfinite)
+    total, aborted = fused.clip_norm(work, kind, max_norm_value, error_if_nonfinite)
     if aborted:
         raise RuntimeError(nonfinite_message(float(norm_type)))
     return total
 
 
-def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None) -> torch.Tensor:
-    """The norm of all `tensors` viewed as one vector (``torch.nn.utils.get_total_norm``)."""
+def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group):
+    total, coef_total = _distributed.total_norm(grads, norm_type, error_if_nonfinite, foreach, name, process_group)
+    if grads:
+        max_norm = float(max_norm)
+        _scale_grads(grads, torch.clamp(max_norm / (coef_total + 1e-6), max=1.0), foreach, name)
+    return total
+
+
+def get_total_norm(
+    tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None, process_group=None
+) -> torch.Tensor:
+    """The norm of all `tensors` viewed as one vector (``torch.nn.utils.get_total_norm``).
+
+    DTensors and ``process_group``: as in :func:`clip_grad_norm_`."""
+    if torch.compiler.is_compiling():
+        return _ops.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend)
     name = _dispatch.resolve_name(backend)
     tensors = _as_list(tensors)
-    plan = _norm_plan(name, tensors, False, norm_type)
+    grads, work, why = _gather(name, tensors, False)
+    if process_group is not None or _has_dtensor(grads, work):
+        return _distributed.total_norm(tensors, norm_type, error_if_nonfinite, foreach, name, process_group)[0]
+    plan = _norm_plan(name, grads, work, why, norm_type)
     if plan is None:
         return torch_ref.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
     fused, grads, kind = plan
@@ -108,33 +152,68 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
 
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, backend=None) -> None:
     """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)``, in place
-    (``torch.nn.utils.clip_grads_with_norm_``); skipped when that is exactly 1."""
+    (``torch.nn.utils.clip_grads_with_norm_``); skipped when that is exactly 1.
+    DTensor grads are scaled shard by shard (a DTensor total is used reduced)."""
+    if torch.compiler.is_compiling():
+        return _ops.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend)
     name = _dispatch.resolve_name(backend)
     parameters = _as_list(parameters)
-    plan = _elementwise_plan(name, parameters)
+    grads, work, why = _gather(name, parameters, True)
+    if _has_dtensor(grads, work):
+        max_norm = float(max_norm)
+        total = _distributed.full_value(total_norm)
+        _scale_grads(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0), foreach, name)
+        return None
+    plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
         return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
-    fused, grads = plan
+    fused, work = plan
     max_norm = float(max_norm)
     # torch's own expression: same rounding, same TypeError for a float total.
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    if not fused.scale(grads, coef):
+    if not fused.scale(work, coef):
         torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     return None
 
 
+def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str) -> None:
+    """grads *= coef (their DTensor shards, if they are DTensors): fused per
+    device where a backend takes them, else torch's foreach multiply."""
+    local = [_distributed.local_tensor(g) for g in grads]
+    by_device: dict = {}
+    for t in local:
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        plan = _elementwise_plan(name, group, *_gather(name, group, False)[1:])
+        if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
+            torch_ref.scale_grads(group, coef, foreach)
+    wrappers = [g for g, t in zip(grads, local) if g is not t]
+    if wrappers:  # DTensors: their own version counters, as torch's in-place ops on them would
+        _work.increment_version(wrappers)
+
+
 def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> None:
     """Clamp every gradient to [-clip_value, clip_value], in place, in one pass
-    that writes only what changes (``torch.nn.utils.clip_grad_value_``)."""
+    that writes only what changes (``torch.nn.utils.clip_grad_value_``).
+    DTensor grads are clamped shard by shard."""
+    if torch.compiler.is_compiling():
+        return _ops.clip_grad_value_(parameters, clip_value, foreach, backend)
     name = _dispatch.resolve_name(backend)
     parameters = _as_list(parameters)
     clip_value_f = float(clip_value)
-    plan = _elementwise_plan(name, parameters, sign_matters=clip_value_f < 0)
+    sign_matters = clip_value_f < 0
+    grads, work, why = _gather(name, parameters, True, sign_matters)
+    dtensors = grads if _has_dtensor(grads, work) else []
+    if dtensors:  # clamp their shards
+        grads, work, why = _gather(name, [_distributed.local_tensor(g) for g in grads], False, sign_matters)
+    plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
         return torch_ref.clip_grad_value_(parameters, clip_value, foreach)
-    fused, grads = plan
-    check_clip_value(clip_value_f, grads.tensors, grads.dtypes)  # before any write, unlike torch
-    fused.clamp(grads, clip_value_f)
+    fused, work = plan
+    check_clip_value(clip_value_f, work.tensors, work.dtypes)  # before any write, unlike torch
+    fused.clamp(work, clip_value_f)
+    if dtensors:
+        _work.increment_version(dtensors)
     return None
 
 
@@ -143,7 +222,9 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     category=FutureWarning,
 )
 def clip_grad_norm(
-    parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None
+    parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None, process_group=None
 ) -> torch.Tensor:
     """Deprecated alias of :func:`clip_grad_norm_` (as in torch)."""
-    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend)
+    return clip_grad_norm_(
+        parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend, process_group=process_group
+    )

@@ -87,7 +87,7 @@ class GradList:
 
     def mark_modified(self) -> None:
         """Bump autograd version counters, as torch's in-place ops would."""
-        _increment_version(self.tensors)
+        increment_version(self.tensors)
 
 
 def collect(items: list, from_params: bool, sign_matters: bool = False) -> tuple[list, GradList | None, str]:
@@ -193,7 +193,7 @@ def strided_layout(shape, strides):
     return [n for n, _ in merged], [s for _, s in merged]
 
 
-def _increment_version(tensors) -> None:
+def increment_version(tensors) -> None:
     try:
         torch._C._increment_version(tensors)
     except TypeError:  # torch < 2.5 takes one tensor at a time

@@ -21,14 +21,16 @@ PUBLIC = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_w
 
 
 @pytest.mark.parametrize("name", PUBLIC)
-def test_signatures_are_torchs_plus_a_keyword_only_backend(name):
+def test_signatures_are_torchs_plus_keyword_only_extras(name):
     ours = inspect.signature(getattr(fastclip, name)).parameters
-    theirs = inspect.signature(getattr(torch.nn.utils, name)).parameters
+    theirs = inspect.signature(getattr(torch_ref, name, None) or getattr(torch.nn.utils, name)).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     for key, param in theirs.items():
         assert ours[key].default == param.default and ours[key].kind == param.kind, key
-    assert list(ours)[len(theirs) :] == ["backend"]
-    assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY and ours["backend"].default is None
+    norms = name in ("clip_grad_norm_", "get_total_norm", "clip_grad_norm")
+    assert list(ours)[len(theirs) :] == (["backend", "process_group"] if norms else ["backend"])
+    for extra in list(ours)[len(theirs) :]:
+        assert ours[extra].kind is inspect.Parameter.KEYWORD_ONLY and ours[extra].default is None
 
 
 def test_available_backends_and_info():

@@ -184,3 +184,75 @@ def test_cuda_launch_counts_seen_by_the_profiler(seed):
             torch.cuda.synchronize()
         names = ("norm_kernel", "scale_kernel", "clamp_kernel")
         assert sum(e.count for e in prof.key_averages() if any(n in e.key for n in names)) == backend.last_launches
+
+
+def _twin_models(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).cuda()
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).cuda()
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def test_whole_training_step_captured_in_a_cuda_graph(gpu_backend):
+    """torch's whole-network capture recipe: forward, backward, clip and a
+    capturable Adam step in one graph; replays follow an eager twin."""
+    model, twin = _twin_models()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2, capturable=True)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 10, device="cuda")
+
+    def step(net, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.mse_loss(net(x) * 50, y)
+        loss.backward()
+        total = fastclip.clip_grad_norm_(net.parameters(), 0.5, backend=gpu_backend)
+        optimizer.step()
+        return loss, total
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on a side stream, as torch's recipe asks; the twin takes the same steps
+            step(model, opt), step(twin, twin_opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_total = step(model, opt)
+    for i in range(4):
+        x.copy_(torch.randn_like(x)), y.copy_(torch.randn_like(y))
+        graph.replay()
+        loss, total = step(twin, twin_opt)
+        torch.cuda.synchronize()
+        assert static_total.item() > 0.5, "the step should clip"
+        assert static_total.item() == pytest.approx(total.item(), rel=1e-5), i
+        assert static_loss.item() == pytest.approx(loss.item(), rel=1e-5), i
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_reduce_overhead_step(gpu_backend):
+    """torch.compile(mode="reduce-overhead"): Inductor plus CUDA graphs around
+    the fastclip custom op, equal to eager."""
+    model, twin = _twin_models(1)
+    torch._dynamo.reset()
+
+    def update(params):
+        total = fastclip.clip_grad_norm_(params, 0.5, backend=gpu_backend)
+        with torch.no_grad():
+            for p in params:
+                p.sub_(0.1 * p.grad)
+        return total
+
+    compiled = torch.compile(update, mode="reduce-overhead", fullgraph=True)
+    for i in range(4):
+        x = torch.randn(16, 64, device="cuda")
+        for net in (model, twin):
+            net.zero_grad(set_to_none=False)
+            (net(x) * 50).square().mean().backward()
+        got = compiled(list(model.parameters())).clone()
+        want = update(list(twin.parameters()))
+        torch.testing.assert_close(got, want)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+    torch._dynamo.reset()

@@ -36,6 +36,11 @@ class FusedBackend:
         """0-dim total norm on grads.device, in grads.result_dtype."""
         raise NotImplementedError
 
+    def norm_wide(self, grads: GradList, kind: int) -> torch.Tensor:
+        """0-dim float64 total norm on grads.device, before it is rounded to
+        the grads' dtype: what a distributed reduction combines (fastclip/_distributed.py)."""
+        raise NotImplementedError
+
     def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
         """Fused clip_grad_norm_. Returns (total norm tensor, aborted): aborted
         means error_if_nonfinite was set, the norm is not finite, and nothing

@@ -64,6 +64,9 @@ class CpuBackend(FusedBackend):
         total = _ext.norm(grads.table, kind, torch.get_num_threads())
         return torch.scalar_tensor(_ext.round_to_dtype(total, DTYPE_CODES[dtype]), dtype=dtype)
 
+    def norm_wide(self, grads: GradList, kind: int) -> torch.Tensor:
+        return torch.scalar_tensor(_ext.norm(grads.table, kind, torch.get_num_threads()), dtype=torch.float64)
+
     def clip_norm(self, grads: GradList, kind: int, max_norm: float, error_if_nonfinite: bool):
         dtype = grads.result_dtype
         total, _coef, aborted, scaled = _ext.clip_norm(

@@ -29,6 +29,10 @@ class GpuBackend(FusedBackend):
     def norm(self, grads: GradList, kind: int) -> torch.Tensor:
         return self._norm(grads, kind, float("inf"))[0]
 
+    def norm_wide(self, grads: GradList, kind: int) -> torch.Tensor:
+        self._norm(grads, kind, float("inf"))
+        return self._workspace(grads.device).results[1].clone()  # the workspace is reused by the next call
+
     def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
         self._norm(grads, kind, max_norm)
         results = self._workspace(grads.device).results.tolist()

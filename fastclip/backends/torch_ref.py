@@ -62,9 +62,12 @@ def _compat_clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None
     max_norm = float(max_norm)
     if len(grads) == 0:
         return
-    grouped = _group_tensors_by_device_and_dtype([grads])
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for (device, _), ([device_grads], _) in grouped.items():
+    scale_grads(grads, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0), foreach)
+
+
+def scale_grads(grads: list, coef: torch.Tensor, foreach=None) -> None:
+    """grads *= coef as torch's clip_grads_with_norm_ multiplies them."""
+    for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():
         if _use_foreach(foreach, device_grads, device):
             torch._foreach_mul_(device_grads, coef.to(device))
         else:

@@ -1,0 +1,160 @@
+"""torch.compile support: fastclip's operations as torch custom ops.
+
+Dynamo cannot trace into the C++ gather or the kernels, so while a function
+is being compiled the public functions come here instead: the parameters'
+.grad are read in traced Python, and the fused work is one custom op
+(`torch.ops.fastclip.*`) with a fake implementation that gives the result's
+dtype and device.  A compiled training step that clips therefore compiles
+with fullgraph=True, and at run time the op runs the same eager code as an
+uncompiled call, so results are the same bits.  What the fused path does not
+take (DTensor grads, norm types other than 1, 2, inf, a tensor max_norm) is
+left to torch's own clip_grad functions, which Dynamo traces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.library import custom_op
+
+from .backends import torch_ref
+
+_FUSED_P = (1.0, 2.0, math.inf)
+
+
+class _Grad:
+    """Stands in for a parameter: the eager API reads `.grad`."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad):
+        self.grad = grad
+
+
+def _holders(grads):
+    return [_Grad(g) for g in grads]
+
+
+def _backend(name: str):
+    return name or None  # "" stands for None: $FASTCLIP_BACKEND, read at run time
+
+
+# ---------------------------------------------------------------- the ops
+
+
+@custom_op("fastclip::clip_grad_norm_", mutates_args=("grads",))
+def _clip_grad_norm_op(
+    grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool,
+    foreach: bool | None, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    from . import _api
+
+    return _api.clip_grad_norm_(_holders(grads), max_norm, norm_type, error_if_nonfinite, foreach,
+                                backend=_backend(backend))  # fmt: skip
+
+
+@custom_op("fastclip::get_total_norm", mutates_args=())
+def _get_total_norm_op(
+    tensors: list[torch.Tensor], norm_type: float, error_if_nonfinite: bool, foreach: bool | None, backend: str
+) -> torch.Tensor:
+    from . import _api
+
+    return _api.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend=_backend(backend))
+
+
+@custom_op("fastclip::clip_grads_with_norm_", mutates_args=("grads",))
+def _clip_grads_with_norm_op(
+    grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None, backend: str
+) -> None:
+    from . import _api
+
+    _api.clip_grads_with_norm_(_holders(grads), max_norm, total_norm, foreach, backend=_backend(backend))
+
+
+@custom_op("fastclip::clip_grad_value_", mutates_args=("grads",))
+def _clip_grad_value_op(grads: list[torch.Tensor], clip_value: float, foreach: bool | None, backend: str) -> None:
+    from . import _api
+
+    _api.clip_grad_value_(_holders(grads), clip_value, foreach, backend=_backend(backend))
+
+
+def _fake_total(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:  # torch's tensor(0.) for an empty list
+        return torch.empty((), dtype=torch.get_default_dtype(), device="cpu")
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.empty((), dtype=dtype, device=tensors[0].device)
+
+
+@_clip_grad_norm_op.register_fake
+def _(grads, max_norm, norm_type, error_if_nonfinite, foreach, backend):
+    return _fake_total(grads)
+
+
+@_get_total_norm_op.register_fake
+def _(tensors, norm_type, error_if_nonfinite, foreach, backend):
+    return _fake_total(tensors)
+
+
+@_clip_grads_with_norm_op.register_fake
+def _(grads, max_norm, total_norm, foreach, backend):
+    return None
+
+
+@_clip_grad_value_op.register_fake
+def _(grads, clip_value, foreach, backend):
+    return None
+
+
+# ---------------------------------------------------------------- traced entry points
+
+
+def _as_list(items) -> list:
+    return [items] if isinstance(items, torch.Tensor) else list(items)
+
+
+def _plain(tensors) -> bool:
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend):
+    parameters = _as_list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in _FUSED_P:
+        return torch.ops.fastclip.clip_grad_norm_(
+            grads, float(max_norm), float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
+        )
+    return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+def get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend):
+    tensors = _as_list(tensors)
+    if _plain(tensors) and _number(norm_type) and float(norm_type) in _FUSED_P:
+        return torch.ops.fastclip.get_total_norm(
+            tensors, float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
+        )
+    return torch_ref.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+
+
+def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
+    parameters = _as_list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if _plain(grads) and _number(max_norm) and type(total_norm) is torch.Tensor:
+        torch.ops.fastclip.clip_grads_with_norm_(grads, float(max_norm), total_norm, foreach, backend or "")
+        return None
+    return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+
+
+def clip_grad_value_(parameters, clip_value, foreach, backend):
+    parameters = _as_list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if _plain(grads) and _number(clip_value):
+        torch.ops.fastclip.clip_grad_value_(grads, float(clip_value), foreach, backend or "")
+        return None
+    return torch_ref.clip_grad_value_(parameters, clip_value, foreach)

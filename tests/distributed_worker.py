@@ -1,0 +1,454 @@
+"""What each rank runs for tests/test_distributed.py (gloo, CPU tensors).
+
+One group of processes per world size runs every scenario in turn and
+writes, per rank, {scenario: "ok" or the traceback} to a JSON file; the
+tests then read those files.  Every scenario compares fastclip on sharded
+grads with torch on the same grads unsharded (every rank builds the full
+grads from a shared seed, so the reference needs no communication).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+SCENARIOS: dict = {}  # name -> (function, world sizes it runs on)
+INF = math.inf
+
+
+def scenario(*worlds):
+    def register(fn):
+        SCENARIOS[fn.__name__] = (fn, worlds)
+        return fn
+
+    return register
+
+
+def backends() -> list[str]:
+    """Backends the local work goes to: the CPU kernels ("auto"), torch, and
+    the CUDA kernels in their CPU emulation where built (set by conftest)."""
+    import fastclip
+
+    names = ["auto", "torch"]
+    if os.environ.get("FASTCLIP_CUDA_EMULATE") == "1" and "cuda" in fastclip.available_backends():
+        names.append("cuda")
+    return names
+
+
+def shared_grads(shapes, dtype, seed, nonfinite=None):
+    g = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(s, generator=g, dtype=torch.float64) * 3).to(dtype) for s in shapes]
+    if nonfinite is not None:
+        grads[nonfinite[0]].view(-1)[nonfinite[1]] = float("nan")
+    return grads
+
+
+def params_with(grads):
+    params = []
+    for grad in grads:
+        p = torch.nn.Parameter(torch.zeros_like(grad))
+        p.grad = grad.clone()
+        params.append(p)
+    return params
+
+
+def assert_close(actual, expected, dtype=None):
+    torch.testing.assert_close(actual, expected.to(actual.dtype) if dtype is None else expected, rtol=None, atol=None)
+
+
+def flat_shards(full, rank, world, skip_rank=None):
+    """This rank's pieces of the flattened grads, ZeRO-style: the flat vector
+    cut into `world` uneven contiguous ranges (none for skip_rank), each
+    range kept as one piece per grad it touches."""
+    flat = torch.cat([g.reshape(-1) for g in full])
+    owners = [r for r in range(world) if r != skip_rank]
+    weights = [r + 1 for r in range(len(owners))]
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + flat.numel() * w // sum(weights))
+    bounds[-1] = flat.numel()
+    if rank not in owners:
+        return [], (0, 0)
+    i = owners.index(rank)
+    lo, hi = bounds[i], bounds[i + 1]
+    pieces, start = [], 0
+    for g in full:
+        a, b = max(lo, start), min(hi, start + g.numel())
+        if a < b:
+            pieces.append(flat[a:b].clone())
+        start += g.numel()
+    return pieces, (lo, hi)
+
+
+SHAPES = [(37, 5), (1,), (0, 3), (129,), (8, 3, 7), (2000,)]
+
+
+# ---------------------------------------------------------------- process_group=
+
+
+@scenario(2, 4)
+def process_group_matches_unsharded(rank, world):
+    import fastclip
+
+    for backend in backends():
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for p in (2.0, 1.0, INF):
+                shapes = [s for s in SHAPES if p != INF or 0 not in s]
+                full = shared_grads(shapes, dtype, seed=11)
+                ref_params = params_with(full)
+                ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 1.5, p)
+                flat_clipped = torch.cat([q.grad.reshape(-1) for q in ref_params])
+                pieces, (lo, hi) = flat_shards(full, rank, world)
+                params = params_with(pieces)
+                total = fastclip.clip_grad_norm_(params, 1.5, p, backend=backend, process_group=dist.group.WORLD)
+                assert type(total) is torch.Tensor and total.dtype == dtype, (backend, total)
+                assert_close(total, ref_total)
+                mine = torch.cat([q.grad.reshape(-1) for q in params]) if params else flat_clipped[:0]
+                assert_close(mine, flat_clipped[lo:hi])
+                again = fastclip.get_total_norm(pieces, p, backend=backend, process_group=dist.group.WORLD)
+                assert_close(again, torch.nn.utils.get_total_norm(full, p))
+
+
+@scenario(2, 4)
+def mixed_dtypes_over_a_process_group(rank, world):
+    import fastclip
+
+    full = shared_grads(SHAPES[:3], torch.float32, seed=3) + shared_grads(SHAPES[3:], torch.float16, seed=4)
+    ref_total = torch.nn.utils.get_total_norm([g.double() for g in full])
+    pieces = [flat_shards([g], rank, world)[0] for g in full]  # each grad split over the ranks
+    mine = [t for piece in pieces for t in piece]
+    total = fastclip.get_total_norm(mine, process_group=dist.group.WORLD)
+    assert total.dtype == torch.float32 and math.isclose(total.item(), ref_total.item(), rel_tol=2e-6)
+
+
+@scenario(2, 4)
+def a_rank_without_grads_still_joins(rank, world):
+    import fastclip
+
+    for backend in backends():
+        for p in (2.0, INF):
+            full = shared_grads([(50,), (3, 9)], torch.float32, seed=5)
+            ref_params = params_with(full)
+            ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.5, p)
+            pieces, (lo, _hi) = flat_shards(full, rank, world, skip_rank=0)
+            params = params_with(pieces)
+            total = fastclip.clip_grad_norm_(params, 0.5, p, backend=backend, process_group=dist.group.WORLD)
+            assert math.isclose(total.item(), ref_total.item(), rel_tol=1e-6), (rank, total, ref_total)
+            if rank == 0:
+                assert params == [] and total.device.type == "cpu"
+            flat = torch.cat([q.grad.reshape(-1) for q in ref_params])
+            for q in params:
+                n = q.numel()
+                assert_close(q.grad.reshape(-1), flat[lo : lo + n])
+                lo += n
+
+
+@scenario(2, 4)
+def nonfinite_raises_on_every_rank_and_leaves_grads(rank, world):
+    import fastclip
+
+    full = shared_grads([(40,), (7, 7)], torch.float32, seed=9, nonfinite=(1, 48))  # in the last rank's range
+    pieces, _ = flat_shards(full, rank, world)
+    params = params_with(pieces)
+    before = [q.grad.clone() for q in params]
+    try:
+        fastclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True, process_group=dist.group.WORLD)
+    except RuntimeError as exc:
+        assert "is non-finite, so it cannot be clipped" in str(exc)
+    else:
+        raise AssertionError(f"no error on rank {rank}")
+    for q, b in zip(params, before):
+        assert torch.equal(q.grad.view(torch.int32), b.view(torch.int32))  # bits: NaN != NaN
+    total = fastclip.clip_grad_norm_(params, 1.0, process_group=dist.group.WORLD)  # without the flag: NaN
+    assert math.isnan(total.item())
+
+
+@scenario(2, 4)
+def pipeline_stages_two_phase(rank, world):
+    """Pipeline parallel: each rank is a stage with its own parameters.
+    get_total_norm per stage, an all-reduce of p-th powers, then
+    clip_grads_with_norm_ with the global total (torchtitan's recipe)."""
+    import fastclip
+
+    stages = [shared_grads([(rank_ + 3, 11), (17,)], torch.float32, seed=100 + rank_) for rank_ in range(world)]
+    ref_params = params_with([g for stage in stages for g in stage])
+    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 2.0)
+    params = params_with(stages[rank])
+
+    local = fastclip.get_total_norm([q.grad for q in params])
+    power = local.double() ** 2
+    dist.all_reduce(power)
+    total = power.sqrt().float()
+    fastclip.clip_grads_with_norm_(params, 2.0, total)
+    assert_close(total, ref_total)
+    mine = ref_params[2 * rank : 2 * rank + 2]
+    for q, r in zip(params, mine):
+        assert_close(q.grad, r.grad)
+    # the same in one call
+    params = params_with(stages[rank])
+    total = fastclip.clip_grad_norm_(params, 2.0, process_group=dist.group.WORLD)
+    assert_close(total, ref_total)
+    for q, r in zip(params, mine):
+        assert_close(q.grad, r.grad)
+
+
+# ---------------------------------------------------------------- DTensor
+
+
+def _dtensor_params(mesh, full, placements):
+    from torch.distributed.tensor import distribute_tensor
+
+    params = []
+    for grad, placement in zip(full, placements):
+        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, placement))
+        p.grad = distribute_tensor(grad.clone(), mesh, placement)
+        params.append(p)
+    return params
+
+
+def _check_dtensor_clip(mesh, shapes, placements, dtype=torch.float32):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    import fastclip
+
+    for backend in backends():
+        for p in (2.0, 1.0, INF):
+            if backend == "torch" and p == INF:
+                continue  # torch's inf-norm raises on a rank whose shard is empty (fastclip's does not)
+            full = shared_grads(shapes, dtype, seed=21)
+            ref_params = params_with(full)
+            ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.25, p)
+            params = _dtensor_params(mesh, full, placements)
+            total = fastclip.clip_grad_norm_(params, 0.25, p, backend=backend)
+            assert isinstance(total, DTensor) and total.dtype == dtype, total
+            assert all(pl == Replicate() for pl in total.placements), total.placements
+            assert_close(total.full_tensor(), ref_total)
+            assert_close(total.to_local(), ref_total)
+            assert math.isclose(total.item(), ref_total.item(), rel_tol=1e-5 if dtype == torch.float32 else 1e-2)
+            for q, r, placement in zip(params, ref_params, placements):
+                assert isinstance(q.grad, DTensor) and list(q.grad.placements) == list(placement)
+                assert_close(q.grad.full_tensor(), r.grad)
+            norm = fastclip.get_total_norm([q.grad for q in _dtensor_params(mesh, full, placements)], p)
+            assert isinstance(norm, DTensor)
+            assert_close(norm.full_tensor(), torch.nn.utils.get_total_norm(full, p))
+
+
+@scenario(2, 4)
+def dtensor_shard_and_replicate_1d(rank, world):
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(5, 3), (7,), (3, 10), (2, 2), (1, 4)]  # uneven: some ranks hold empty shards
+    placements = [[Shard(0)], [Shard(0)], [Shard(1)], [Replicate()], [Shard(0)]]
+    _check_dtensor_clip(mesh, shapes, placements)
+    _check_dtensor_clip(mesh, shapes, placements, torch.bfloat16)
+
+
+@scenario(4)
+def dtensor_2d_mesh(rank, world):
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    shapes = [(6, 5), (9, 4), (3,), (4, 4), (5, 3)]
+    placements = [
+        [Shard(0), Replicate()],
+        [Shard(0), Shard(1)],
+        [Replicate(), Shard(0)],
+        [Replicate(), Replicate()],
+        [Shard(1), Shard(0)],
+    ]
+    _check_dtensor_clip(mesh, shapes, placements)
+
+
+@scenario(2, 4)
+def dtensor_value_clip_and_two_phase(rank, world):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(9, 2), (5,), (3, 3)]
+    placements = [[Shard(0)], [Shard(0)], [Replicate()]]
+    full = shared_grads(shapes, torch.float32, seed=31)
+    params = _dtensor_params(mesh, full, placements)
+    fastclip.clip_grad_value_(params, 0.7)
+    for q, g in zip(params, full):
+        assert isinstance(q.grad, DTensor)
+        assert torch.equal(q.grad.full_tensor(), g.clamp(-0.7, 0.7))
+    # get_total_norm then clip_grads_with_norm_ on DTensors
+    params = _dtensor_params(mesh, full, placements)
+    total = fastclip.get_total_norm([q.grad for q in params])
+    fastclip.clip_grads_with_norm_(params, 1.0, total)
+    ref_params = params_with(full)
+    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    for q, r in zip(params, ref_params):
+        assert_close(q.grad.full_tensor(), r.grad)
+    # a DTensor total that is still Partial (torch < 2.13 returned such) is reduced first
+    from torch.distributed.tensor import Partial
+
+    partial = DTensor.from_local(total.to_local() / world, mesh, [Partial()], run_check=False)
+    params = _dtensor_params(mesh, full, placements)
+    fastclip.clip_grads_with_norm_(params, 1.0, partial)
+    for q, r in zip(params, ref_params):
+        assert_close(q.grad.full_tensor(), r.grad)
+    assert all(pl == Replicate() for pl in total.placements)
+
+
+@scenario(2, 4)
+def dtensor_inf_norm_with_empty_local_shards(rank, world):
+    from torch.distributed.tensor import Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = shared_grads([(2, 3), (1,)], torch.float32, seed=41)  # rows < ranks: some shards are empty
+    params = _dtensor_params(mesh, full, [[Shard(0)], [Shard(0)]])
+    total = fastclip.clip_grad_norm_(params, 0.1, INF)
+    assert total.item() == max(g.abs().max().item() for g in full)
+    # an empty grad (globally) is torch's error, on every rank alike
+    params = _dtensor_params(mesh, [torch.zeros(0, 3)], [[Shard(0)]])
+    try:
+        fastclip.clip_grad_norm_(params, 0.1, INF)
+    except RuntimeError as exc:
+        assert "cannot compute the infinity norm on an empty tensor" in str(exc)
+    else:
+        raise AssertionError("no error")
+
+
+@scenario(2)
+def dtensor_beside_plain_tensors(rank, world):
+    """Plain tensors next to DTensors (e.g. a module left out of fully_shard)
+    are taken to be replicated: counted once (torch raises on such a mix)."""
+    from torch.distributed.tensor import Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = shared_grads([(6, 4), (13,)], torch.float32, seed=51)
+    params = _dtensor_params(mesh, full[:1], [[Shard(0)]]) + params_with(full[1:])
+    ref_params = params_with(full)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.3)
+    total = fastclip.clip_grad_norm_(params, 0.3)
+    assert_close(total.full_tensor(), ref_total)
+    assert_close(params[0].grad.full_tensor(), ref_params[0].grad)
+    assert_close(params[1].grad, ref_params[1].grad)
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 33), torch.nn.GELU(), torch.nn.Linear(33, 17), torch.nn.GELU(), torch.nn.Linear(17, 5)
+    )
+
+
+@scenario(2, 4)
+def fsdp2_fully_shard_training(rank, world):
+    """FSDP2: a few training steps with clipping give the parameters of the
+    same model trained unsharded; also through fastclip.patched() and
+    torch.nn.utils.clip_grad_norm_ (what accelerate and torchtitan call)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import fastclip
+
+    for use_patch in (False, True):
+        model, ref = _mlp(0), _mlp(0)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        data = torch.Generator().manual_seed(1)
+        for _step in range(3):
+            x = torch.randn(16, 12, generator=data)
+            model(x).square().mean().backward()  # same batch on every rank: FSDP averages equal grads
+            ref(x).square().mean().backward()
+            if use_patch:
+                with fastclip.patched():
+                    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            else:
+                total = fastclip.clip_grad_norm_(model.parameters(), 0.05)
+            ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+            assert isinstance(total, DTensor)
+            assert_close(total.to_local(), ref_total)
+            opt.step(), ref_opt.step()
+            opt.zero_grad(), ref_opt.zero_grad()
+        for q, r in zip(model.parameters(), ref.parameters()):
+            assert_close(q.full_tensor(), r.detach())
+
+
+@scenario(2)
+def tensor_parallel_mlp(rank, world):
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    torch.manual_seed(3)
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.weight)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    ref.load_state_dict(model.state_dict())
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    model(x).sum().backward()
+    ref(x).sum().backward()
+    total = fastclip.clip_grad_norm_(model.parameters(), 0.5)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    assert_close(total.full_tensor(), ref_total)
+    for q, r in zip(model.parameters(), ref.parameters()):
+        assert_close(q.grad.full_tensor(), r.grad)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, names: list) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    results = {}
+    for name in names:
+        try:
+            SCENARIOS[name][0](rank, world)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported by the test of this scenario
+            results[name] = traceback.format_exc()
+        if os.environ.get("FASTCLIP_DIST_VERBOSE"):
+            print(rank, name, results[name], file=sys.stderr, flush=True)
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def names_for(world: int) -> list[str]:
+    return [name for name, (_fn, worlds) in SCENARIOS.items() if world in worlds]
+
+
+if __name__ == "__main__":  # python -m tests.distributed_worker WORLD: run them by hand
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    os.environ["FASTCLIP_DIST_VERBOSE"] = "1"
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(run, args=(world, os.path.join(d, "init"), d, names_for(world)), nprocs=world)
+        for r in range(world):
+            with open(os.path.join(d, f"rank{r}.json")) as f:
+                outcomes = json.load(f)
+            for name, outcome in outcomes.items():
+                print(r, name, "ok" if outcome == "ok" else "\n" + outcome)

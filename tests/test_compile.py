@@ -1,0 +1,160 @@
+"""torch.compile: fastclip's functions compile with fullgraph=True (no graph
+break) as torch custom ops, and compiled results equal eager ones bit for bit.
+
+Most tests use the aot_eager backend (Dynamo + AOTAutograd, fast to
+compile); one runs Inductor on a whole training step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fastclip
+
+from .helpers import FUSED, assert_grads_bitwise_equal, clone_params, interpreted, make_params
+
+SHAPES = [(33, 7), (1,), (0,), (129,), (4, 5, 6)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled(fn, backend="aot_eager"):
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(fn, backend=counter, fullgraph=True), counter
+
+
+def _fastclip_ops(counter) -> list[str]:
+    return [
+        str(node.target)
+        for graph in counter.graphs
+        for node in graph.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("fastclip.")
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", FUSED)
+def test_compiled_clip_grad_norm_equals_eager(fused, dtype):
+    params = make_params(SHAPES if not interpreted(fused) else SHAPES[:3], dtype, scale=3.0)
+    eager = clone_params(params)
+    fn, counter = _compiled(lambda ps: fastclip.clip_grad_norm_(ps, 0.5, backend=fused))
+    total = fn(params)
+    expected = fastclip.clip_grad_norm_(eager, 0.5, backend=fused)
+    assert counter.frame_count == 1 and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
+    assert total.dtype == expected.dtype and torch.equal(total, expected)
+    assert_grads_bitwise_equal(params, eager)
+
+
+def test_every_function_in_one_graph():
+    params = make_params([s for s in SHAPES if 0 not in s], scale=2.0)  # inf-norm: no empty grad
+    eager = clone_params(params)
+
+    def step(ps):
+        norm = fastclip.get_total_norm([p.grad for p in ps if p.grad is not None], 1.0)
+        fastclip.clip_grads_with_norm_(ps, 3.0, norm)
+        fastclip.clip_grad_value_(ps, 0.05)
+        return norm, fastclip.clip_grad_norm_(ps, 0.1, float("inf"))
+
+    fn, counter = _compiled(step)
+    got = fn(params)
+    want = step(eager)
+    assert counter.frame_count == 1
+    assert _fastclip_ops(counter) == [
+        "fastclip.get_total_norm", "fastclip.clip_grads_with_norm_", "fastclip.clip_grad_value_",
+        "fastclip.clip_grad_norm_",
+    ]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert_grads_bitwise_equal(params, eager)
+
+
+def test_patched_torch_call_compiles_to_fastclip():
+    params = make_params(SHAPES, scale=2.0)
+    eager = clone_params(params)
+    with fastclip.patched():
+        fn, counter = _compiled(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
+        total = fn(params)
+    assert _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
+    assert torch.equal(total, fastclip.clip_grad_norm_(eager, 0.5))
+    assert_grads_bitwise_equal(params, eager)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: fastclip.clip_grad_norm_(ps, 0.5, norm_type=3.0),  # p the kernels do not take
+        lambda ps: fastclip.clip_grad_norm_(ps, torch.tensor(0.5)),  # a tensor max_norm
+        lambda ps: fastclip.clip_grad_value_(ps, torch.tensor(0.1)),
+    ],
+    ids=["p=3", "tensor-max_norm", "tensor-clip_value"],
+)
+def test_what_the_op_does_not_take_is_traced_torch(call):
+    """Eager fastclip hands these calls to torch.nn.utils; compiled, Dynamo
+    traces torch's functions instead of calling the op."""
+    params = make_params(SHAPES[:2] + SHAPES[3:], scale=2.0)
+    eager = clone_params(params)
+    fn, counter = _compiled(call)
+    got = fn(params)
+    want = call(eager)
+    assert counter.frame_count == 1 and _fastclip_ops(counter) == []
+    if got is not None:
+        torch.testing.assert_close(got, want)
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_error_if_nonfinite_raises_in_a_compiled_function():
+    params = make_params([(10,)])
+    params[0].grad[3] = float("nan")
+    before = params[0].grad.clone()
+    fn, _ = _compiled(lambda ps: fastclip.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True))
+    with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+        fn(params)
+    assert torch.equal(params[0].grad.view(torch.int32), before.view(torch.int32))
+
+
+def test_ops_pass_torch_library_opcheck():
+    grads = [torch.randn(5, 3), torch.randn(17, dtype=torch.float64), torch.randn(0)]
+    ops = torch.ops.fastclip
+    torch.library.opcheck(ops.clip_grad_norm_.default, ([g.clone() for g in grads], 0.5, 2.0, False, None, ""))
+    torch.library.opcheck(ops.get_total_norm.default, (grads, 1.0, False, None, ""))
+    torch.library.opcheck(
+        ops.clip_grads_with_norm_.default, ([g.clone() for g in grads], 0.5, torch.tensor(9.0), None, "")
+    )
+    torch.library.opcheck(ops.clip_grad_value_.default, ([g.clone() for g in grads], 0.1, None, ""))
+    torch.library.opcheck(ops.clip_grad_norm_.default, ([], 0.5, 2.0, False, None, ""))
+
+
+def test_inductor_training_step_equals_eager():
+    """A whole step (forward, backward outside, then clip and an SGD update
+    compiled by Inductor) gives the parameters of the eager step, bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin.load_state_dict(model.state_dict())
+
+    def update(params):
+        total = fastclip.clip_grad_norm_(params, 0.1)
+        with torch.no_grad():
+            for p in params:
+                p.sub_(0.5 * p.grad)
+        return total
+
+    compiled, counter = _compiled(update, backend="inductor")
+    for step in range(3):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        for net in (model, twin):
+            net.zero_grad()
+            net(x).square().sum().backward()
+        got = compiled(list(model.parameters()))
+        want = update(list(twin.parameters()))
+        assert torch.equal(got, want)
+    assert counter.frame_count == 1 and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

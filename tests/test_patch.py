@@ -1,0 +1,138 @@
+"""fastclip.patch() / unpatch() / patched(): torch.nn.utils' clipping
+functions point at fastclip, idempotently and reversibly, and frameworks that
+call torch (Lightning here) then clip with fastclip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.clip_grad as clip_grad_module
+
+import fastclip
+from fastclip import _api
+from fastclip._dispatch import FUSED_BACKENDS
+
+from .helpers import clone_params, make_params
+
+NAMES = {
+    torch.nn.utils: [
+        "clip_grad_norm_",
+        "clip_grad_norm",
+        "clip_grad_value_",
+        "get_total_norm",
+        "clip_grads_with_norm_",
+    ],
+    clip_grad_module: ["clip_grad_norm_", "clip_grad_norm", "clip_grad_value_"],
+}
+
+
+def _snapshot():
+    return {(m, n): getattr(m, n) for m, names in NAMES.items() for n in names}
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch():
+    before = _snapshot()
+    yield
+    fastclip.unpatch()
+    for (module, name), fn in before.items():
+        setattr(module, name, fn)
+
+
+def test_patch_points_every_name_at_fastclip_and_unpatch_restores():
+    originals = _snapshot()
+    assert not fastclip.is_patched()
+    assert fastclip.patch() is True
+    assert fastclip.is_patched()
+    for module, name in originals:
+        assert getattr(module, name) is getattr(_api, name), (module.__name__, name)
+    assert fastclip.patch() is False  # idempotent
+    assert fastclip.unpatch() is True
+    assert _snapshot() == originals and not fastclip.is_patched()
+    assert fastclip.unpatch() is False
+
+
+def test_patched_context_manager_nests():
+    originals = _snapshot()
+    with fastclip.patched():
+        assert fastclip.is_patched()
+        with fastclip.patched():
+            assert fastclip.is_patched()
+        assert fastclip.is_patched()  # the inner block did not patch, so it does not unpatch
+    assert _snapshot() == originals
+    fastclip.patch()
+    with fastclip.patched():
+        pass
+    assert fastclip.is_patched()  # patched before the block: still patched after it
+
+
+def test_unpatch_leaves_what_someone_else_put_there():
+    fastclip.patch()
+
+    def theirs(*args, **kwargs):
+        return None
+
+    torch.nn.utils.clip_grad_value_ = theirs
+    fastclip.unpatch()
+    assert torch.nn.utils.clip_grad_value_ is theirs
+    assert torch.nn.utils.clip_grad_norm_ is not fastclip.clip_grad_norm_
+
+
+def test_patched_torch_calls_run_the_fused_kernels(monkeypatch):
+    calls = []
+    cpu = FUSED_BACKENDS["cpu"]
+    real = cpu.clip_norm
+    monkeypatch.setattr(cpu, "clip_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = make_params([(40, 3), (7,)], scale=5.0)
+    reference = clone_params(params)
+    with fastclip.patched():
+        total = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad.clip_grad_norm_(clone_params(params), 1.0)
+    assert len(calls) == 2
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(reference, 1.0))
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_fallbacks_still_reach_torchs_own_code_when_patched():
+    """Calls fastclip hands to torch (here p=3) run torch's original functions,
+    not the patched names (no recursion)."""
+    params = make_params([(10,), (4, 4)])
+    reference = clone_params(params)
+    want = torch.nn.utils.clip_grad_norm_(reference, 0.1, 3.0)
+    with fastclip.patched():
+        got = torch.nn.utils.clip_grad_norm_(params, 0.1, 3.0)
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.clip_grad_norm(clone_params(params), 0.1, 3.0)
+    assert torch.equal(got, want)
+    for p, q in zip(params, reference):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_lightning_trainer_clips_with_fastclip_when_patched(monkeypatch):
+    pl = pytest.importorskip("pytorch_lightning")
+    from examples.lightning_patch import TinyRegression, train
+
+    calls = {"norm": 0, "value": 0}
+    cpu = FUSED_BACKENDS["cpu"]
+    real_norm, real_clamp = cpu.clip_norm, cpu.clamp
+
+    def norm(*a, **k):
+        calls["norm"] += 1
+        return real_norm(*a, **k)
+
+    def clamp(*a, **k):
+        calls["value"] += 1
+        return real_clamp(*a, **k)
+
+    monkeypatch.setattr(cpu, "clip_norm", norm)
+    monkeypatch.setattr(cpu, "clamp", clamp)
+    torch_weights = train(steps=4, algorithm="norm", use_fastclip=False)
+    assert calls["norm"] == 0
+    fast_weights = train(steps=4, algorithm="norm", use_fastclip=True)
+    assert calls["norm"] == 4
+    for a, b in zip(torch_weights, fast_weights):
+        torch.testing.assert_close(a, b)
+    train(steps=3, algorithm="value", use_fastclip=True)
+    assert calls["value"] == 3
+    assert not fastclip.is_patched() and isinstance(TinyRegression(), pl.LightningModule)
