@@ -4,7 +4,8 @@
 # Set-up: a virtual environment in .venv with torch installed first (the CPU
 # wheel; a bare `torch` requirement would pull several GB of CUDA packages),
 # then fastclip built in editable mode with its test, benchmark, triton and
-# integration (Lightning) extras (without a GPU the tests run the Triton kernels in its interpreter).
+# integration (Lightning) extras (without a GPU the tests run the Triton
+# kernels in its interpreter).
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
