@@ -84,11 +84,23 @@ def clip_grad_norm_(
     accumulate fp16/bf16 in float32 and clip with that total (see README).
 
     DTensor grads (FSDP2, tensor parallel) are reduced over their mesh and
-    the norm is returned as a replicated DTensor.  ``process_group``: the
-    grads are this rank's shards of a whole that is spread over the group;
-    the norm is all-reduced over it (every rank of the group must call).
+    the norm is returned as a replicated DTensor (with backend="torch", and
+    under torch.compile, torch's own functions take DTensor grads).
+    ``process_group``: the grads are this rank's shards of a whole that is
+    spread over the group; the norm is all-reduced over it (every rank of
+    the group must call; under torch.compile this runs eagerly).
     """
     if torch.compiler.is_compiling():
+        if process_group is not None:  # collectives: run eagerly (a graph break)
+            return _eager_clip_grad_norm_(
+                parameters,
+                max_norm,
+                norm_type,
+                error_if_nonfinite,
+                foreach,
+                backend=backend,
+                process_group=process_group,
+            )
         return _ops.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend)
     name = _dispatch.resolve_name(backend)
     if isinstance(parameters, torch.Tensor):
@@ -133,6 +145,10 @@ def get_total_norm(
 
     DTensors and ``process_group``: as in :func:`clip_grad_norm_`."""
     if torch.compiler.is_compiling():
+        if process_group is not None:  # collectives: run eagerly (a graph break)
+            return _eager_get_total_norm(
+                tensors, norm_type, error_if_nonfinite, foreach, backend=backend, process_group=process_group
+            )
         return _ops.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend)
     name = _dispatch.resolve_name(backend)
     tensors = _as_list(tensors)
@@ -203,8 +219,8 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     clip_value_f = float(clip_value)
     sign_matters = clip_value_f < 0
     grads, work, why = _gather(name, parameters, True, sign_matters)
-    dtensors = grads if _has_dtensor(grads, work) else []
-    if dtensors:  # clamp their shards
+    dtensors = grads if _has_dtensor(grads, work) and not _distributed.has_partial(grads) else []
+    if dtensors:  # clamp their shards (unreduced Partial grads go to torch: clamping is not linear)
         grads, work, why = _gather(name, [_distributed.local_tensor(g) for g in grads], False, sign_matters)
     plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
@@ -215,6 +231,11 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     if dtensors:
         _work.increment_version(dtensors)
     return None
+
+
+# What a compiled function calls for process_group=: eager, outside the graph.
+_eager_clip_grad_norm_ = torch.compiler.disable(clip_grad_norm_)
+_eager_get_total_norm = torch.compiler.disable(get_total_norm)
 
 
 @deprecated(

@@ -6,10 +6,10 @@ without rounding it to the grads' dtype (float64, from fp32 accumulation for
 fp16/bf16); ranks then combine p-th powers: SUM for finite p, MAX for the
 inf-norm.  DTensor grads are grouped by (mesh, mesh dims they are sharded
 on); each group's sum is all-reduced over those mesh dims only (a grad
-replicated on a mesh dim is counted once).  Plain tensors given beside
-DTensors are taken to be the same on every rank (not reduced).  With
-`process_group`, the whole sum is then all-reduced over that group, and a
-rank with no grads still joins the collective.
+replicated on a mesh dim is counted once).  Plain tensors beside DTensors
+are refused, as torch does: nothing says they are the same on every rank.
+With `process_group`, the whole sum is then all-reduced over that group, and
+a rank with no grads still joins the collective.
 
 The total comes back as the user expects it: for DTensor grads a DTensor
 already reduced (Replicate on the first grad's mesh), so `.item()` and
@@ -24,7 +24,7 @@ import sys
 import torch
 
 from . import _dispatch
-from ._errors import empty_inf_norm_message, nonfinite_message
+from ._errors import nonfinite_message
 from ._work import collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS
@@ -40,6 +40,12 @@ def dtensor_class():
 def has_dtensor(tensors) -> bool:
     cls = dtensor_class()
     return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
+def has_partial(tensors) -> bool:
+    """Any DTensor with a Partial (unreduced) placement among `tensors`?"""
+    cls = dtensor_class()
+    return cls is not None and any(isinstance(t, cls) and any(pl.is_partial() for pl in t.placements) for t in tensors)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -74,16 +80,14 @@ def _reduce_op(p: float):
 
 def _to_power(norm: torch.Tensor, p: float) -> torch.Tensor:
     """What ranks and groups add up (or take the max / min of)."""
-    return norm if p in (0.0, float("inf"), float("-inf")) else norm.pow(p)
+    return norm if p in (float("inf"), float("-inf")) else norm.pow(p)
 
 
 def _from_power(power: torch.Tensor, p: float) -> torch.Tensor:
-    return power if p in (0.0, float("inf"), float("-inf")) else power.pow(1.0 / p)
+    return power if p in (float("inf"), float("-inf")) else power.pow(1.0 / p)
 
 
-def _combine(a: torch.Tensor | None, b: torch.Tensor, p: float) -> torch.Tensor:
-    if a is None:
-        return b
+def _combine(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
     b = b.to(a.device)
     if p == float("inf"):
         return torch.maximum(a, b)  # NaN propagates, as in torch's norms
@@ -92,13 +96,17 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor, p: float) -> torch.Tensor:
     return a + b
 
 
-def _local_power(tensors: list, p: float, name: str, foreach) -> torch.Tensor | None:
+def _local_power(tensors: list, p: float, name: str, foreach, device) -> torch.Tensor:
     """The p-th power of the norm of `tensors` (plain tensors on this rank) as
-    a float64 0-dim tensor on their (first) device, or None if there are none."""
+    a float64 0-dim tensor on their (first) device, else on `device`.  Empty
+    tensors add nothing (a rank's shard may be empty; torch's norms would
+    raise for the inf-norm on that rank alone)."""
+    device = tensors[0].device if tensors else device
     by_device: dict = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    power = None
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    power = _identity(p, device)
     kind = FUSED_NORM_KINDS.get(p)
     for group in by_device.values():
         fused = None
@@ -119,10 +127,46 @@ def _identity(p: float, device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
+def _all_reduce(power: torch.Tensor, p: float, group) -> torch.Tensor:
+    """All-reduce a 0-dim power over `group`.  A NaN on any rank gives NaN on
+    every rank: sums carry it, but gloo's MAX and MIN may drop it, so the
+    inf-norms reduce a NaN flag beside the value (no host sync either way)."""
+    import torch.distributed as dist
+
+    op = _reduce_op(p)
+    if p not in (float("inf"), float("-inf")):
+        dist.all_reduce(power, op=op, group=group)
+        return power
+    sign = 1.0 if p == float("inf") else -1.0  # MIN reduces the negated flag
+    is_nan = torch.isnan(power)
+    packed = torch.stack([torch.where(is_nan, _identity(p, power.device), power), is_nan.double() * sign])
+    dist.all_reduce(packed, op=op, group=group)
+    return torch.where(packed[1] * sign > 0, torch.full_like(power, float("nan")), packed[0])
+
+
 def _collective_device(process_group) -> torch.device:
     from torch.distributed import distributed_c10d
 
     return torch.device(distributed_c10d._get_object_coll_device(process_group))
+
+
+def _raise_if_torch_would(tensors: list, p: float, foreach) -> None:
+    """torch's error for a norm it cannot take (the inf-norms of an empty
+    tensor), for tensors whose (global) size is the same on every rank, so
+    that every rank raises alike, before any collective."""
+    if p in (float("inf"), float("-inf")) and any(t.numel() == 0 for t in tensors):
+        torch_ref.get_total_norm([torch.empty(0)], p, False, foreach)  # raises torch's own text
+
+
+P0_MESSAGE = (
+    "fastclip: norm_type=0 with sharded grads: torch's 0-norm of a list counts the tensors that hold a "
+    "nonzero, which the shards of a tensor on several ranks cannot tell"
+)
+MIXED_MESSAGE = (
+    "fastclip: the grads mix DTensors and plain tensors; a plain grad is not known to be the same on "
+    "every rank (torch raises on such a mix too).  Make it a DTensor (e.g. distribute_tensor(g, mesh, "
+    "[Replicate()])), or take the norms of the two sets apart and combine them"
+)
 
 
 # ---------------------------------------------------------------- the total
@@ -131,21 +175,22 @@ def _collective_device(process_group) -> torch.device:
 def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group):
     """(the total as torch's get_total_norm returns it, reduced over the ranks;
     the float32 total, float64 for float64 grads, that the clip coefficient
-    is computed from).  Every rank must call it with the same kinds of grads."""
-    import torch.distributed as dist
+    is computed from).  Every rank must call it with the same kinds of grads.
 
+    Nothing that can fail on one rank only may stop it before a collective:
+    if this rank's local norm raises (say a named backend that cannot serve
+    its grads), it still joins every collective with a NaN, so the other
+    ranks get a NaN total instead of waiting forever, and raises afterwards."""
     p = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
+    if p == 0.0:
+        raise ValueError(P0_MESSAGE)
     cls = dtensor_class()
     plain, groups, dtypes, mesh = [], {}, set(), None
     for t in tensors:
         dtypes.add(t.dtype)
         if cls is None or not isinstance(t, cls):
             plain.append(t)
-            if p == float("inf") and t.numel() == 0 and process_group is None:
-                raise RuntimeError(empty_inf_norm_message(foreach))
             continue
-        if p == float("inf") and t.numel() == 0:  # the global size: a rank's shard may be empty
-            raise RuntimeError(empty_inf_norm_message(foreach))
         mesh = t.device_mesh if mesh is None else mesh
         if any(pl.is_partial() for pl in t.placements):  # unreduced values: reduce them (for the norm only)
             from torch.distributed.tensor import Replicate
@@ -153,19 +198,32 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
             t = t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
         shard_dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
         groups.setdefault((t.device_mesh, shard_dims), []).append(t._local_tensor)
+    if mesh is not None and plain:
+        raise RuntimeError(MIXED_MESSAGE)
+    if mesh is not None:  # DTensors: the global sizes, the same on every rank
+        _raise_if_torch_would(tensors, p, foreach)
 
-    power = _local_power(plain, p, name, foreach)
-    for (group_mesh, shard_dims), local in groups.items():
-        group_power = _local_power(local, p, name, foreach)
+    failure = None
+
+    def local(tensors_, device):
+        nonlocal failure
+        try:
+            return _local_power(tensors_, p, name, foreach, device)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
+            failure = failure or exc
+            return torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
+
+    fallback_device = _collective_device(process_group) if process_group is not None else torch.device("cpu")
+    power = local(plain, fallback_device) if plain or not groups else None
+    for (group_mesh, shard_dims), shards in groups.items():
+        group_power = local(shards, fallback_device)
         for dim in shard_dims:  # same order on every rank: grads come in the same order
-            dist.all_reduce(group_power, op=_reduce_op(p), group=group_mesh.get_group(dim))
-        power = _combine(power, group_power, p)
+            group_power = _all_reduce(group_power, p, group_mesh.get_group(dim))
+        power = group_power if power is None else _combine(power, group_power, p)
     if process_group is not None:
-        if power is None:
-            power = _identity(p, _collective_device(process_group))
-        dist.all_reduce(power, op=_reduce_op(p), group=process_group)
-    if power is None:  # no tensors at all (only reached through clip_grads_with_norm_'s callers)
-        return torch.tensor(0.0), torch.tensor(0.0)
+        power = _all_reduce(power, p, process_group)
+    if failure is not None:
+        raise failure
 
     wide = _from_power(power, p)
     result_dtype = _promoted(dtypes) if dtypes else torch.get_default_dtype()

@@ -21,6 +21,7 @@ from torch.library import custom_op
 from .backends import torch_ref
 
 _FUSED_P = (1.0, 2.0, math.inf)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Grad:
@@ -116,7 +117,9 @@ def _as_list(items) -> list:
 
 
 def _plain(tensors) -> bool:
-    return all(type(t) is torch.Tensor for t in tensors)
+    """Plain tensors of the kernels' dtypes (others go to traced torch, whose
+    results the fake implementations would not describe, e.g. complex)."""
+    return all(type(t) is torch.Tensor and t.dtype in _KERNEL_DTYPES for t in tensors)
 
 
 def _number(x) -> bool:

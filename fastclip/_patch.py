@@ -2,8 +2,11 @@
 frameworks that call torch (Lightning, HF Trainer / accelerate, torchtitan,
 timm, plain loops) clip with it unchanged.
 
-Only module attributes are replaced: `torch.nn.utils.X` and
-`torch.nn.utils.clip_grad.X`.  Code that looked a function up before the
+Only module attributes are replaced: in `torch.nn.utils`, clip_grad_norm_,
+clip_grad_norm, clip_grad_value_, get_total_norm and clip_grads_with_norm_;
+in `torch.nn.utils.clip_grad`, its public clip_grad_norm_, clip_grad_norm and
+clip_grad_value_ (torch's own clip_grad_norm_ calls private helpers there,
+which stay torch's).  Code that looked a function up before the
 patch (`from torch.nn.utils import clip_grad_norm_` at import time) keeps
 torch's; patch before importing such code.  torch's own functions stay
 reachable as fastclip's fallback (fastclip/backends/torch_ref.py holds them),
@@ -25,17 +28,17 @@ _TARGETS = {
     torch.nn.utils: (*_CLIP_GRAD_NAMES, "get_total_norm", "clip_grads_with_norm_"),
     torch.nn.utils.clip_grad: _CLIP_GRAD_NAMES,
 }
-_originals: dict = {}  # (module, attribute) -> what was there before patch()
+_originals: dict = {}  # (module, attribute) -> what was there before fastclip's function
+_kept = False  # patch() was called: a patched() block must not undo it on exit
 
 
 def _ours(attribute: str):
     return getattr(_api, attribute)
 
 
-def patch() -> bool:
-    """Make torch.nn.utils' clipping functions fastclip's.  Idempotent;
-    returns True if this call changed anything."""
-    changed = False
+def _apply() -> list:
+    """Point every target at fastclip; returns the (module, attribute) pairs changed."""
+    changed = []
     for module, attributes in _TARGETS.items():
         for attribute in attributes:
             current = getattr(module, attribute, None)
@@ -43,21 +46,37 @@ def patch() -> bool:
                 continue
             _originals[(module, attribute)] = current
             setattr(module, attribute, _ours(attribute))
+            changed.append((module, attribute))
+    return changed
+
+
+def _restore(keys) -> bool:
+    """Put back what was there before, where fastclip's function still stands
+    (an attribute someone replaced after the patch is left alone)."""
+    changed = False
+    for key in keys:
+        module, attribute = key
+        original = _originals.pop(key, None)
+        if original is not None and getattr(module, attribute, None) is _ours(attribute):
+            setattr(module, attribute, original)
             changed = True
     return changed
+
+
+def patch() -> bool:
+    """Make torch.nn.utils' clipping functions fastclip's, until unpatch().
+    Idempotent; returns True if this call changed anything."""
+    global _kept
+    _kept = True
+    return bool(_apply())
 
 
 def unpatch() -> bool:
-    """Put torch's functions back where fastclip's still stand (an attribute
-    someone replaced after patch() is left alone).  Returns True if this
-    call changed anything."""
-    changed = False
-    for (module, attribute), original in list(_originals.items()):
-        if getattr(module, attribute, None) is _ours(attribute):
-            setattr(module, attribute, original)
-            changed = True
-        del _originals[(module, attribute)]
-    return changed
+    """Put torch's functions back where fastclip's still stand.  Returns True
+    if this call changed anything."""
+    global _kept
+    _kept = False
+    return _restore(list(_originals))
 
 
 def is_patched() -> bool:
@@ -72,11 +91,16 @@ def is_patched() -> bool:
 
 @contextlib.contextmanager
 def patched():
-    """`with fastclip.patched(): ...`: patched inside the block; afterwards
-    as before it (a process already patched stays patched)."""
-    changed = patch()
+    """`with fastclip.patched(): ...`: patched inside the block; on exit only
+    what the block itself patched is put back, unless patch() was called
+    meanwhile (so a process already patched, or patched inside the block,
+    stays patched)."""
+    global _kept
+    kept_before, _kept = _kept, False
+    changed = _apply()
     try:
         yield
     finally:
-        if changed:
-            unpatch()
+        if not _kept:
+            _restore(changed)
+        _kept = _kept or kept_before

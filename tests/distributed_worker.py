@@ -267,6 +267,28 @@ def dtensor_2d_mesh(rank, world):
     _check_dtensor_clip(mesh, shapes, placements)
 
 
+@scenario(4)
+def dtensors_on_two_meshes(rank, world):
+    """Grads on different meshes (e.g. expert and dense parameters): each
+    group is reduced over its own mesh, then they add up."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    flat = init_device_mesh("cpu", (world,))
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
+    full = shared_grads([(7, 3), (8,), (5, 6)], torch.float32, seed=91)
+    params = _dtensor_params(flat, full[:2], [[Shard(0)], [Shard(0)]])
+    params += _dtensor_params(grid, full[2:], [[Shard(0), Replicate()]])
+    ref_params = params_with(full)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    total = fastclip.clip_grad_norm_(params, 0.5)
+    assert isinstance(total, DTensor) and total.device_mesh == flat
+    assert_close(total.to_local(), ref_total)
+    for q, r in zip(params, ref_params):
+        assert_close(q.grad.full_tensor(), r.grad)
+
+
 @scenario(2, 4)
 def dtensor_value_clip_and_two_phase(rank, world):
     from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
@@ -323,9 +345,9 @@ def dtensor_inf_norm_with_empty_local_shards(rank, world):
 
 
 @scenario(2)
-def dtensor_beside_plain_tensors(rank, world):
-    """Plain tensors next to DTensors (e.g. a module left out of fully_shard)
-    are taken to be replicated: counted once (torch raises on such a mix)."""
+def dtensor_beside_plain_tensors_is_refused_on_every_rank(rank, world):
+    """Plain grads beside DTensors (e.g. a module left out of fully_shard) are
+    not known to be the same on every rank: refused, as torch refuses them."""
     from torch.distributed.tensor import Shard, init_device_mesh
 
     import fastclip
@@ -333,12 +355,164 @@ def dtensor_beside_plain_tensors(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     full = shared_grads([(6, 4), (13,)], torch.float32, seed=51)
     params = _dtensor_params(mesh, full[:1], [[Shard(0)]]) + params_with(full[1:])
-    ref_params = params_with(full)
-    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.3)
-    total = fastclip.clip_grad_norm_(params, 0.3)
-    assert_close(total.full_tensor(), ref_total)
-    assert_close(params[0].grad.full_tensor(), ref_params[0].grad)
-    assert_close(params[1].grad, ref_params[1].grad)
+    before = [q.grad.clone() for q in params]
+    try:
+        fastclip.clip_grad_norm_(params, 0.3)
+    except RuntimeError as exc:
+        assert "mix DTensors and plain tensors" in str(exc)
+    else:
+        raise AssertionError("no error")
+    assert torch.equal(params[0].grad.full_tensor(), before[0].full_tensor())
+    assert torch.equal(params[1].grad, before[1])
+
+
+@scenario(2, 4)
+def other_norm_types(rank, world):
+    """p = 3, 0.5, -inf: local norms by torch, combined like the fused ones.
+    p = 0 (torch counts the nonzero tensors, which shards cannot tell) is refused on every rank."""
+    from torch.distributed.tensor import Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(37, 5), (1,), (129,), (8, 3, 7)]
+    for p in (3.0, 0.5, -INF):
+        full = shared_grads(shapes, torch.float64, seed=61)
+        ref_params = params_with(full)
+        ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.5, p)
+        pieces, (lo, hi) = flat_shards(full, rank, world)
+        params = params_with(pieces)
+        total = fastclip.clip_grad_norm_(params, 0.5, p, process_group=dist.group.WORLD)
+        assert_close(total, ref_total)
+        flat = torch.cat([q.grad.reshape(-1) for q in ref_params])
+        mine = torch.cat([q.grad.reshape(-1) for q in params]) if params else flat[:0]
+        assert_close(mine, flat[lo:hi])
+        params = _dtensor_params(mesh, full, [[Shard(0)]] * len(full))
+        total = fastclip.clip_grad_norm_(params, 0.5, p)
+        assert_close(total.full_tensor(), ref_total)
+        for q, r in zip(params, ref_params):
+            assert_close(q.grad.full_tensor(), r.grad)
+    params = params_with(shared_grads(shapes, torch.float64, seed=61))
+    try:
+        fastclip.clip_grad_norm_(params, 0.5, 0, process_group=dist.group.WORLD)
+    except ValueError as exc:
+        assert "norm_type=0" in str(exc)
+    else:
+        raise AssertionError("no error for p=0")
+
+
+@scenario(2, 4)
+def inf_norms_with_empty_pieces(rank, world):
+    """Empty pieces add nothing: the inf-norms work on every rank (torch's
+    norm of an empty tensor would raise on some ranks only and hang the rest)."""
+    from torch.distributed.tensor import Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = shared_grads([(3, 5), (1, 4)], torch.float32, seed=71)
+    for p in (INF, -INF):
+        want = torch.nn.utils.get_total_norm(full, p)
+        for backend in backends():
+            pieces = [torch.zeros(0), full[0][rank % 3].clone(), torch.zeros(0, 4)]
+            if rank >= 3:
+                pieces = [torch.zeros(0)]
+            got = fastclip.get_total_norm(pieces, p, backend=backend, process_group=dist.group.WORLD)
+            rows = [full[0][r % 3] for r in range(min(world, 3))]
+            assert got.item() == torch.nn.utils.get_total_norm(rows, p).item(), (backend, p)
+            params = _dtensor_params(mesh, full, [[Shard(0)], [Shard(0)]])  # (1, 4): most shards empty
+            if backend != "torch":
+                got = fastclip.get_total_norm([q.grad for q in params], p, backend=backend)
+                assert got.full_tensor().item() == want.item(), (backend, p)
+
+
+@scenario(2, 4)
+def a_nan_on_one_rank_reaches_every_rank(rank, world):
+    """gloo's MAX and MIN may drop NaNs: the inf-norms carry a NaN flag."""
+    import fastclip
+
+    for p in (INF, -INF, 2.0):
+        for nan_rank in range(world):
+            pieces = [torch.full((5,), float(rank + 1))]
+            if rank == nan_rank:
+                pieces[0][2] = float("nan")
+            params = params_with(pieces)
+            before = params[0].grad.clone()
+            try:
+                fastclip.clip_grad_norm_(params, 1.0, p, error_if_nonfinite=True, process_group=dist.group.WORLD)
+            except RuntimeError as exc:
+                assert "is non-finite" in str(exc)
+            else:
+                raise AssertionError(f"no error on rank {rank} (p={p}, NaN on rank {nan_rank})")
+            assert torch.equal(params[0].grad.view(torch.int32), before.view(torch.int32))
+            total = fastclip.get_total_norm(pieces, p, process_group=dist.group.WORLD)
+            assert math.isnan(total.item()), (p, nan_rank, total)
+
+
+@scenario(2)
+def a_failure_on_one_rank_does_not_hang_the_others(rank, world):
+    """Rank 1's grads are complex, which backend="cpu" cannot take: rank 1
+    raises BackendError, after joining the collective with a NaN, so rank 0
+    gets a NaN total instead of waiting forever."""
+    import fastclip
+
+    grads = [torch.ones(4)] if rank == 0 else [torch.ones(4, dtype=torch.complex64)]
+    try:
+        total = fastclip.get_total_norm(grads, backend="cpu", process_group=dist.group.WORLD)
+    except fastclip.BackendError as exc:
+        assert rank == 1 and "cannot serve" in str(exc)
+    else:
+        assert rank == 0 and math.isnan(total.item())
+
+
+@scenario(2)
+def partial_dtensor_grads(rank, world):
+    """Unreduced (Partial) grads: the norm reduces them first; clamping them
+    shard by shard would be wrong, so clip_grad_value_ is torch's (which
+    refuses them)."""
+    from torch.distributed.tensor import DTensor, Partial, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.tensor([0.6, -0.6, 0.2]) * (rank + 1)
+    whole = sum(torch.tensor([0.6, -0.6, 0.2]) * (r + 1) for r in range(world))
+
+    def params():
+        p = torch.nn.Parameter(DTensor.from_local(torch.zeros(3), mesh, [Partial()], run_check=False))
+        p.grad = DTensor.from_local(local.clone(), mesh, [Partial()], run_check=False)
+        return [p]
+
+    total = fastclip.get_total_norm([q.grad for q in params()])
+    assert_close(total.full_tensor(), torch.linalg.vector_norm(whole))
+    ps = params()
+    fastclip.clip_grad_norm_(ps, 1.0)
+    assert_close(ps[0].grad.full_tensor(), whole * torch.clamp(1.0 / (whole.norm() + 1e-6), max=1.0))
+    outcomes = []
+    for clip in (fastclip.clip_grad_value_, torch.nn.utils.clip_grad_value_):
+        try:
+            clip(params(), 1.0)
+            outcomes.append("ok")
+        except RuntimeError as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1], outcomes
+
+
+@scenario(2)
+def process_group_under_torch_compile(rank, world):
+    """process_group= inside a compiled function runs eagerly (a graph break)
+    and still reduces over the group."""
+    import fastclip
+
+    torch._dynamo.reset()
+    full = shared_grads([(30,), (4, 4)], torch.float32, seed=81)
+    pieces, _ = flat_shards(full, rank, world)
+    compiled = torch.compile(lambda ts: fastclip.get_total_norm(ts, process_group=dist.group.WORLD), backend="eager")
+    assert_close(compiled(pieces), torch.nn.utils.get_total_norm(full))
+    params = params_with(pieces)
+    step = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 0.5, process_group=dist.group.WORLD), backend="eager")
+    assert_close(step(params), torch.nn.utils.get_total_norm(full))
+    torch._dynamo.reset()
 
 
 def _mlp(seed):

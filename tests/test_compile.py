@@ -158,3 +158,13 @@ def test_inductor_training_step_equals_eager():
     assert counter.frame_count == 1 and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_complex_grads_are_traced_torch():
+    """Complex grads are not the kernels' dtypes: traced torch (the op's fake
+    implementation would not describe torch's real-valued norm)."""
+    grads = [torch.randn(6, dtype=torch.complex64), torch.randn(3, dtype=torch.complex64)]
+    fn, counter = _compiled(lambda ts: fastclip.get_total_norm(ts))
+    got = fn(grads)
+    assert _fastclip_ops(counter) == [] and got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.nn.utils.get_total_norm(grads))

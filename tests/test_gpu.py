@@ -245,6 +245,7 @@ def test_compile_reduce_overhead_step(gpu_backend):
         return total
 
     compiled = torch.compile(update, mode="reduce-overhead", fullgraph=True)
+    torch._dynamo.utils.counters.clear()
     for i in range(4):
         x = torch.randn(16, 64, device="cuda")
         for net in (model, twin):
@@ -255,4 +256,8 @@ def test_compile_reduce_overhead_step(gpu_backend):
         torch.testing.assert_close(got, want)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
+    # CUDA graphs were really used (Inductor skips them, e.g. for mutated non-static inputs, and says so here)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], dict(
+        torch._dynamo.utils.counters["inductor"]
+    )
     torch._dynamo.reset()

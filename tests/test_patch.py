@@ -66,6 +66,28 @@ def test_patched_context_manager_nests():
     assert fastclip.is_patched()  # patched before the block: still patched after it
 
 
+def test_patched_block_undoes_only_its_own_changes():
+    fastclip.patch()
+
+    def theirs(*args, **kwargs):
+        return None
+
+    torch.nn.utils.clip_grad_value_ = theirs  # replaced after our patch
+    with fastclip.patched():
+        assert fastclip.is_patched()
+    assert torch.nn.utils.clip_grad_value_ is theirs  # as before the block
+    assert torch.nn.utils.clip_grad_norm_ is fastclip.clip_grad_norm_  # patch() still holds
+    fastclip.unpatch()
+    originals = _snapshot()
+    with fastclip.patched():
+        fastclip.patch()  # made permanent inside the block
+    assert fastclip.is_patched()
+    fastclip.unpatch()
+    assert (
+        not fastclip.is_patched() and torch.nn.utils.clip_grad_value_ is originals[(torch.nn.utils, "clip_grad_value_")]
+    )
+
+
 def test_unpatch_leaves_what_someone_else_put_there():
     fastclip.patch()
 
