@@ -113,7 +113,7 @@ def clip_grad_norm_(
     grads, work, why = _gather(name, parameters, True)
     if process_group is not None or _has_dtensor(grads, work):
         grads = grads if grads is not None else [p.grad for p in parameters if p.grad is not None]
-        return _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group)
+        return _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work)
     plan = _norm_plan(name, grads, work, why, norm_type)
     if plan is not None:
         fused, work, kind = plan
@@ -130,11 +130,13 @@ def clip_grad_norm_(
     return total
 
 
-def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group):
-    total, coef_total = _distributed.total_norm(grads, norm_type, error_if_nonfinite, foreach, name, process_group)
+def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
+    total, coef_total = _distributed.total_norm(
+        grads, norm_type, error_if_nonfinite, foreach, name, process_group, work
+    )
     if grads:
         max_norm = float(max_norm)
-        _scale_grads(grads, torch.clamp(max_norm / (coef_total + 1e-6), max=1.0), foreach, name)
+        _scale_grads(grads, torch.clamp(max_norm / (coef_total + 1e-6), max=1.0), foreach, name, work)
     return total
 
 
@@ -154,7 +156,7 @@ def get_total_norm(
     tensors = _as_list(tensors)
     grads, work, why = _gather(name, tensors, False)
     if process_group is not None or _has_dtensor(grads, work):
-        return _distributed.total_norm(tensors, norm_type, error_if_nonfinite, foreach, name, process_group)[0]
+        return _distributed.total_norm(tensors, norm_type, error_if_nonfinite, foreach, name, process_group, work)[0]
     plan = _norm_plan(name, grads, work, why, norm_type)
     if plan is None:
         return torch_ref.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
@@ -192,18 +194,27 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     return None
 
 
-def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str) -> None:
+def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None) -> None:
     """grads *= coef (their DTensor shards, if they are DTensors): fused per
-    device where a backend takes them, else torch's foreach multiply."""
-    local = [_distributed.local_tensor(g) for g in grads]
-    by_device: dict = {}
-    for t in local:
-        by_device.setdefault(t.device, []).append(t)
-    for group in by_device.values():
-        plan = _elementwise_plan(name, group, *_gather(name, group, False)[1:])
+    device where a backend takes them, else torch's foreach multiply.
+    `work`: the grads' GradList if the caller has one (plain grads)."""
+    if work is not None:
+        local, why = grads, ""
+    else:
+        local = list(map(_distributed.local_tensor, grads))
+        _local, work, why = _gather(name, local, False)
+    if work is not None:  # plain tensors on one device: one call
+        groups = [(local, work, why)]
+    else:
+        by_device: dict = {}
+        for t in local:
+            by_device.setdefault(t.device, []).append(t)
+        groups = [(group, *_gather(name, group, False)[1:]) for group in by_device.values()]
+    for group, group_work, group_why in groups:
+        plan = _elementwise_plan(name, group, group_work, group_why)
         if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
             torch_ref.scale_grads(group, coef, foreach)
-    wrappers = [g for g, t in zip(grads, local) if g is not t]
+    wrappers = [] if local is grads else [g for g, t in zip(grads, local) if g is not t]
     if wrappers:  # DTensors: their own version counters, as torch's in-place ops on them would
         _work.increment_version(wrappers)
 

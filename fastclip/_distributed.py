@@ -20,6 +20,7 @@ every rank.
 from __future__ import annotations
 
 import sys
+from operator import attrgetter
 
 import torch
 
@@ -28,6 +29,8 @@ from ._errors import nonfinite_message
 from ._work import collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS
+
+_dtype_of = attrgetter("dtype")
 
 
 def dtensor_class():
@@ -49,11 +52,9 @@ def has_partial(tensors) -> bool:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (the same storage: writes reach the DTensor)."""
-    cls = dtensor_class()
-    if cls is not None and isinstance(t, cls):
-        return t._local_tensor
-    return t
+    """This rank's shard of a DTensor (the same storage: writes reach the
+    DTensor); a plain tensor itself."""
+    return getattr(t, "_local_tensor", t)
 
 
 def full_value(total: torch.Tensor) -> torch.Tensor:
@@ -96,18 +97,25 @@ def _combine(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
     return a + b
 
 
-def _local_power(tensors: list, p: float, name: str, foreach, device) -> torch.Tensor:
+def _local_power(tensors: list, p: float, name: str, foreach, device, work=None) -> torch.Tensor:
     """The p-th power of the norm of `tensors` (plain tensors on this rank) as
     a float64 0-dim tensor on their (first) device, else on `device`.  Empty
     tensors add nothing (a rank's shard may be empty; torch's norms would
     raise for the inf-norm on that rank alone)."""
     device = tensors[0].device if tensors else device
+    kind = FUSED_NORM_KINDS.get(p)
+    if kind is not None and tensors:  # the common case: one device, plain tensors, the kernels' dtypes
+        why = ""
+        if work is None:
+            _grads, work, why = collect(tensors, False)
+        fused = _dispatch.select(name, work, why) if work is not None else None
+        if fused is not None:
+            return _to_power(fused.norm_wide(work, kind), p)  # the kernels skip empty tensors
     by_device: dict = {}
     for t in tensors:
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
     power = _identity(p, device)
-    kind = FUSED_NORM_KINDS.get(p)
     for group in by_device.values():
         fused = None
         if kind is not None:
@@ -172,7 +180,7 @@ MIXED_MESSAGE = (
 # ---------------------------------------------------------------- the total
 
 
-def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group):
+def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group, work=None):
     """(the total as torch's get_total_norm returns it, reduced over the ranks;
     the float32 total, float64 for float64 grads, that the clip coefficient
     is computed from).  Every rank must call it with the same kinds of grads.
@@ -180,42 +188,51 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
     Nothing that can fail on one rank only may stop it before a collective:
     if this rank's local norm raises (say a named backend that cannot serve
     its grads), it still joins every collective with a NaN, so the other
-    ranks get a NaN total instead of waiting forever, and raises afterwards."""
+    ranks get a NaN total instead of waiting forever, and raises afterwards.
+    `work`: the GradList of `tensors` if the caller has one (plain tensors on
+    one device: no Python loop over them here)."""
     p = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
     if p == 0.0:
         raise ValueError(P0_MESSAGE)
     cls = dtensor_class()
-    plain, groups, dtypes, mesh = [], {}, set(), None
-    for t in tensors:
-        dtypes.add(t.dtype)
+    plain, by_spec = ([], {}) if work is None else (tensors, {})  # by_spec: (mesh id, placements) -> ...
+    for t in tensors if work is None else ():
         if cls is None or not isinstance(t, cls):
             plain.append(t)
             continue
-        mesh = t.device_mesh if mesh is None else mesh
-        if any(pl.is_partial() for pl in t.placements):  # unreduced values: reduce them (for the norm only)
-            from torch.distributed.tensor import Replicate
-
-            t = t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
-        shard_dims = tuple(i for i, pl in enumerate(t.placements) if pl.is_shard())
-        groups.setdefault((t.device_mesh, shard_dims), []).append(t._local_tensor)
-    if mesh is not None and plain:
+        key = (id(t.device_mesh), t.placements)
+        entry = by_spec.get(key)
+        if entry is None:
+            entry = by_spec[key] = (t.device_mesh, t.placements, [])
+        entry[2].append(t)
+    if by_spec and plain:
         raise RuntimeError(MIXED_MESSAGE)
+    mesh = next(iter(by_spec.values()))[0] if by_spec else None
     if mesh is not None:  # DTensors: the global sizes, the same on every rank
         _raise_if_torch_would(tensors, p, foreach)
+    groups = {}  # (mesh id, mesh dims sharded on) -> (mesh, those dims, local shards)
+    for group_mesh, placements, members in by_spec.values():
+        if any(pl.is_partial() for pl in placements):  # unreduced values: reduce them (for the norm only)
+            from torch.distributed.tensor import Replicate
+
+            placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+            members = [t.redistribute(group_mesh, placements) for t in members]
+        dims = tuple(i for i, pl in enumerate(placements) if pl.is_shard())
+        groups.setdefault((id(group_mesh), dims), (group_mesh, dims, []))[2].extend(t._local_tensor for t in members)
 
     failure = None
 
-    def local(tensors_, device):
+    def local(tensors_, device, work_=None):
         nonlocal failure
         try:
-            return _local_power(tensors_, p, name, foreach, device)
+            return _local_power(tensors_, p, name, foreach, device, work_)
         except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
             failure = failure or exc
             return torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
 
     fallback_device = _collective_device(process_group) if process_group is not None else torch.device("cpu")
-    power = local(plain, fallback_device) if plain or not groups else None
-    for (group_mesh, shard_dims), shards in groups.items():
+    power = local(plain, fallback_device, work) if plain or not groups else None
+    for group_mesh, shard_dims, shards in groups.values():
         group_power = local(shards, fallback_device)
         for dim in shard_dims:  # same order on every rank: grads come in the same order
             group_power = _all_reduce(group_power, p, group_mesh.get_group(dim))
@@ -226,6 +243,7 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         raise failure
 
     wide = _from_power(power, p)
+    dtypes = work.dtypes if work is not None else set(map(_dtype_of, tensors))
     result_dtype = _promoted(dtypes) if dtypes else torch.get_default_dtype()
     total = wide.to(result_dtype)
     coef_total = wide.to(torch.float64 if result_dtype == torch.float64 else torch.float32)
