@@ -42,6 +42,15 @@ PAIRS = {  # fastclip impl -> the torch impl it is compared with
 }
 
 
+NOTE = (
+    "Distributed: {world} gloo ranks on this machine, 1 thread each; a round's time is the slowest rank's; "
+    "GB/s and the floor count each rank's shard bytes, read by all ranks at once. 'vs torch' compares "
+    "fastclip DTensor with torch DTensor (torch.nn.utils.clip_grad_norm_ on the DTensor params), and "
+    "fastclip process_group= with torch's recipe on plain shards (get_total_norm, all_reduce of the "
+    "squared norm, clip_grads_with_norm_)."
+)
+
+
 def _shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
     """torch.chunk's split of dim 0 (DTensor's Shard(0)): (start, length) of this rank's rows."""
     chunk = -(-rows // world)
@@ -199,6 +208,9 @@ def main(argv=None) -> int:
         machine.update(threads=1, ranks=args.world, backend="gloo")
         stem = f"{time.strftime('%Y-%m-%d')}_cpu-{machine['cores']}c_{machine['commit'].replace('+', '-')}_distributed"
         for path in write_all(rows, machine, args.out, stem):
+            if path.endswith(".md"):
+                with open(path, "a") as f:
+                    f.write("\n" + NOTE.format(world=args.world) + "\n")
             print(f"wrote {path}", file=sys.stderr)
     return 0 if all(math.isfinite(r["median_ms"]) for r in rows) else 1
 
