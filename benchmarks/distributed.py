@@ -184,11 +184,16 @@ def main(argv=None) -> int:
     parser.add_argument("--world", type=int, default=2, help="ranks (default 2: one per core here)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="the host-overhead case only")
+    parser.add_argument("--tiny", type=int, default=2000, help="tensors in the host-overhead case (default 2000)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     suite = SUITE[-1:] if args.quick else SUITE
-    cases = [(make.__name__, (), dtype, op) for make, dtype, ops in suite for op in ops]
+    cases = [
+        (make.__name__, (args.tiny,) if make is tiny_tensors else (), dtype, op)
+        for make, dtype, ops in suite
+        for op in ops
+    ]
     import torch.multiprocessing as mp
 
     start = time.perf_counter()

@@ -90,3 +90,17 @@ def test_plain_grads_without_process_group_need_no_collective():
     params[0].grad = torch.full((3,), 4.0)
     total = fastclip.clip_grad_norm_(params, 1.0)
     assert type(total) is torch.Tensor and total.item() == pytest.approx(48**0.5)
+
+
+def test_distributed_benchmark_cli_runs():
+    """`python -m benchmarks.distributed --quick` (smoke test: 1 round, nothing saved)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed", "--quick", "--tiny", "100", "--rounds", "1", "--no-save"],
+        check=False, capture_output=True, text=True, timeout=300, cwd=root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fastclip process_group=" in result.stdout and "torch DTensor" in result.stdout
