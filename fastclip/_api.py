@@ -92,7 +92,7 @@ def clip_grad_norm_(
     """
     if torch.compiler.is_compiling():
         if process_group is not None:  # collectives: run eagerly (a graph break)
-            return _eager_clip_grad_norm_(
+            return torch._dynamo.disable(clip_grad_norm_)(  # dynamo is loaded: we are being compiled
                 parameters,
                 max_norm,
                 norm_type,
@@ -148,7 +148,7 @@ def get_total_norm(
     DTensors and ``process_group``: as in :func:`clip_grad_norm_`."""
     if torch.compiler.is_compiling():
         if process_group is not None:  # collectives: run eagerly (a graph break)
-            return _eager_get_total_norm(
+            return torch._dynamo.disable(get_total_norm)(
                 tensors, norm_type, error_if_nonfinite, foreach, backend=backend, process_group=process_group
             )
         return _ops.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend)
@@ -242,11 +242,6 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     if dtensors:
         _work.increment_version(dtensors)
     return None
-
-
-# What a compiled function calls for process_group=: eager, outside the graph.
-_eager_clip_grad_norm_ = torch.compiler.disable(clip_grad_norm_)
-_eager_get_total_norm = torch.compiler.disable(get_total_norm)
 
 
 @deprecated(

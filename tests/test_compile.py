@@ -168,3 +168,13 @@ def test_complex_grads_are_traced_torch():
     got = fn(grads)
     assert _fastclip_ops(counter) == [] and got.dtype == torch.float32
     torch.testing.assert_close(got, torch.nn.utils.get_total_norm(grads))
+
+
+def test_importing_fastclip_does_not_load_dynamo():
+    """Registering the ops must not pull in torch._dynamo (about 2 s of import)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastclip; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False"
