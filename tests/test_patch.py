@@ -4,6 +4,8 @@ call torch (Lightning here) then clip with fastclip."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.utils.clip_grad as clip_grad_module
@@ -158,3 +160,45 @@ def test_lightning_trainer_clips_with_fastclip_when_patched(monkeypatch):
     train(steps=3, algorithm="value", use_fastclip=True)
     assert calls["value"] == 3
     assert not fastclip.is_patched() and isinstance(TinyRegression(), pl.LightningModule)
+
+
+def test_accelerate_clips_with_fastclip_when_patched(monkeypatch):
+    """HF accelerate (what the HF Trainer calls): Accelerator.clip_grad_norm_ /
+    clip_grad_value_ reach torch.nn.utils at call time, so fastclip when patched."""
+    accelerate = pytest.importorskip("accelerate")
+
+    calls = {"norm": 0, "value": 0}
+    cpu = FUSED_BACKENDS["cpu"]
+    real_norm, real_clamp = cpu.clip_norm, cpu.clamp
+    monkeypatch.setattr(
+        cpu, "clip_norm", lambda *a, **k: calls.__setitem__("norm", calls["norm"] + 1) or real_norm(*a, **k)
+    )
+    monkeypatch.setattr(
+        cpu, "clamp", lambda *a, **k: calls.__setitem__("value", calls["value"] + 1) or real_clamp(*a, **k)
+    )
+
+    def train(patch: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        accelerator = accelerate.Accelerator(cpu=True)
+        model, opt = accelerator.prepare(model, opt)
+        data = torch.Generator().manual_seed(1)
+        norms = []
+        with fastclip.patched() if patch else contextlib.nullcontext():
+            for _ in range(3):
+                x = torch.randn(16, 6, generator=data)
+                opt.zero_grad()
+                accelerator.backward((model(x) * 40).square().mean())
+                norms.append(accelerator.clip_grad_norm_(model.parameters(), 0.5))
+                accelerator.clip_grad_value_(model.parameters(), 0.01)
+                opt.step()
+        return norms, [p.detach().clone() for p in model.parameters()]
+
+    torch_norms, torch_weights = train(patch=False)
+    assert calls == {"norm": 0, "value": 0}
+    fast_norms, fast_weights = train(patch=True)
+    assert calls == {"norm": 3, "value": 3}
+    torch.testing.assert_close(torch.stack(fast_norms), torch.stack(torch_norms))
+    for a, b in zip(fast_weights, torch_weights):
+        torch.testing.assert_close(a, b)
