@@ -131,12 +131,14 @@ def clip_grad_norm_(
 
 
 def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
-    total, coef_total = _distributed.total_norm(
+    total, coef_total, failed_elsewhere = _distributed.total_norm(
         grads, norm_type, error_if_nonfinite, foreach, name, process_group, work
     )
     if grads:
         max_norm = float(max_norm)
-        _scale_grads(grads, torch.clamp(max_norm / (coef_total + 1e-6), max=1.0), foreach, name, work)
+        coef = torch.clamp(max_norm / (coef_total + 1e-6), max=1.0)
+        coef = torch.where(failed_elsewhere, torch.ones_like(coef), coef)  # that rank raised: leave the grads
+        _scale_grads(grads, coef, foreach, name, work)
     return total
 
 

@@ -135,27 +135,71 @@ def _identity(p: float, device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
-def _all_reduce(power: torch.Tensor, p: float, group) -> torch.Tensor:
-    """All-reduce a 0-dim power over `group`.  A NaN on any rank gives NaN on
-    every rank: sums carry it, but gloo's MAX and MIN may drop it, so the
-    inf-norms reduce a NaN flag beside the value (no host sync either way)."""
+# ---------------------------------------------------------------- what ranks exchange
+
+# One small float64 vector per reduction, so each all-reduce is one collective:
+# [p-th power (NaN replaced by the identity), NaN flag, failure flag, one flag
+# per result dtype].  Flags are 0/1; MIN reduces their negation.
+_RESULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NAN, _FAILED, _DTYPES = 1, 2, 3
+
+
+def _state(power: torch.Tensor, failed: bool, dtypes, p: float) -> torch.Tensor:
+    """The vector a rank contributes (built on the device without a host copy)."""
+    state = torch.zeros(_DTYPES + len(_RESULT_DTYPES), dtype=torch.float64, device=power.device)
+    is_nan = torch.isnan(power)
+    state[0] = torch.where(is_nan, _identity(p, power.device), power)
+    state[_NAN] = is_nan.double()
+    if failed:
+        state[_FAILED] = 1.0
+    for i, dtype in enumerate(_RESULT_DTYPES):
+        if dtype in dtypes:
+            state[_DTYPES + i] = 1.0
+    return state
+
+
+def _combine_states(a: torch.Tensor | None, b: torch.Tensor, p: float) -> torch.Tensor:
+    if a is None:
+        return b
+    b = b.to(a.device)
+    return torch.cat([_combine(a[:1], b[:1], p), torch.maximum(a[1:], b[1:])])
+
+
+def _all_reduce(state: torch.Tensor, p: float, group, device) -> torch.Tensor:
+    """All-reduce a state over `group`, on `device` (the same on every rank).
+    A NaN on any rank gives NaN on every rank: sums would carry it, but
+    gloo's MAX and MIN may drop it, hence the flag."""
     import torch.distributed as dist
 
-    op = _reduce_op(p)
-    if p not in (float("inf"), float("-inf")):
-        dist.all_reduce(power, op=op, group=group)
-        return power
-    sign = 1.0 if p == float("inf") else -1.0  # MIN reduces the negated flag
-    is_nan = torch.isnan(power)
-    packed = torch.stack([torch.where(is_nan, _identity(p, power.device), power), is_nan.double() * sign])
-    dist.all_reduce(packed, op=op, group=group)
-    return torch.where(packed[1] * sign > 0, torch.full_like(power, float("nan")), packed[0])
+    home = state.device
+    state = state.to(device)
+    sign = -1.0 if p == float("-inf") else 1.0  # MIN: reduce the negated flags
+    if sign < 0:
+        state[1:] *= -1
+    dist.all_reduce(state, op=_reduce_op(p), group=group)
+    if sign < 0:
+        state[1:] *= -1
+    return state.to(home)
+
+
+def _value(state: torch.Tensor) -> torch.Tensor:
+    return torch.where(state[_NAN] > 0, torch.full_like(state[0], float("nan")), state[0])
 
 
 def _collective_device(process_group) -> torch.device:
+    """Where every rank of `process_group` all-reduces (all alike, also a rank
+    with no grads): the current CUDA device if the group maps CUDA to a GPU
+    backend (NCCL), else the CPU."""
     from torch.distributed import distributed_c10d
 
-    return torch.device(distributed_c10d._get_object_coll_device(process_group))
+    try:
+        config = distributed_c10d.get_backend_config(process_group)  # e.g. "cuda:nccl,cpu:gloo"
+        backends = dict(item.split(":", 1) for item in config.split(",") if ":" in item)
+    except (AttributeError, RuntimeError, ValueError):
+        return torch.device(distributed_c10d._get_object_coll_device(process_group))
+    if torch.cuda.is_available() and backends.get("cuda", "gloo") != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _raise_if_torch_would(tensors: list, p: float, foreach) -> None:
@@ -183,12 +227,17 @@ MIXED_MESSAGE = (
 def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group, work=None):
     """(the total as torch's get_total_norm returns it, reduced over the ranks;
     the float32 total, float64 for float64 grads, that the clip coefficient
-    is computed from).  Every rank must call it with the same kinds of grads.
+    is computed from; a 0-dim bool tensor on the device, True if another
+    rank's local norm failed: then leave the grads alone).  Every rank must
+    call it with the same kinds of grads.
 
     Nothing that can fail on one rank only may stop it before a collective:
     if this rank's local norm raises (say a named backend that cannot serve
-    its grads), it still joins every collective with a NaN, so the other
-    ranks get a NaN total instead of waiting forever, and raises afterwards.
+    its grads), it still joins every collective with a NaN and a failure
+    flag, then raises; the other ranks get a NaN total and leave their grads
+    alone (with error_if_nonfinite=True they raise too).  No rank waits forever.
+    The total's dtype is the promotion of this rank's grads' dtypes (no host
+    sync), or of every rank's with error_if_nonfinite=True (which syncs).
     `work`: the GradList of `tensors` if the caller has one (plain tensors on
     one device: no Python loop over them here)."""
     p = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
@@ -222,29 +271,36 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
 
     failure = None
 
-    def local(tensors_, device, work_=None):
+    def local_state(tensors_, device, work_=None):
         nonlocal failure
         try:
-            return _local_power(tensors_, p, name, foreach, device, work_)
+            power = _local_power(tensors_, p, name, foreach, device, work_)
         except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
             failure = failure or exc
-            return torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
+            power = torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
+        return _state(power, failure is not None, set(map(_norm_dtype, tensors_)), p)
 
     fallback_device = _collective_device(process_group) if process_group is not None else torch.device("cpu")
-    power = local(plain, fallback_device, work) if plain or not groups else None
+    state = local_state(plain, fallback_device, work) if plain or not groups else None
     for group_mesh, shard_dims, shards in groups.values():
-        group_power = local(shards, fallback_device)
+        group_state = local_state(shards, fallback_device)
         for dim in shard_dims:  # same order on every rank: grads come in the same order
-            group_power = _all_reduce(group_power, p, group_mesh.get_group(dim))
-        power = group_power if power is None else _combine(power, group_power, p)
+            group_state = _all_reduce(group_state, p, group_mesh.get_group(dim), group_state.device)
+        state = _combine_states(state, group_state, p)
     if process_group is not None:
-        power = _all_reduce(power, p, process_group)
+        state = _all_reduce(state, p, process_group, fallback_device)
     if failure is not None:
         raise failure
 
-    wide = _from_power(power, p)
-    dtypes = work.dtypes if work is not None else set(map(_dtype_of, tensors))
-    result_dtype = _promoted(dtypes) if dtypes else torch.get_default_dtype()
+    wide = _from_power(_value(state), p)
+    local_dtypes = work.dtypes if work is not None else set(map(_norm_dtype, tensors))
+    result_dtype = _promoted(local_dtypes) if local_dtypes else torch.get_default_dtype()
+    if error_if_nonfinite:  # a host sync anyway: take the dtype all ranks' grads promote to, and check alike
+        flags = state[_FAILED:].tolist()
+        if flags[0] > 0:
+            raise RuntimeError("fastclip: the local norm failed on another rank of the group (see its error)")
+        everyone = {d for d, present in zip(_RESULT_DTYPES, flags[1:]) if present > 0}
+        result_dtype = _promoted(everyone) if everyone else result_dtype
     total = wide.to(result_dtype)
     coef_total = wide.to(torch.float64 if result_dtype == torch.float64 else torch.float32)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # every rank sees the same total
@@ -253,7 +309,12 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         from torch.distributed.tensor import Replicate
 
         total = cls.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return total, coef_total
+    return total, coef_total, state[_FAILED] > 0
+
+
+def _norm_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of a tensor's norm (real for complex tensors)."""
+    return t.dtype.to_real() if t.is_complex() else t.dtype
 
 
 def _promoted(dtypes) -> torch.dtype:

@@ -452,17 +452,53 @@ def a_nan_on_one_rank_reaches_every_rank(rank, world):
 @scenario(2)
 def a_failure_on_one_rank_does_not_hang_the_others(rank, world):
     """Rank 1's grads are complex, which backend="cpu" cannot take: rank 1
-    raises BackendError, after joining the collective with a NaN, so rank 0
-    gets a NaN total instead of waiting forever."""
+    raises BackendError after joining the collective with a failure flag;
+    rank 0 gets a NaN total and leaves its grads alone (no hang, no NaN
+    grads); with error_if_nonfinite=True rank 0 raises too."""
     import fastclip
 
-    grads = [torch.ones(4)] if rank == 0 else [torch.ones(4, dtype=torch.complex64)]
-    try:
-        total = fastclip.get_total_norm(grads, backend="cpu", process_group=dist.group.WORLD)
-    except fastclip.BackendError as exc:
-        assert rank == 1 and "cannot serve" in str(exc)
-    else:
-        assert rank == 0 and math.isnan(total.item())
+    def params():
+        grad = torch.full((4,), 3.0) if rank == 0 else torch.ones(4, dtype=torch.complex64)
+        return params_with([grad])
+
+    for error_if_nonfinite in (False, True):
+        ps = params()
+        before = ps[0].grad.clone()
+        try:
+            total = fastclip.clip_grad_norm_(
+                ps, 0.1, error_if_nonfinite=error_if_nonfinite, backend="cpu", process_group=dist.group.WORLD
+            )
+        except fastclip.BackendError as exc:
+            assert rank == 1 and "cannot serve" in str(exc)
+        except RuntimeError as exc:
+            assert rank == 0 and error_if_nonfinite and "failed on another rank" in str(exc), exc
+        else:
+            assert rank == 0 and not error_if_nonfinite and math.isnan(total.item())
+        assert torch.equal(ps[0].grad, before)
+
+
+@scenario(2, 4)
+def ranks_holding_different_dtypes(rank, world):
+    """Rank 0 holds float32, rank 1 float16 (a ZeRO-style split of a mixed
+    model; other ranks nothing).  The total over all of them, 1e5, is beyond
+    float16: every rank clips with the same float32 total; with
+    error_if_nonfinite=True every rank returns it as float32 (the dtype all
+    grads promote to) and none raises."""
+    import fastclip
+
+    local = {0: [torch.full((4,), 40000.0)], 1: [torch.full((4,), 30000.0, dtype=torch.float16)]}.get(rank, [])
+    for error_if_nonfinite in (True, False):
+        params = params_with([g.clone() for g in local])
+        total = fastclip.clip_grad_norm_(
+            params, 1.0, error_if_nonfinite=error_if_nonfinite, process_group=dist.group.WORLD
+        )
+        if error_if_nonfinite:
+            assert total.dtype == torch.float32 and total.item() == 100000.0, total
+        else:  # this rank's dtype: float16 overflows there, the float32 total does not
+            assert total.dtype == (local[0].dtype if local else torch.float32)
+        for q, g in zip(params, local):
+            want = (g.float() * torch.clamp(1.0 / (torch.tensor(100000.0) + 1e-6), max=1.0)).to(g.dtype)
+            torch.testing.assert_close(q.grad, want)
 
 
 @scenario(2)
@@ -512,6 +548,11 @@ def process_group_under_torch_compile(rank, world):
     params = params_with(pieces)
     step = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 0.5, process_group=dist.group.WORLD), backend="eager")
     assert_close(step(params), torch.nn.utils.get_total_norm(full))
+    ref_params = params_with(full)
+    torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    clipped = torch.cat([q.grad.reshape(-1) for q in ref_params])
+    _pieces, (lo, hi) = flat_shards(full, rank, world)
+    assert_close(torch.cat([q.grad.reshape(-1) for q in params]), clipped[lo:hi])
     torch._dynamo.reset()
 
 
