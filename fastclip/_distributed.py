@@ -278,7 +278,8 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
             failure = failure or exc
             power = torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
-        return _state(power, failure is not None, set(map(_norm_dtype, tensors_)), p)
+        dtypes = work_.dtypes if work_ is not None else _norm_dtypes(tensors_)
+        return _state(power, failure is not None, dtypes, p)
 
     fallback_device = _collective_device(process_group) if process_group is not None else torch.device("cpu")
     state = local_state(plain, fallback_device, work) if plain or not groups else None
@@ -293,7 +294,7 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         raise failure
 
     wide = _from_power(_value(state), p)
-    local_dtypes = work.dtypes if work is not None else set(map(_norm_dtype, tensors))
+    local_dtypes = work.dtypes if work is not None else _norm_dtypes(tensors)
     result_dtype = _promoted(local_dtypes) if local_dtypes else torch.get_default_dtype()
     if error_if_nonfinite:  # a host sync anyway: take the dtype all ranks' grads promote to, and check alike
         flags = state[_FAILED:].tolist()
@@ -312,9 +313,9 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
     return total, coef_total, state[_FAILED] > 0
 
 
-def _norm_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype of a tensor's norm (real for complex tensors)."""
-    return t.dtype.to_real() if t.is_complex() else t.dtype
+def _norm_dtypes(tensors) -> set:
+    """The dtypes of the tensors' norms (real for complex tensors)."""
+    return {d.to_real() if d.is_complex else d for d in set(map(_dtype_of, tensors))}
 
 
 def _promoted(dtypes) -> torch.dtype:
