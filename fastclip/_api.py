@@ -18,13 +18,9 @@ from typing_extensions import deprecated
 
 from . import _dispatch, _distributed, _ops, _work
 from ._errors import check_clip_value, empty_inf_norm_message, nonfinite_message
-from ._work import collect
+from ._work import as_list, collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS, LINF
-
-
-def _as_list(parameters) -> list:
-    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
 def _gather(name: str, items: list, from_params: bool, sign_matters: bool = False):
@@ -155,7 +151,7 @@ def get_total_norm(
             )
         return _ops.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend)
     name = _dispatch.resolve_name(backend)
-    tensors = _as_list(tensors)
+    tensors = as_list(tensors)
     grads, work, why = _gather(name, tensors, False)
     if process_group is not None or _has_dtensor(grads, work):
         return _distributed.total_norm(tensors, norm_type, error_if_nonfinite, foreach, name, process_group, work)[0]
@@ -177,7 +173,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     if torch.compiler.is_compiling():
         return _ops.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend)
     name = _dispatch.resolve_name(backend)
-    parameters = _as_list(parameters)
+    parameters = as_list(parameters)
     grads, work, why = _gather(name, parameters, True)
     if _has_dtensor(grads, work):
         max_norm = float(max_norm)
@@ -228,7 +224,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
     if torch.compiler.is_compiling():
         return _ops.clip_grad_value_(parameters, clip_value, foreach, backend)
     name = _dispatch.resolve_name(backend)
-    parameters = _as_list(parameters)
+    parameters = as_list(parameters)
     clip_value_f = float(clip_value)
     sign_matters = clip_value_f < 0
     grads, work, why = _gather(name, parameters, True, sign_matters)

@@ -26,7 +26,7 @@ import torch
 
 from . import _dispatch
 from ._errors import nonfinite_message
-from ._work import collect
+from ._work import collect, promoted_dtype
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS
 
@@ -45,10 +45,15 @@ def has_dtensor(tensors) -> bool:
     return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
+def _is_partial(placements) -> bool:
+    """Unreduced values on some mesh dim?"""
+    return any(pl.is_partial() for pl in placements)
+
+
 def has_partial(tensors) -> bool:
     """Any DTensor with a Partial (unreduced) placement among `tensors`?"""
     cls = dtensor_class()
-    return cls is not None and any(isinstance(t, cls) and any(pl.is_partial() for pl in t.placements) for t in tensors)
+    return cls is not None and any(isinstance(t, cls) and _is_partial(t.placements) for t in tensors)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +67,7 @@ def full_value(total: torch.Tensor) -> torch.Tensor:
     DTensor with a Partial placement (as torch < 2.13 returns them)."""
     cls = dtensor_class()
     if cls is not None and isinstance(total, cls):
-        return total.full_tensor() if any(p.is_partial() for p in total.placements) else total._local_tensor
+        return total.full_tensor() if _is_partial(total.placements) else total._local_tensor
     return total
 
 
@@ -224,6 +229,21 @@ MIXED_MESSAGE = (
 # ---------------------------------------------------------------- the total
 
 
+def _split_by_spec(tensors: list, cls) -> tuple[list, dict]:
+    """(plain tensors, {(mesh id, placements): (mesh, placements, DTensors)})."""
+    plain, by_spec = [], {}
+    for t in tensors:
+        if cls is None or not isinstance(t, cls):
+            plain.append(t)
+            continue
+        key = (id(t.device_mesh), t.placements)
+        entry = by_spec.get(key)
+        if entry is None:
+            entry = by_spec[key] = (t.device_mesh, t.placements, [])
+        entry[2].append(t)
+    return plain, by_spec
+
+
 def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group, work=None):
     """(the total as torch's get_total_norm returns it, reduced over the ranks;
     the float32 total, float64 for float64 grads, that the clip coefficient
@@ -244,16 +264,7 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
     if p == 0.0:
         raise ValueError(P0_MESSAGE)
     cls = dtensor_class()
-    plain, by_spec = ([], {}) if work is None else (tensors, {})  # by_spec: (mesh id, placements) -> ...
-    for t in tensors if work is None else ():
-        if cls is None or not isinstance(t, cls):
-            plain.append(t)
-            continue
-        key = (id(t.device_mesh), t.placements)
-        entry = by_spec.get(key)
-        if entry is None:
-            entry = by_spec[key] = (t.device_mesh, t.placements, [])
-        entry[2].append(t)
+    plain, by_spec = (tensors, {}) if work is not None else _split_by_spec(tensors, cls)
     if by_spec and plain:
         raise RuntimeError(MIXED_MESSAGE)
     mesh = next(iter(by_spec.values()))[0] if by_spec else None
@@ -261,7 +272,7 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         _raise_if_torch_would(tensors, p, foreach)
     groups = {}  # (mesh id, mesh dims sharded on) -> (mesh, those dims, local shards)
     for group_mesh, placements, members in by_spec.values():
-        if any(pl.is_partial() for pl in placements):  # unreduced values: reduce them (for the norm only)
+        if _is_partial(placements):  # unreduced values: reduce them (for the norm only)
             from torch.distributed.tensor import Replicate
 
             placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
@@ -295,13 +306,13 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
 
     wide = _from_power(_value(state), p)
     local_dtypes = work.dtypes if work is not None else _norm_dtypes(tensors)
-    result_dtype = _promoted(local_dtypes) if local_dtypes else torch.get_default_dtype()
+    result_dtype = promoted_dtype(local_dtypes) if local_dtypes else torch.get_default_dtype()
     if error_if_nonfinite:  # a host sync anyway: take the dtype all ranks' grads promote to, and check alike
         flags = state[_FAILED:].tolist()
         if flags[0] > 0:
             raise RuntimeError("fastclip: the local norm failed on another rank of the group (see its error)")
         everyone = {d for d, present in zip(_RESULT_DTYPES, flags[1:]) if present > 0}
-        result_dtype = _promoted(everyone) if everyone else result_dtype
+        result_dtype = promoted_dtype(everyone) if everyone else result_dtype
     total = wide.to(result_dtype)
     coef_total = wide.to(torch.float64 if result_dtype == torch.float64 else torch.float32)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # every rank sees the same total
@@ -316,10 +327,3 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
 def _norm_dtypes(tensors) -> set:
     """The dtypes of the tensors' norms (real for complex tensors)."""
     return {d.to_real() if d.is_complex else d for d in set(map(_dtype_of, tensors))}
-
-
-def _promoted(dtypes) -> torch.dtype:
-    result = None
-    for d in dtypes:
-        result = d if result is None else torch.promote_types(result, d)
-    return result

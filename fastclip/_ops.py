@@ -18,6 +18,7 @@ import math
 import torch
 from torch.library import custom_op
 
+from ._work import as_list, promoted_dtype
 from .backends import torch_ref
 
 _FUSED_P = (1.0, 2.0, math.inf)
@@ -83,10 +84,7 @@ def _clip_grad_value_op(grads: list[torch.Tensor], clip_value: float, foreach: b
 def _fake_total(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:  # torch's tensor(0.) for an empty list
         return torch.empty((), dtype=torch.get_default_dtype(), device="cpu")
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.empty((), dtype=dtype, device=tensors[0].device)
+    return torch.empty((), dtype=promoted_dtype(t.dtype for t in tensors), device=tensors[0].device)
 
 
 @_clip_grad_norm_op.register_fake
@@ -112,8 +110,9 @@ def _(grads, clip_value, foreach, backend):
 # ---------------------------------------------------------------- traced entry points
 
 
-def _as_list(items) -> list:
-    return [items] if isinstance(items, torch.Tensor) else list(items)
+def _params_and_grads(parameters) -> tuple[list, list]:
+    parameters = as_list(parameters)
+    return parameters, [p.grad for p in parameters if p.grad is not None]
 
 
 def _plain(tensors) -> bool:
@@ -127,8 +126,7 @@ def _number(x) -> bool:
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend):
-    parameters = _as_list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in _FUSED_P:
         return torch.ops.fastclip.clip_grad_norm_(
             grads, float(max_norm), float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
@@ -137,7 +135,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach
 
 
 def get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend):
-    tensors = _as_list(tensors)
+    tensors = as_list(tensors)
     if _plain(tensors) and _number(norm_type) and float(norm_type) in _FUSED_P:
         return torch.ops.fastclip.get_total_norm(
             tensors, float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
@@ -146,8 +144,7 @@ def get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend):
 
 
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
-    parameters = _as_list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and type(total_norm) is torch.Tensor:
         torch.ops.fastclip.clip_grads_with_norm_(grads, float(max_norm), total_norm, foreach, backend or "")
         return None
@@ -155,8 +152,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
 
 
 def clip_grad_value_(parameters, clip_value, foreach, backend):
-    parameters = _as_list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(clip_value):
         torch.ops.fastclip.clip_grad_value_(grads, float(clip_value), foreach, backend or "")
         return None

@@ -61,9 +61,7 @@ class GradList:
     @property
     def result_dtype(self) -> torch.dtype:
         """dtype torch gives the total norm: the promotion of all grad dtypes."""
-        if len(self.dtypes) == 1:
-            return next(iter(self.dtypes))
-        return functools.reduce(torch.promote_types, self.dtypes)
+        return promoted_dtype(self.dtypes)
 
     def strided_indices(self) -> list[int]:
         """Indices of the grads that are views, not one dense block (the GPU
@@ -88,6 +86,16 @@ class GradList:
     def mark_modified(self) -> None:
         """Bump autograd version counters, as torch's in-place ops would."""
         increment_version(self.tensors)
+
+
+def promoted_dtype(dtypes) -> torch.dtype:
+    """torch's type promotion over `dtypes` (at least one): the dtype of a norm of tensors of these dtypes."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def as_list(items) -> list:
+    """A tensor or an iterable of tensors (or parameters), as torch's clip functions take them, as a list."""
+    return [items] if isinstance(items, torch.Tensor) else list(items)
 
 
 def collect(items: list, from_params: bool, sign_matters: bool = False) -> tuple[list, GradList | None, str]:
