@@ -204,3 +204,18 @@ def check_clip_grad_norm(params, backend, max_norm, norm_type=2.0, foreach=None,
     torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm, backend))
     assert_grads_bitwise_equal(ours, expected)
     return total, ours
+
+
+def count_calls(monkeypatch, obj, *methods) -> dict:
+    """Wrap obj.<method> for each method so calls are counted (the count
+    dict, by method name, is returned); the wrapped methods still run."""
+    counts = dict.fromkeys(methods, 0)
+    for method in methods:
+        real = getattr(obj, method)
+
+        def counted(*args, _method=method, _real=real, **kwargs):
+            counts[_method] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, method, counted)
+    return counts

@@ -12,6 +12,8 @@ import pytest
 from examples import train_gpt
 from fastclip._dispatch import FUSED_BACKENDS
 
+from .helpers import count_calls
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--steps", "6", "--layers", "1", "--d-model", "32", "--heads", "2", "--seq", "16", "--batch", "4",
         "--vocab", "64", "--device", "cpu", "--max-norm", "0.05"]  # fmt: skip
@@ -19,12 +21,9 @@ TINY = ["--steps", "6", "--layers", "1", "--d-model", "32", "--heads", "2", "--s
 
 @pytest.mark.parametrize("patch", [False, True], ids=["direct", "patched"])
 def test_gpt_loss_curve_matches_torch(patch, capsys, monkeypatch):
-    calls = []
-    cpu = FUSED_BACKENDS["cpu"]
-    real = cpu.clip_norm
-    monkeypatch.setattr(cpu, "clip_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, FUSED_BACKENDS["cpu"], "clip_norm")
     runs = train_gpt.main(TINY + ["--compare"] + (["--patch"] if patch else []))
-    assert len(calls) == 6  # the fastclip run clipped with the fused kernels every step (the torch run did not)
+    assert calls["clip_norm"] == 6  # the fastclip run clipped with the fused kernels every step (the torch run did not)
     torch_run, fast_run = runs["torch"], runs["fastclip-auto"]
     assert len(torch_run["losses"]) == 6 and torch_run["grads"] == fast_run["grads"] == 16
     # max_norm 0.05: every step clips, so any difference in clipping would show
