@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .harness import OPS, CaseResult, _floors
-from .layouts import gpt2_small, tiny_tensors
+from .layouts import fill_random, gpt2_small, tiny_tensors
 from .report import machine_info, summarize, table, write_all
 
 SUITE = [
@@ -65,12 +65,7 @@ def _local_grads(layout, dtype, rank, world, seed=0):
     shards, shapes = [], []
     for shape, _role in layout.shapes:
         _, rows = _shard_rows(shape[0], rank, world)
-        local = torch.empty((rows, *shape[1:]), dtype=getattr(torch, dtype))
-        flat = local.view(-1)
-        for start in range(0, flat.numel(), 1 << 22):
-            stop = min(start + (1 << 22), flat.numel())
-            flat[start:stop] = torch.randn(stop - start, generator=gen).mul_(1e-2).to(local.dtype)
-        shards.append(local)
+        shards.append(fill_random(torch.empty((rows, *shape[1:]), dtype=getattr(torch, dtype)), gen))
         shapes.append(torch.Size(shape))
     return shards, shapes
 
@@ -163,10 +158,7 @@ def _rows(raw: list[dict]) -> list[dict]:
         result = CaseResult(case["layout"], case["dtype"], case["op"], case["tensors"], case["numel"],
                             case["nbytes_per_rank"])  # fmt: skip
         result.times = case["times"]
-        for kind in ("read", "rw"):
-            best = min((n for n in result.times if n.startswith(f"floor:{kind}:")), key=result.median)
-            result.times[f"floor:{kind}"] = result.times[best]
-            result.floor_sources[kind] = best.split(":", 2)[2]
+        result.pick_floors()
         result.times["torch"] = result.times["torch DTensor"]  # summarize() wants one; replaced below
         case_rows = [row for row in summarize(result) if row["impl"] != "torch"]
         by_impl = {row["impl"]: row for row in case_rows}

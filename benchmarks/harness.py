@@ -90,6 +90,13 @@ class CaseResult:
     def median(self, name: str) -> float:
         return statistics.median(self.times[name])
 
+    def pick_floors(self) -> None:
+        """Each floor ("read", "rw") is the fastest of its measurements ("floor:<kind>:<label>")."""
+        for kind in ("read", "rw"):
+            best = min((n for n in self.times if n.startswith(f"floor:{kind}:")), key=self.median)
+            self.times[f"floor:{kind}"] = self.times[best]
+            self.floor_sources[kind] = best.split(":", 2)[2]
+
     def floor_seconds(self, op: Op) -> float:
         read, rw = self.median("floor:read"), self.median("floor:rw")
         return {"read": read, "rw": rw, "read+rw": read + rw}[op.floor]
@@ -192,10 +199,6 @@ def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str =
                 if modifies:
                     restore()
                 result.launches[name] = _kernels_launched(fn)
-    # each floor is the fastest of its measurements
-    for kind in ("read", "rw"):
-        best = min((n for n in result.times if n.startswith(f"floor:{kind}:")), key=result.median)
-        result.times[f"floor:{kind}"] = result.times[best]
-        result.floor_sources[kind] = best.split(":", 2)[2]
+    result.pick_floors()
     restore()
     return result

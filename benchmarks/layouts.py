@@ -107,6 +107,16 @@ def billion(small: int = 100, large: int = 200) -> Layout:
 LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors, billion)}
 
 
+def fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fill `t` with N(0, 1e-2) values, in chunks: randn of a whole 40M-element
+    tensor in float64 would need 300 MB.  Returns `t`."""
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), 1 << 22):
+        stop = min(start + (1 << 22), flat.numel())
+        flat[start:stop] = torch.randn(stop - start, generator=gen).mul_(1e-2).to(t.dtype)
+    return t
+
+
 def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):
     """Parameters with random N(0, 1e-2) grads.  dtype "mixed": weights
     bfloat16, small tensors float32."""
@@ -118,12 +128,6 @@ def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):
         else:
             dt = getattr(torch, dtype)
         p = torch.nn.Parameter(torch.empty(shape, dtype=dt, device=device))
-        g = torch.empty(shape, dtype=dt, device=device)
-        # fill in chunks: randn of a whole 40M-element tensor in float64 would need 300 MB
-        flat = g.view(-1)
-        for start in range(0, flat.numel(), 1 << 22):
-            stop = min(start + (1 << 22), flat.numel())
-            flat[start:stop] = torch.randn(stop - start, generator=gen).mul_(1e-2).to(dt)
-        p.grad = g
+        p.grad = fill_random(torch.empty(shape, dtype=dt, device=device), gen)
         params.append(p)
     return params
