@@ -54,20 +54,17 @@ namespace {
 
 // S: storage, Math: what scale and clamp compute in (torch's opmath), UnitAcc:
 // a thread's accumulator within one unit.
-struct F32 {
-  using S = float;
-  using Math = float;
+// float32 and float64 compute in themselves and accumulate a unit in double.
+template <class T>
+struct Native {
+  using S = T;
+  using Math = T;
   using UnitAcc = double;
-  static __device__ float widen(float s) { return s; }
-  static __device__ float narrow(float m) { return m; }
+  static __device__ T widen(T s) { return s; }
+  static __device__ T narrow(T m) { return m; }
 };
-struct F64 {
-  using S = double;
-  using Math = double;
-  using UnitAcc = double;
-  static __device__ double widen(double s) { return s; }
-  static __device__ double narrow(double m) { return m; }
-};
+using F32 = Native<float>;
+using F64 = Native<double>;
 struct F16 {
   using S = unsigned short;
   using Math = float;
