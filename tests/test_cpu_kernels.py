@@ -138,6 +138,32 @@ def test_scale_and_clamp_of_special_and_subnormal_values_match_torch(isa, dtype,
         assert_bitwise_equal(got, want)
 
 
+# The streaming loops walk a run as 4 parts in lockstep, in blocks of 16 to 128
+# elements (by kernel and instruction set): sizes on both sides of 4 blocks,
+# 4 blocks plus a block, and a few odd ones.
+STREAM_SIZES = sorted({m * b + d for b in (16, 32, 64, 128) for m in (4, 5, 8) for d in (-1, 0, 1)} | {1003, 4099})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_kernel_around_the_stream_split(isa, dtype, seed):
+    for n in STREAM_SIZES:
+        x = (torch.randn(n, dtype=torch.float64) * 3).to(dtype)
+        x[torch.randint(n, (1,))] = 50.0  # one value that clamping changes, somewhere
+        exact = x.double()
+        table = table_of([x])
+        rel = 1e-6 if dtype in (torch.float16, torch.bfloat16) else 1e-13
+        assert _ext.norm(table, 2, 1) == pytest.approx(torch.linalg.vector_norm(exact).item(), rel=rel), n
+        assert _ext.norm(table, 1, 1) == pytest.approx(exact.abs().sum().item(), rel=rel), n
+        assert _ext.norm(table, 3, 1) == exact.abs().max().item(), n
+        got, want = x.clone(), x.clone().mul_(torch.tensor(0.3, dtype=torch.float64 if dtype == torch.float64 else None))
+        _ext.scale(table_of([got]), 0.3, 1)
+        assert_bitwise_equal(got, want)
+        for clip in (4.0, 1e-3):  # few values change; most change
+            got, want = x.clone(), x.clone().clamp_min_(-clip).clamp_max_(clip)
+            _ext.clamp(table_of([got]), clip, 1)
+            assert_bitwise_equal(got, want)
+
+
 def test_mixed_dtypes_in_one_pass(seed):
     tensors = [
         torch.randn(n).to(d)

@@ -53,18 +53,31 @@ static inline V splat(S s) {  // every lane = s (V{} + s would turn -0.0 into +0
   return v;
 }
 
-// Software prefetch this many bytes ahead in streaming loops: on the 2-core
-// machines measured it brought the fp32 norm pass from ~10% to ~4% above a
-// plain read.  A prefetch never faults, even past the end of the data.
-static constexpr int kPrefetchBytes = 1024;
-template <class T>
-static inline void prefetch_ahead(const T* p) {
-  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
-}
-// One prefetch per 64-byte line of a block of `bytes` bytes starting at p.
-template <int bytes, class T>
-static inline void prefetch_block(const T* p) {
-  for (int b = 0; b < bytes; b += 64) prefetch_ahead(reinterpret_cast<const char*>(p) + b);
+// Every streaming loop walks a run as kStreams equal parts in lockstep.  One
+// core keeps more cache-line misses in flight when the hardware prefetchers
+// follow several sequential streams: on the 2-core EPYC measured, a plain
+// read went from 28 to 31 GB/s (one core: 17 to 21) and the fp32 norm pass
+// from 27 to 29.5 GB/s, where software prefetch had gained only ~5%.
+static constexpr int kStreams = 4;
+
+// Calls step(p + k) for every full block of B elements of [0, n): first the
+// blocks of the kStreams parts, taking one block of each part in turn, then
+// the blocks after them.  The order depends on n and B only, so reductions
+// that take B from elements (not from the vector width) give the same bits
+// on every instruction set.  Returns the elements done (a multiple of B).
+// Inlined with everything it calls, so the accumulators that `step` captures
+// stay in registers (GCC stopped inlining the loads once a loop had two
+// copies of the step).  Loads are passed as lambdas, not function pointers,
+// for the same reason.
+template <int B, class T, class Step>
+[[gnu::always_inline, gnu::flatten]] static inline int64_t for_blocks(T* p, int64_t n, const Step& step) {
+  const int64_t part = n / (kStreams * B) * B;
+  for (int64_t i = 0; i < part; i += B) {
+    for (int s = 0; s < kStreams; ++s) step(p + s * part + i);
+  }
+  int64_t i = kStreams * part;
+  for (; i + B <= n; i += B) step(p + i);
+  return i;
 }
 
 // Whether any lane of a comparison mask is set (a ptest / movemask: the
@@ -218,7 +231,8 @@ static inline double combine8(const double* a) {
 }
 
 // fp32 and fp64: 16 logical double accumulators (element i of the run goes
-// to accumulator i % 16), then the elements left over, in order.  `load`
+// to accumulator i % 16, blocks in for_blocks order), then the elements left
+// over, in order.  `load`
 // gives D elements as doubles.  The squares of floats are exact in double,
 // so for fp32 the only rounding is the sum.  fp64 (kCompensated) carries the
 // rounding error of every addition (TwoSum), as torch's cascade summation
@@ -237,17 +251,16 @@ static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
   double lanes[16] = {}, errors[16] = {};
   if (stride == 1) {
     vd acc[kVecs] = {}, err[kVecs] = {};
-    for (; i + 16 <= n; i += 16) {
-      prefetch_block<16 * sizeof(T)>(p + i);
+    i = for_blocks<16>(p, n, [&](const T* q) {
       for (int k = 0; k < kVecs; ++k) {
-        const vd x = term<P>(load(p + i + k * D));
+        const vd x = term<P>(load(q + k * D));
         if constexpr (kCompensated) {
           two_sum_add(acc[k], err[k], x);
         } else {
           acc[k] += x;
         }
       }
-    }
+    });
     for (int k = 0; k < kVecs; ++k) {
       storeu(lanes + k * D, acc[k]);
       storeu(errors + k * D, err[k]);
@@ -268,17 +281,18 @@ static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
 
 template <int P>
 static double sum_f32(const void* data, int64_t n, int64_t stride) {
-  return sum16<P, false>(static_cast<const float*>(data), n, stride, load_as_double);
+  return sum16<P, false>(static_cast<const float*>(data), n, stride, [](const float* q) { return load_as_double(q); });
 }
 
 template <int P>
 static double sum_f64(const void* data, int64_t n, int64_t stride) {
-  return sum16<P, true>(static_cast<const double*>(data), n, stride, loadu<vd, double>);
+  return sum16<P, true>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); });
 }
 
 // fp16 / bf16: squares are exact in float.  32 logical float accumulators sum
-// blocks of 256 elements (8 terms each); each block is folded into 8 logical
-// double accumulators, so the float rounding never builds up over long runs.
+// 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
+// folded into 8 logical double accumulators, so the float rounding never
+// builds up over long runs.
 template <int P, bool BF16>
 static double sum_h16(const void* data, int64_t n, int64_t stride) {
   using H = Half16<BF16>;
@@ -293,20 +307,22 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
   }
   constexpr int kVecs = 32 / L;  // float accumulators
   vd dacc[8 / D] = {};
-  int64_t i = 0;
-  while (i + 32 <= n) {
-    vf acc[kVecs] = {};
-    const int64_t block_end = i + 256 <= n ? i + 256 : n - (n - i) % 32;
-    for (; i < block_end; i += 32) {
-      prefetch_ahead(p + i);
-      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(p + i + k * L));
-    }
+  vf acc[kVecs] = {};
+  int steps = 0;  // blocks of 32 summed into acc since the last fold
+  auto fold = [&] {
     // logical lane j of the block: (acc j + acc 8+j) + (acc 16+j + acc 24+j)
     for (int h = 0; h < 8 / L; ++h) {
       const vf block = (acc[h] + acc[h + 8 / L]) + (acc[h + 16 / L] + acc[h + 24 / L]);
       add_as_doubles(dacc + h * (L / D), block);
     }
-  }
+    for (vf& a : acc) a = vf{};
+    steps = 0;
+  };
+  int64_t i = for_blocks<32>(p, n, [&](const uint16_t* q) {
+    for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(q + k * L));
+    if (++steps == 8) fold();
+  });
+  if (steps > 0) fold();
   double lanes[8];
   for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
   double tail = 0.0;
@@ -328,13 +344,12 @@ static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value va
   if (stride == 1) {
     V m0{}, m1{};
     M nan{};
-    for (; i + 2 * step <= n; i += 2 * step) {
-      prefetch_ahead(p + i);
-      const V x0 = term<1>(load(p + i)), x1 = term<1>(load(p + i + step));
+    i = for_blocks<2 * step>(p, n, [&](const T* q) {
+      const V x0 = term<1>(load(q)), x1 = term<1>(load(q + step));
       nan |= (x0 != x0) | (x1 != x1);
       m0 = x0 > m0 ? x0 : m0;
       m1 = x1 > m1 ? x1 : m1;
-    }
+    });
     if (any(nan)) return __builtin_nan("");
     m0 = m1 > m0 ? m1 : m0;
     for (int k = 0; k < step; ++k) m = m0[k] > m ? m0[k] : m;
@@ -344,19 +359,20 @@ static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value va
 }
 
 static double max_f32(const void* data, int64_t n, int64_t stride) {
-  return max_abs<vf, vi>(static_cast<const float*>(data), n, stride, loadu<vf, float>,
+  return max_abs<vf, vi>(static_cast<const float*>(data), n, stride, [](const float* q) { return loadu<vf>(q); },
                          [](float x) { return static_cast<double>(x); });
 }
 
 template <bool BF16>
 static double max_h16(const void* data, int64_t n, int64_t stride) {
   using H = Half16<BF16>;
-  return max_abs<vf, vi>(static_cast<const uint16_t*>(data), n, stride, H::load,
+  return max_abs<vf, vi>(static_cast<const uint16_t*>(data), n, stride, [](const uint16_t* q) { return H::load(q); },
                          [](uint16_t x) { return static_cast<double>(H::to_float(x)); });
 }
 
 static double max_f64(const void* data, int64_t n, int64_t stride) {
-  return max_abs<vd, vl>(static_cast<const double*>(data), n, stride, loadu<vd, double>, [](double x) { return x; });
+  return max_abs<vd, vl>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); },
+                         [](double x) { return x; });
 }
 
 // ---------------------------------------------------------------- scaling
@@ -367,11 +383,10 @@ static void scale_native(T* p, int64_t n, int64_t stride, T c) {
   constexpr int W = sizeof(V) / sizeof(T);
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 2 * W <= n; i += 2 * W) {
-      prefetch_ahead(p + i);
-      storeu(p + i, loadu<V>(p + i) * c);
-      storeu(p + i + W, loadu<V>(p + i + W) * c);
-    }
+    i = for_blocks<2 * W>(p, n, [&](T* q) {
+      storeu(q, loadu<V>(q) * c);
+      storeu(q + W, loadu<V>(q + W) * c);
+    });
   }
   for (; i < n; ++i) p[i * stride] *= c;
 }
@@ -392,10 +407,7 @@ static void scale_h16(void* data, int64_t n, int64_t stride, double coef) {
   const float c = static_cast<float>(coef);
   int64_t i = 0;
   if (stride == 1) {
-    for (; i + 2 * L <= n; i += 2 * L) {
-      prefetch_ahead(p + i);
-      H::store2_rounded(p + i, H::load(p + i) * c, H::load(p + i + L) * c);
-    }
+    i = for_blocks<2 * L>(p, n, [&](uint16_t* q) { H::store2_rounded(q, H::load(q) * c, H::load(q + L) * c); });
   }
   for (; i < n; ++i) p[i * stride] = H::from_float(H::to_float(p[i * stride]) * c);
 }
@@ -430,10 +442,8 @@ template <class V, class M, class T>
 static void clamp_dense(T* p, int64_t n, int64_t* done, const V& lo, const V& hi) {
   constexpr int W = sizeof(V) / sizeof(T);
   const bool symmetric = hi[0] >= 0 && lo[0] == -hi[0];
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    prefetch_block<4 * sizeof(V)>(p + i);
-    const V x0 = loadu<V>(p + i), x1 = loadu<V>(p + i + W), x2 = loadu<V>(p + i + 2 * W), x3 = loadu<V>(p + i + 3 * W);
+  *done = for_blocks<4 * W>(p, n, [&](T* q) {
+    const V x0 = loadu<V>(q), x1 = loadu<V>(q + W), x2 = loadu<V>(q + 2 * W), x3 = loadu<V>(q + 3 * W);
     M m0, m1, m2, m3;
     if (symmetric) {
       m0 = term<1>(x0) > hi, m1 = term<1>(x1) > hi, m2 = term<1>(x2) > hi, m3 = term<1>(x3) > hi;
@@ -441,13 +451,12 @@ static void clamp_dense(T* p, int64_t n, int64_t* done, const V& lo, const V& hi
       m0 = outside<V, M>(x0, lo, hi), m1 = outside<V, M>(x1, lo, hi);
       m2 = outside<V, M>(x2, lo, hi), m3 = outside<V, M>(x3, lo, hi);
     }
-    if (!any((m0 | m1) | (m2 | m3))) continue;
-    if (any(m0)) storeu(p + i, clamped(x0, lo, hi));
-    if (any(m1)) storeu(p + i + W, clamped(x1, lo, hi));
-    if (any(m2)) storeu(p + i + 2 * W, clamped(x2, lo, hi));
-    if (any(m3)) storeu(p + i + 3 * W, clamped(x3, lo, hi));
-  }
-  *done = i;
+    if (!any((m0 | m1) | (m2 | m3))) return;
+    if (any(m0)) storeu(q, clamped(x0, lo, hi));
+    if (any(m1)) storeu(q + W, clamped(x1, lo, hi));
+    if (any(m2)) storeu(q + 2 * W, clamped(x2, lo, hi));
+    if (any(m3)) storeu(q + 3 * W, clamped(x3, lo, hi));
+  });
 }
 
 static void clamp_f32(void* data, int64_t n, int64_t stride, double lo_d, double hi_d) {
@@ -485,14 +494,13 @@ static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double
   int64_t i = 0;
   if (stride == 1 && !nan_bound) {
     const vf vlo = splat<vf>(lo), vhi = splat<vf>(hi);
-    for (; i + 4 * L <= n; i += 4 * L) {
-      prefetch_ahead(p + i);
-      const vf x0 = H::load(p + i), x1 = H::load(p + i + L), x2 = H::load(p + i + 2 * L), x3 = H::load(p + i + 3 * L);
+    i = for_blocks<4 * L>(p, n, [&](uint16_t* q) {
+      const vf x0 = H::load(q), x1 = H::load(q + L), x2 = H::load(q + 2 * L), x3 = H::load(q + 3 * L);
       const vi m01 = outside<vf, vi>(x0, vlo, vhi) | outside<vf, vi>(x1, vlo, vhi);
       const vi m23 = outside<vf, vi>(x2, vlo, vhi) | outside<vf, vi>(x3, vlo, vhi);
-      if (any(m01)) H::store2_exact(p + i, clamped(x0, vlo, vhi), clamped(x1, vlo, vhi));
-      if (any(m23)) H::store2_exact(p + i + 2 * L, clamped(x2, vlo, vhi), clamped(x3, vlo, vhi));
-    }
+      if (any(m01)) H::store2_exact(q, clamped(x0, vlo, vhi), clamped(x1, vlo, vhi));
+      if (any(m23)) H::store2_exact(q + 2 * L, clamped(x2, vlo, vhi), clamped(x3, vlo, vhi));
+    });
   }
   for (; i < n; ++i) {
     uint16_t& x = p[i * stride];
@@ -508,13 +516,12 @@ static uint64_t touch_read(const void* data, int64_t nbytes) {
   const char* p = static_cast<const char*>(data);
   constexpr int V = FASTCLIP_VBYTES;
   vl acc0{}, acc1{}, acc2{}, acc3{};
-  int64_t i = 0;
-  for (; i + 4 * V <= nbytes; i += 4 * V) {
-    acc0 |= loadu<vl>(p + i);
-    acc1 |= loadu<vl>(p + i + V);
-    acc2 |= loadu<vl>(p + i + 2 * V);
-    acc3 |= loadu<vl>(p + i + 3 * V);
-  }
+  int64_t i = for_blocks<4 * V>(p, nbytes, [&](const char* q) {
+    acc0 |= loadu<vl>(q);
+    acc1 |= loadu<vl>(q + V);
+    acc2 |= loadu<vl>(q + 2 * V);
+    acc3 |= loadu<vl>(q + 3 * V);
+  });
   uint64_t r = 0;
   for (; i < nbytes; ++i) r |= static_cast<unsigned char>(p[i]);
   acc0 |= acc1 | acc2 | acc3;
@@ -527,11 +534,10 @@ static void touch_write(void* data, int64_t nbytes, uint64_t zero) {
   char* p = static_cast<char*>(data);
   constexpr int V = FASTCLIP_VBYTES;
   const vl z = splat<vl>(static_cast<int64_t>(zero));
-  int64_t i = 0;
-  for (; i + 2 * V <= nbytes; i += 2 * V) {
-    storeu(p + i, loadu<vl>(p + i) ^ z);
-    storeu(p + i + V, loadu<vl>(p + i + V) ^ z);
-  }
+  int64_t i = for_blocks<2 * V>(p, nbytes, [&](char* q) {
+    storeu(q, loadu<vl>(q) ^ z);
+    storeu(q + V, loadu<vl>(q + V) ^ z);
+  });
   for (; i < nbytes; ++i) p[i] = static_cast<char>(p[i] ^ static_cast<char>(zero));
 }
 
