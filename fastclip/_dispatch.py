@@ -31,7 +31,7 @@ FUSED_BACKENDS: dict[str, FusedBackend] = {
 }
 BACKEND_NAMES = ("auto", *sorted(FUSED_BACKENDS), "torch")
 
-_warned_missing_extension = False
+_warned_device_types: set[str] = set()  # device types already warned about: no fused backend available
 
 
 def resolve_name(backend: str | None) -> str:
@@ -52,7 +52,7 @@ def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBacken
         for backend in FUSED_BACKENDS.values():
             if grads.device.type in backend.auto_device_types and backend.available and backend.serves(grads):
                 return backend
-        _warn_if_cpu_extension_missing(grads)
+        _warn_if_no_fused_backend(grads)
         return None
     backend = FUSED_BACKENDS[name]
     if not backend.available:
@@ -66,16 +66,23 @@ def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBacken
     return backend
 
 
-def _warn_if_cpu_extension_missing(grads: GradList) -> None:
-    global _warned_missing_extension
-    cpu = FUSED_BACKENDS["cpu"]
-    if grads.device.type == "cpu" and not cpu.available and not _warned_missing_extension:
-        _warned_missing_extension = True
-        warnings.warn(
-            f"fastclip: {cpu.status()['reason']}; falling back to torch.nn.utils (slower, same results)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+def _warn_if_no_fused_backend(grads: GradList) -> None:
+    """Once per device type: "auto" hands the grads to torch because none of
+    the fused backends meant for their device type is available at all (not
+    built, or a dependency missing), as opposed to one that is available but
+    does not take this particular call."""
+    kind = grads.device.type
+    meant = {name: b for name, b in FUSED_BACKENDS.items() if kind in b.auto_device_types}
+    if not meant or kind in _warned_device_types or any(b.available for b in meant.values()):
+        return
+    _warned_device_types.add(kind)
+    reasons = "; ".join(f"{name}: {b.status()['reason']}" for name, b in meant.items())
+    warnings.warn(
+        f"fastclip: no fused backend for {kind} grads ({reasons}); "
+        "falling back to torch.nn.utils (slower, same results)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def available_backends() -> list[str]:

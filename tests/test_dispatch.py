@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -134,7 +135,7 @@ def test_missing_extension_falls_back_to_torch_and_warns_once(monkeypatch, seed)
                 "version": None,
             },
         )
-    monkeypatch.setattr(_dispatch, "_warned_missing_extension", False)
+    monkeypatch.setattr(_dispatch, "_warned_device_types", set())
     params = make_params([(5, 5)])
     ref = clone_params(params)
     with warnings.catch_warnings(record=True) as caught:
@@ -150,6 +151,34 @@ def test_missing_extension_falls_back_to_torch_and_warns_once(monkeypatch, seed)
     assert fastclip.available_backends() == ["torch"]
     with pytest.raises(fastclip.BackendError, match="could not be loaded"):
         fastclip.clip_grad_norm_(params, 0.5, backend="cpu")
+
+
+def test_gpu_grads_without_an_available_fused_backend_warn_once(monkeypatch):
+    # CUDA grads where neither the CUDA nor the Triton backend can run at all
+    # (say, neither built nor installed): "auto" gives them to torch, and says so once.
+    monkeypatch.setattr(_dispatch, "_warned_device_types", set())
+    for name in ("cuda", "triton"):
+        monkeypatch.setattr(type(_dispatch.FUSED_BACKENDS[name]), "available", property(lambda self: False))
+    grads = types.SimpleNamespace(device=torch.device("cuda", 0))  # select() reads only the device here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _dispatch.select("auto", grads, "") is None
+        assert _dispatch.select("auto", grads, "") is None
+    assert [w.category for w in caught] == [RuntimeWarning]
+    message = str(caught[0].message)
+    assert "no fused backend for cuda grads" in message and "cuda: " in message and "triton: " in message
+
+
+def test_an_available_backend_that_declines_a_call_does_not_warn(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned_device_types", set())
+    triton = _dispatch.FUSED_BACKENDS["triton"]
+    monkeypatch.setattr(type(triton), "available", property(lambda self: True))
+    monkeypatch.setattr(type(triton), "serves", lambda self, grads: False)
+    grads = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _dispatch.select("auto", grads, "") is None
+    assert caught == []
 
 
 def test_package_imports_without_the_extension():
