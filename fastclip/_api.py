@@ -208,13 +208,17 @@ def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None)
         for t in local:
             by_device.setdefault(t.device, []).append(t)
         groups = [(group, *_gather(name, group, False)[1:]) for group in by_device.values()]
+    # DTensors: the wrapper has a version counter of its own.  It follows its
+    # shard's: bumped when the shard was written (no bump when the fused
+    # scale pass was skipped for a coefficient of exactly 1, as for plain grads).
+    wrapped = [] if local is grads else [(g, t, t._version) for g, t in zip(grads, local) if g is not t]
     for group, group_work, group_why in groups:
         plan = _elementwise_plan(name, group, group_work, group_why)
         if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
             torch_ref.scale_grads(group, coef, foreach)
-    wrappers = [] if local is grads else [g for g, t in zip(grads, local) if g is not t]
-    if wrappers:  # DTensors: their own version counters, as torch's in-place ops on them would
-        _work.increment_version(wrappers)
+    written = [g for g, t, version in wrapped if t._version != version]
+    if written:
+        _work.increment_version(written)
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> None:

@@ -323,6 +323,28 @@ def dtensor_value_clip_and_two_phase(rank, world):
     assert all(pl == Replicate() for pl in total.placements)
 
 
+@scenario(2)
+def dtensor_version_counters_follow_their_shards(rank, world):
+    # A DTensor grad's wrapper has its own version counter: fastclip bumps it
+    # with its shard's when it writes the shard, and not when the scale pass is
+    # skipped for a coefficient of exactly 1, as for plain grads.  (torch 2.13's
+    # clip_grad_norm_ leaves both counters alone on DTensor grads, even when it
+    # scales them: fastclip's rule is the one that lets autograd see the write.)
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = shared_grads([(6, 3), (4,)], torch.float32, seed=41)
+    for backend, max_norm, writes in [("cpu", 1e9, False), ("cpu", 1e-3, True)]:
+        params = _dtensor_params(mesh, full, [[Shard(0)], [Replicate()]])
+        before = [(q.grad._version, q.grad.to_local()._version) for q in params]
+        fastclip.clip_grad_norm_(params, max_norm, backend=backend)
+        for q, (wrapper, shard) in zip(params, before):
+            assert (q.grad._version > wrapper) == writes, (backend, max_norm)
+            assert (q.grad.to_local()._version > shard) == writes, (backend, max_norm)
+
+
 @scenario(2, 4)
 def dtensor_inf_norm_with_empty_local_shards(rank, world):
     from torch.distributed.tensor import Shard, init_device_mesh
