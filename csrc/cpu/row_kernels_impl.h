@@ -26,6 +26,7 @@ typedef int32_t vi __attribute__((vector_size(FASTCLIP_VBYTES)));       // masks
 typedef uint32_t vu __attribute__((vector_size(FASTCLIP_VBYTES)));
 typedef int64_t vl __attribute__((vector_size(FASTCLIP_VBYTES)));       // masks of vd
 typedef uint16_t vh __attribute__((vector_size(FASTCLIP_VBYTES / 2)));  // L fp16/bf16 values
+typedef int16_t vs __attribute__((vector_size(FASTCLIP_VBYTES)));      // 2L fp16/bf16 bit patterns
 constexpr int L = FASTCLIP_VBYTES / 4;  // floats per vector
 constexpr int D = FASTCLIP_VBYTES / 8;  // doubles per vector
 
@@ -46,10 +47,13 @@ static inline To bitcast(const From& f) {
   __builtin_memcpy(&t, &f, sizeof(To));
   return t;
 }
+// Every lane = s, converted to the lane type (V{} + s would turn -0.0 into
+// +0.0).  The lane count comes from V's lanes, not from s's type.
 template <class V, class S>
-static inline V splat(S s) {  // every lane = s (V{} + s would turn -0.0 into +0.0)
+static inline V splat(S s) {
+  using Lane = typename std::remove_reference<decltype(V{}[0])>::type;
   V v;
-  for (unsigned i = 0; i < sizeof(V) / sizeof(S); ++i) v[i] = s;
+  for (unsigned i = 0; i < sizeof(V) / sizeof(Lane); ++i) v[i] = static_cast<Lane>(s);
   return v;
 }
 
@@ -94,6 +98,7 @@ static inline bool any(const vl& m) {
 #endif
 }
 static inline bool any(const vi& m) { return any(bitcast<vl>(m)); }
+static inline bool any(const vs& m) { return any(bitcast<vl>(m)); }
 
 // ---------------------------------------------------------------- conversions
 
@@ -484,6 +489,28 @@ static void clamp_f64(void* data, int64_t n, int64_t stride, double lo, double h
   }
 }
 
+// clip_value >= 0 (lo == -hi, and hi is not -0.0) on fp16 / bf16: these
+// order like their magnitude bits, so whether |x| > hi is a 16-bit integer
+// compare and the clamped value is hi with x's sign, with no widening to
+// float.  NaN lanes (magnitude bits above inf's) stay as they are.
+template <bool BF16>
+static int64_t clamp_h16_symmetric(uint16_t* p, int64_t n, uint16_t hi_bits) {
+  const vs hi = splat<vs>(static_cast<int16_t>(hi_bits));
+  const vs inf = splat<vs>(static_cast<int16_t>(BF16 ? 0x7f80 : 0x7c00));
+  const vs sign = splat<vs>(INT16_MIN);  // the sign bit
+  auto changes = [&](const vs& x) {
+    const vs magnitude = x & 0x7fff;
+    return (magnitude > hi) & (magnitude <= inf);
+  };
+  return for_blocks<4 * L>(p, n, [&](uint16_t* q) {
+    const vs a = loadu<vs>(q), b = loadu<vs>(q + 2 * L);
+    const vs change_a = changes(a), change_b = changes(b);
+    if (!any(change_a | change_b)) return;
+    if (any(change_a)) storeu(q, change_a ? (a & sign) | hi : a);
+    if (any(change_b)) storeu(q + 2 * L, change_b ? (b & sign) | hi : b);
+  });
+}
+
 template <bool BF16>
 static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double hi_d) {
   using H = Half16<BF16>;
@@ -492,7 +519,9 @@ static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double
   const float lo = static_cast<float>(lo_d), hi = static_cast<float>(hi_d);
   const bool nan_bound = lo != lo || hi != hi;
   int64_t i = 0;
-  if (stride == 1 && !nan_bound) {
+  if (stride == 1 && !nan_bound && lo == -hi && float_bits(hi) >> 31 == 0) {
+    i = clamp_h16_symmetric<BF16>(p, n, H::from_float(hi));
+  } else if (stride == 1 && !nan_bound) {
     const vf vlo = splat<vf>(lo), vhi = splat<vf>(hi);
     i = for_blocks<4 * L>(p, n, [&](uint16_t* q) {
       const vf x0 = H::load(q), x1 = H::load(q + L), x2 = H::load(q + 2 * L), x3 = H::load(q + 3 * L);
