@@ -294,8 +294,9 @@ static double sum_f64(const void* data, int64_t n, int64_t stride) {
   return sum16<P, true>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); });
 }
 
-// fp16 / bf16: squares are exact in float.  32 logical float accumulators sum
-// 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
+// fp16 / bf16: squares are exact in float.  32 logical float accumulators
+// (element i of a block of 32 goes to accumulator i for fp16; bf16: see the
+// loop) sum 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
 // folded into 8 logical double accumulators, so the float rounding never
 // builds up over long runs.
 template <int P, bool BF16>
@@ -324,7 +325,21 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
     steps = 0;
   };
   int64_t i = for_blocks<32>(p, n, [&](const uint16_t* q) {
-    for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(q + k * L));
+    if constexpr (BF16) {
+      // A 32-bit word holds two bf16 elements (little-endian): a shift gives
+      // the even one as a float, a mask the odd one, with no widening.
+      // Element 16g + 2l + parity of the block goes to logical accumulator
+      // (2g + parity) * 8 + l on every instruction set.
+      constexpr int per = 8 / L;  // loads of 2L elements per 16 elements
+      for (int j = 0; j < 16 / L; ++j) {
+        const vu x = loadu<vu>(q + j * 2 * L);
+        const int g = j / per, h = j % per;
+        acc[2 * g * per + h] += term<P>(bitcast<vf>(x << 16));
+        acc[(2 * g + 1) * per + h] += term<P>(bitcast<vf>(x & 0xffff0000u));
+      }
+    } else {
+      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(q + k * L));
+    }
     if (++steps == 8) fold();
   });
   if (steps > 0) fold();
