@@ -127,14 +127,14 @@ def clip_grad_norm_(
 
 
 def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
-    total, coef_total, failed_elsewhere = _distributed.total_norm(
+    total, coef_total, failed_elsewhere, local_work = _distributed.total_norm(
         grads, norm_type, error_if_nonfinite, foreach, name, process_group, work
     )
     if grads:
         max_norm = float(max_norm)
         coef = torch.clamp(max_norm / (coef_total + 1e-6), max=1.0)
         coef = torch.where(failed_elsewhere, torch.ones_like(coef), coef)  # that rank raised: leave the grads
-        _scale_grads(grads, coef, foreach, name, work)
+        _scale_grads(grads, coef, foreach, name, work, local_work)
     return total
 
 
@@ -192,15 +192,19 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     return None
 
 
-def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None) -> None:
+def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None, local_work=None) -> None:
     """grads *= coef (their DTensor shards, if they are DTensors): fused per
     device where a backend takes them, else torch's foreach multiply.
-    `work`: the grads' GradList if the caller has one (plain grads)."""
+    `work`: the grads' GradList if the caller has one (plain grads);
+    `local_work`: that of their local shards, in the same order."""
     if work is not None:
         local, why = grads, ""
     else:
         local = list(map(_distributed.local_tensor, grads))
-        _local, work, why = _gather(name, local, False)
+        if local_work is not None:
+            work, why = local_work, ""
+        else:
+            _local, work, why = _gather(name, local, False)
     if work is not None:  # plain tensors on one device: one call
         groups = [(local, work, why)]
     else:
@@ -208,17 +212,20 @@ def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None)
         for t in local:
             by_device.setdefault(t.device, []).append(t)
         groups = [(group, *_gather(name, group, False)[1:]) for group in by_device.values()]
-    # DTensors: the wrapper has a version counter of its own.  It follows its
-    # shard's: bumped when the shard was written (no bump when the fused
-    # scale pass was skipped for a coefficient of exactly 1, as for plain grads).
-    wrapped = [] if local is grads else [(g, t, t._version) for g, t in zip(grads, local) if g is not t]
+    written = []  # groups whose tensors were written (a group is written whole, or not at all)
     for group, group_work, group_why in groups:
+        version = group[0]._version
         plan = _elementwise_plan(name, group, group_work, group_why)
         if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
             torch_ref.scale_grads(group, coef, foreach)
-    written = [g for g, t, version in wrapped if t._version != version]
-    if written:
-        _work.increment_version(written)
+        if group[0]._version != version:
+            written.append(group)
+    # DTensors: the wrapper has a version counter of its own.  It follows its
+    # shard's: bumped when the shard was written (no bump when the fused
+    # scale pass was skipped for a coefficient of exactly 1, as for plain grads).
+    if written and local is not grads:
+        shards = {id(t) for group in written for t in group}
+        _work.increment_version([g for g, t in zip(grads, local) if g is not t and id(t) in shards])
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from operator import attrgetter
+from typing import NamedTuple
 
 import torch
 
@@ -102,11 +103,12 @@ def _combine(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
     return a + b
 
 
-def _local_power(tensors: list, p: float, name: str, foreach, device, work=None) -> torch.Tensor:
-    """The p-th power of the norm of `tensors` (plain tensors on this rank) as
-    a float64 0-dim tensor on their (first) device, else on `device`.  Empty
-    tensors add nothing (a rank's shard may be empty; torch's norms would
-    raise for the inf-norm on that rank alone)."""
+def _local_power(tensors: list, p: float, name: str, foreach, device, work=None):
+    """(the p-th power of the norm of `tensors` (plain tensors on this rank) as
+    a float64 0-dim tensor on their (first) device, else on `device`; their
+    GradList if one fused call took them all, else None).  Empty tensors add
+    nothing (a rank's shard may be empty; torch's norms would raise for the
+    inf-norm on that rank alone)."""
     device = tensors[0].device if tensors else device
     kind = FUSED_NORM_KINDS.get(p)
     if kind is not None and tensors:  # the common case: one device, plain tensors, the kernels' dtypes
@@ -115,7 +117,7 @@ def _local_power(tensors: list, p: float, name: str, foreach, device, work=None)
             _grads, work, why = collect(tensors, False)
         fused = _dispatch.select(name, work, why) if work is not None else None
         if fused is not None:
-            return _to_power(fused.norm_wide(work, kind), p)  # the kernels skip empty tensors
+            return _to_power(fused.norm_wide(work, kind), p), work  # the kernels skip empty tensors
     by_device: dict = {}
     for t in tensors:
         if t.numel():
@@ -131,7 +133,7 @@ def _local_power(tensors: list, p: float, name: str, foreach, device, work=None)
         else:  # other p, dtypes or layouts: torch's own norm of this group
             norm = torch_ref.get_total_norm(group, p, False, foreach).to(torch.float64)
         power = _combine(power, _to_power(norm, p), p)
-    return power
+    return power, None
 
 
 def _identity(p: float, device) -> torch.Tensor:
@@ -230,26 +232,38 @@ MIXED_MESSAGE = (
 
 
 def _split_by_spec(tensors: list, cls) -> tuple[list, dict]:
-    """(plain tensors, {(mesh id, placements): (mesh, placements, DTensors)})."""
+    """(plain tensors, {(mesh id, placements): (mesh, placements, DTensors)}).
+    A DTensor with the same mesh and placements as the one before it (the
+    usual case) skips the dict: hashing placements runs Python code."""
     plain, by_spec = [], {}
+    last_mesh = last_placements = members = None
     for t in tensors:
         if cls is None or not isinstance(t, cls):
             plain.append(t)
             continue
-        key = (id(t.device_mesh), t.placements)
-        entry = by_spec.get(key)
-        if entry is None:
-            entry = by_spec[key] = (t.device_mesh, t.placements, [])
-        entry[2].append(t)
+        mesh, placements = t.device_mesh, t.placements
+        if mesh is not last_mesh or (placements is not last_placements and placements != last_placements):
+            entry = by_spec.get((id(mesh), placements))
+            if entry is None:
+                entry = by_spec[id(mesh), placements] = (mesh, placements, [])
+            last_mesh, last_placements, members = mesh, placements, entry[2]
+        members.append(t)
     return plain, by_spec
 
 
-def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group, work=None):
-    """(the total as torch's get_total_norm returns it, reduced over the ranks;
-    the float32 total, float64 for float64 grads, that the clip coefficient
-    is computed from; a 0-dim bool tensor on the device, True if another
-    rank's local norm failed: then leave the grads alone).  Every rank must
-    call it with the same kinds of grads.
+class ShardedTotal(NamedTuple):
+    total: torch.Tensor  # as torch's get_total_norm returns it, reduced over the ranks
+    coef_total: torch.Tensor  # float32 (float64 for float64 grads): what the coefficient is computed from
+    failed_elsewhere: torch.Tensor  # 0-dim bool: another rank's local norm failed, leave the grads alone
+    local_work: object  # GradList of this rank's local tensors, in the order of `tensors`, or None
+
+
+def total_norm(
+    tensors: list, norm_type, error_if_nonfinite: bool, foreach, name: str, process_group, work=None
+) -> ShardedTotal:
+    """The total norm of grads sharded over ranks (see ShardedTotal; the
+    local GradList lets the caller scale without gathering again).  Every
+    rank must call it with the same kinds of grads.
 
     Nothing that can fail on one rank only may stop it before a collective:
     if this rank's local norm raises (say a named backend that cannot serve
@@ -271,8 +285,10 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
     if mesh is not None:  # DTensors: the global sizes, the same on every rank
         _raise_if_torch_would(tensors, p, foreach)
     groups = {}  # (mesh id, mesh dims sharded on) -> (mesh, those dims, local shards)
+    partial = False
     for group_mesh, placements, members in by_spec.values():
         if _is_partial(placements):  # unreduced values: reduce them (for the norm only)
+            partial = True
             from torch.distributed.tensor import Replicate
 
             placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
@@ -281,15 +297,19 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         groups.setdefault((id(group_mesh), dims), (group_mesh, dims, []))[2].extend(t._local_tensor for t in members)
 
     failure = None
+    local_dtypes = set()  # of this rank's norms
+    local_works = []  # the GradList of each local_state call (None where there was none)
 
     def local_state(tensors_, device, work_=None):
         nonlocal failure
         try:
-            power = _local_power(tensors_, p, name, foreach, device, work_)
+            power, work_ = _local_power(tensors_, p, name, foreach, device, work_)
         except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
             failure = failure or exc
             power = torch.full((), float("nan"), dtype=torch.float64, device=tensors_[0].device if tensors_ else device)
         dtypes = work_.dtypes if work_ is not None else _norm_dtypes(tensors_)
+        local_dtypes.update(dtypes)
+        local_works.append(work_)
         return _state(power, failure is not None, dtypes, p)
 
     fallback_device = _collective_device(process_group) if process_group is not None else torch.device("cpu")
@@ -305,7 +325,6 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         raise failure
 
     wide = _from_power(_value(state), p)
-    local_dtypes = work.dtypes if work is not None else _norm_dtypes(tensors)
     result_dtype = promoted_dtype(local_dtypes) if local_dtypes else torch.get_default_dtype()
     if error_if_nonfinite:  # a host sync anyway: take the dtype all ranks' grads promote to, and check alike
         flags = state[_FAILED:].tolist()
@@ -321,7 +340,10 @@ def total_norm(tensors: list, norm_type, error_if_nonfinite: bool, foreach, name
         from torch.distributed.tensor import Replicate
 
         total = cls.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return total, coef_total, state[_FAILED] > 0
+    # The local GradList is in the order of `tensors` when one call took them
+    # all: plain tensors, or DTensors of one spec that were not redistributed.
+    in_order = len(local_works) == 1 and (not by_spec or (len(by_spec) == 1 and mesh is not None and not partial))
+    return ShardedTotal(total, coef_total, state[_FAILED] > 0, local_works[0] if in_order else None)
 
 
 def _norm_dtypes(tensors) -> set:
