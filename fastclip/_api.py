@@ -212,20 +212,30 @@ def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None,
         for t in local:
             by_device.setdefault(t.device, []).append(t)
         groups = [(group, *_gather(name, group, False)[1:]) for group in by_device.values()]
-    written = []  # groups whose tensors were written (a group is written whole, or not at all)
+    # DTensors: the wrapper has a version counter of its own.  It follows its
+    # shard's: bumped when the shard was written (no bump when the fused
+    # scale pass was skipped for a coefficient of exactly 1, as for plain
+    # grads).  A group's tensors are written all or none.
+    wrapped = local is not grads
+    written = []
     for group, group_work, group_why in groups:
-        version = group[0]._version
+        version = _version_of(group[0]) if wrapped else None
         plan = _elementwise_plan(name, group, group_work, group_why)
         if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
             torch_ref.scale_grads(group, coef, foreach)
-        if group[0]._version != version:
+        if version is not None and _version_of(group[0]) != version:
             written.append(group)
-    # DTensors: the wrapper has a version counter of its own.  It follows its
-    # shard's: bumped when the shard was written (no bump when the fused
-    # scale pass was skipped for a coefficient of exactly 1, as for plain grads).
-    if written and local is not grads:
+    if written:
         shards = {id(t) for group in written for t in group}
         _work.increment_version([g for g, t in zip(grads, local) if g is not t and id(t) in shards])
+
+
+def _version_of(t: torch.Tensor):
+    """t's autograd version counter, or None for an inference tensor (it has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> None:

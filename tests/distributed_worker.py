@@ -116,6 +116,26 @@ def process_group_matches_unsharded(rank, world):
                 assert_close(again, torch.nn.utils.get_total_norm(full, p))
 
 
+@scenario(2)
+def inference_mode_grads_over_a_process_group(rank, world):
+    # Inference tensors have no version counter: fastclip must not read one.
+    import fastclip
+
+    full = shared_grads(SHAPES, torch.float32, seed=13)
+    ref_params = params_with(full)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    flat_clipped = torch.cat([q.grad.reshape(-1) for q in ref_params])
+    with torch.inference_mode():
+        pieces, (lo, hi) = flat_shards([g.clone() for g in full], rank, world)
+        params = params_with(pieces)
+        for backend in backends():
+            for q, piece in zip(params, pieces):
+                q.grad = piece.clone()
+            total = fastclip.clip_grad_norm_(params, 0.5, backend=backend, process_group=dist.group.WORLD)
+            assert_close(total, ref_total)
+            assert_close(torch.cat([q.grad.reshape(-1) for q in params]), flat_clipped[lo:hi])
+
+
 @scenario(2, 4)
 def mixed_dtypes_over_a_process_group(rank, world):
     import fastclip
@@ -336,13 +356,15 @@ def dtensor_version_counters_follow_their_shards(rank, world):
 
     mesh = init_device_mesh("cpu", (world,))
     full = shared_grads([(6, 3), (4,)], torch.float32, seed=41)
-    for backend, max_norm, writes in [("cpu", 1e9, False), ("cpu", 1e-3, True)]:
-        params = _dtensor_params(mesh, full, [[Shard(0)], [Replicate()]])
-        before = [(q.grad._version, q.grad.to_local()._version) for q in params]
-        fastclip.clip_grad_norm_(params, max_norm, backend=backend)
-        for q, (wrapper, shard) in zip(params, before):
-            assert (q.grad._version > wrapper) == writes, (backend, max_norm)
-            assert (q.grad.to_local()._version > shard) == writes, (backend, max_norm)
+    # one spec: the norm's local GradList scales the shards; two specs: gathered again
+    for placements in ([[Shard(0)], [Shard(0)]], [[Shard(0)], [Replicate()]]):
+        for backend, max_norm, writes in [("cpu", 1e9, False), ("cpu", 1e-3, True)]:
+            params = _dtensor_params(mesh, full, placements)
+            before = [(q.grad._version, q.grad.to_local()._version) for q in params]
+            fastclip.clip_grad_norm_(params, max_norm, backend=backend)
+            for q, (wrapper, shard) in zip(params, before):
+                assert (q.grad._version > wrapper) == writes, (placements, max_norm)
+                assert (q.grad.to_local()._version > shard) == writes, (placements, max_norm)
 
 
 @scenario(2, 4)

@@ -138,10 +138,12 @@ def test_scale_and_clamp_of_special_and_subnormal_values_match_torch(isa, dtype,
         assert_bitwise_equal(got, want)
 
 
-# The streaming loops walk a run as 4 parts in lockstep, in blocks of 16 to 128
+# The streaming loops walk a run as 4 parts in lockstep, in blocks of 4 to 32
 # elements (by kernel and instruction set): sizes on both sides of 4 blocks,
-# 4 blocks plus a block, and a few odd ones.
-STREAM_SIZES = sorted({m * b + d for b in (16, 32, 64, 128) for m in (4, 5, 8) for d in (-1, 0, 1)} | {1003, 4099})
+# 4 blocks plus a block, 8 blocks, runs shorter than 4 blocks, and odd ones.
+STREAM_SIZES = sorted(
+    {m * b + d for b in (4, 8, 16, 32) for m in (4, 5, 8) for d in (-1, 0, 1)} | {1, 2, 3, 5, 9, 1003, 4099}
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -158,10 +160,15 @@ def test_every_kernel_around_the_stream_split(isa, dtype, seed):
         got, want = x.clone(), x.clone().mul_(torch.tensor(0.3, dtype=torch.float64 if dtype == torch.float64 else None))
         _ext.scale(table_of([got]), 0.3, 1)
         assert_bitwise_equal(got, want)
-        for clip in (4.0, 1e-3):  # few values change; most change
+        for clip in (4.0, 1e-3, -0.5):  # few values change; most change; a negative bound (lo > hi)
             got, want = x.clone(), x.clone().clamp_min_(-clip).clamp_max_(clip)
             _ext.clamp(table_of([got]), clip, 1)
             assert_bitwise_equal(got, want)
+        before = x.clone()
+        _ext.touch_write(table, 1)  # the benchmark floors: the write-back changes nothing
+        assert_bitwise_equal(x, before)
+        assert _ext.touch_read(table, 1) != 0  # x has a nonzero byte (the 50.0)
+        assert _ext.touch_read(table_of([torch.zeros(n, dtype=dtype)]), 1) == 0
 
 
 def test_mixed_dtypes_in_one_pass(seed):

@@ -171,9 +171,10 @@ def test_gpu_grads_without_an_available_fused_backend_warn_once(monkeypatch):
 
 def test_an_available_backend_that_declines_a_call_does_not_warn(monkeypatch):
     monkeypatch.setattr(_dispatch, "_warned_device_types", set())
-    triton = _dispatch.FUSED_BACKENDS["triton"]
-    monkeypatch.setattr(type(triton), "available", property(lambda self: True))
-    monkeypatch.setattr(type(triton), "serves", lambda self, grads: False)
+    for name in ("cuda", "triton"):  # both available (as on a GPU machine), neither takes this call
+        backend = type(_dispatch.FUSED_BACKENDS[name])
+        monkeypatch.setattr(backend, "available", property(lambda self: True))
+        monkeypatch.setattr(backend, "serves", lambda self, grads: False)
     grads = types.SimpleNamespace(device=torch.device("cuda", 0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

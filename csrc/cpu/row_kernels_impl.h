@@ -8,10 +8,12 @@
 // the 32-byte build and the intrinsics it needs (GCC splits the generic
 // widening conversions into halves, and F16C converts fp16).
 //
-// Every reduction has a fixed set of *logical* accumulators (element i of a
-// run goes to accumulator i mod 16 or i mod 32) combined in a fixed tree, and
-// the vector width only decides how many accumulators share a register.  So
-// both instruction sets give bit-identical results.
+// Every reduction has a fixed set of *logical* accumulators: which one an
+// element goes to depends on its index only (i mod 16 for fp32/fp64, i mod
+// 32 for fp16, an even/odd map for bf16), blocks arrive in the order of
+// for_blocks (which depends on n only), and the accumulators are combined in
+// a fixed tree.  The vector width only decides how many accumulators share a
+// register, so both instruction sets give bit-identical results.
 
 #if FASTCLIP_AVX2
 #define FASTCLIP_VBYTES 32
