@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 
 import torch
 
@@ -34,8 +36,9 @@ def machine_info(device: str) -> dict:
     info = fastclip.backend_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        # "+dirty": the code differs from the commit (recorded results do not count)
-        "commit": git("rev-parse", "--short", "HEAD")
+        # "+dirty": the code differs from the commit (recorded results do not count);
+        # $FASTCLIP_COMMIT where there is no .git (a copy of the tree on a lent GPU machine)
+        "commit": (git("rev-parse", "--short", "HEAD") or os.environ.get("FASTCLIP_COMMIT", "unknown"))
         + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else ""),
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "cpu": cpu,
@@ -192,6 +195,9 @@ def write_all(rows: list[dict], machine: dict, out_dir: str, stem: str, with_plo
     with open(base + ".md", "w") as f:
         f.write(markdown(rows, machine))
     paths = [base + ".json", base + ".md"]
+    if with_plot and importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot", file=sys.stderr)  # e.g. on a lent GPU machine
+        with_plot = False
     if with_plot:
         plot(rows, machine, base + ".png")
         paths.append(base + ".png")

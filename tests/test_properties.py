@@ -7,10 +7,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import fastclip
+pytest.importorskip("hypothesis")  # in the test extra; a lent GPU machine's image may lack it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastclip  # noqa: E402
 
 from .helpers import (
     ALL_BACKENDS,
