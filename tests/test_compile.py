@@ -160,6 +160,28 @@ def test_inductor_training_step_equals_eager():
         assert torch.equal(p, q)
 
 
+def test_inductor_clips_the_grads_in_place_without_copies():
+    """Inductor calls the mutating op on the grads' own buffers: no clone of
+    the grads before it and no copy back after it (functionalization undone)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (64, 300, 7)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    want = clone_params(params)
+    want_total = torch.nn.utils.clip_grad_norm_(want, 0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ps: fastclip.clip_grad_norm_(ps, 0.5), backend="inductor", fullgraph=True)
+    total, (code,) = run_and_get_code(compiled, params)
+    torch.testing.assert_close(total, want_total)
+    for p, q in zip(params, want):
+        torch.testing.assert_close(p.grad, q.grad)
+    call = code[code.index("def call(") :]
+    assert "torch.ops.fastclip.clip_grad_norm_" in call
+    assert "clone" not in call and "copy_" not in call, call
+
+
 def test_complex_grads_are_traced_torch():
     """Complex grads are not the kernels' dtypes: traced torch (the op's fake
     implementation would not describe torch's real-valued norm)."""
