@@ -16,6 +16,11 @@ L1, L2, LINF = 1, 2, 3
 FUSED_NORM_KINDS = {1.0: L1, 2.0: L2, float("inf"): LINF}
 
 
+def status_dict(built: bool, available: bool, reason: str = "", version=None, **extra) -> dict:
+    """A backend's status() as backend_info() and `python -m fastclip info` show it."""
+    return {"built": built, "available": available, "reason": reason, "version": version, **extra}
+
+
 class FusedBackend:
     name = ""
     auto_device_types: tuple[str, ...] = ()  # device types "auto" may give this backend

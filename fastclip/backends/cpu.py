@@ -14,7 +14,7 @@ import os
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .base import FusedBackend
+from .base import FusedBackend, status_dict
 
 if _ext is not None and os.environ.get("FASTCLIP_CPU_ISA"):
     if not _ext.select_isa(os.environ["FASTCLIP_CPU_ISA"]):
@@ -33,24 +33,18 @@ class CpuBackend(FusedBackend):
 
     def status(self) -> dict:
         if _ext is None:
-            return {
-                "built": False,
-                "available": False,
-                "reason": f"the compiled extension fastclip._cpu could not be loaded ({EXT_IMPORT_ERROR})",
-                "version": None,
-            }
-        return {
-            "built": True,
-            "available": True,
-            "reason": "",
-            "version": None,  # part of fastclip itself
-            "compiler": _ext.compiler,
-            "isa": _ext.isa(),
-            "isas": _ext.available_isas(),
-            "threads": torch.get_num_threads(),
-            "threading": _ext.threading(),
-            "gather": "dlpack-exchange-api" if _ext.using_dlpack_exchange_api() else "attributes",
-        }
+            why = f"the compiled extension fastclip._cpu could not be loaded ({EXT_IMPORT_ERROR})"
+            return status_dict(False, False, why)
+        return status_dict(  # no version: part of fastclip itself
+            True,
+            True,
+            compiler=_ext.compiler,
+            isa=_ext.isa(),
+            isas=_ext.available_isas(),
+            threads=torch.get_num_threads(),
+            threading=_ext.threading(),
+            gather="dlpack-exchange-api" if _ext.using_dlpack_exchange_api() else "attributes",
+        )
 
     @property
     def available(self) -> bool:

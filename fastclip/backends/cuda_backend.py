@@ -30,8 +30,9 @@ import os
 
 import torch
 
-from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .gpu_common import GpuBackend, clamp_bounds, clamp_to_nan, current_stream, torch_scale
+from .._work import DTYPE_CODES, GradList, _ext
+from .base import status_dict
+from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, clamp_to_nan, current_stream, torch_scale
 
 try:
     from .. import _cuda
@@ -80,17 +81,11 @@ class CudaBackend(GpuBackend):
             built = _cuda is not None
             if _cuda_emu is None or _ext is None:
                 why = "fastclip._cuda_emu" if _cuda_emu is None else "fastclip._cpu"
-                return {"built": built, "available": False, "reason": f"the extension {why} is not built",
-                        "version": None}  # fmt: skip
-            return {"built": built, "available": True, "reason": "", "version": None,
-                    "mode": "emulator (FASTCLIP_CUDA_EMULATE=1): CPU tensors"}  # fmt: skip
+                return status_dict(built, False, f"the extension {why} is not built")
+            return status_dict(built, True, mode="emulator (FASTCLIP_CUDA_EMULATE=1): CPU tensors")
         if _cuda is None:
-            return {
-                "built": False,
-                "available": False,
-                "reason": f"the extension fastclip._cuda is not built ({CUDA_IMPORT_ERROR or 'no nvcc at build time'})",
-                "version": None,
-            }
+            why = CUDA_IMPORT_ERROR or "no nvcc at build time"
+            return status_dict(False, False, f"the extension fastclip._cuda is not built ({why})")
         rt = _cuda.runtime_status()
         info = {
             "version": f"CUDA runtime {_cuda_version(rt['runtime_version'])} (static)",
@@ -98,17 +93,12 @@ class CudaBackend(GpuBackend):
             "archs": _cuda.archs,
         }
         if _ext is None:
-            return {
-                "built": True,
-                "available": False,
-                "reason": f"its tensor table needs the compiled extension fastclip._cpu ({EXT_IMPORT_ERROR})",
-                **info,
-            }
+            return status_dict(True, False, NO_TABLE_REASON, **info)
         if rt["driver_version"] == 0:
-            return {"built": True, "available": False, "reason": "no CUDA driver on this machine", **info}
+            return status_dict(True, False, "no CUDA driver on this machine", **info)
         if rt["error"]:
-            return {"built": True, "available": False, "reason": f"no usable CUDA device ({rt['error']})", **info}
-        return {"built": True, "available": True, "reason": "", "devices": rt["devices"], **info}
+            return status_dict(True, False, f"no usable CUDA device ({rt['error']})", **info)
+        return status_dict(True, True, devices=rt["devices"], **info)
 
     def availability_mode(self):
         return emulating()

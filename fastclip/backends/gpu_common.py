@@ -6,8 +6,11 @@ import math
 
 import torch
 
-from .._work import DTYPE_CODES, GradList, _ext
+from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
 from .base import FusedBackend
+
+# Why a GPU backend is unavailable without fastclip._cpu: its gather builds the tensor table.
+NO_TABLE_REASON = f"its tensor table needs the compiled extension fastclip._cpu ({EXT_IMPORT_ERROR})"
 
 
 class GpuBackend(FusedBackend):

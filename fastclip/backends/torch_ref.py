@@ -18,13 +18,14 @@ from torch.utils._foreach_utils import (
 )
 
 from .._errors import nonfinite_message
+from .base import status_dict
 
 clip_grad_norm_ = _nn_utils.clip_grad_norm_
 clip_grad_value_ = _nn_utils.clip_grad_value_
 
 
 def status() -> dict:
-    return {"built": True, "available": True, "reason": "", "version": torch.__version__}
+    return status_dict(True, True, version=torch.__version__)
 
 
 def _use_foreach(foreach, tensors, device) -> bool:

@@ -30,8 +30,9 @@ import struct
 
 import torch
 
-from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .gpu_common import GpuBackend, clamp_bounds, clamp_to_nan, torch_scale
+from .._work import DTYPE_CODES, GradList, _ext
+from .base import status_dict
+from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, clamp_to_nan, torch_scale
 
 
 @dataclasses.dataclass
@@ -104,9 +105,7 @@ class TritonBackend(GpuBackend):
             return self._status(False, f"triton cannot be imported ({type(exc).__name__}: {exc})", None)
         version = triton.__version__
         if _ext is None:
-            return self._status(
-                False, f"its tensor table needs the compiled extension fastclip._cpu ({EXT_IMPORT_ERROR})", version
-            )
+            return self._status(False, NO_TABLE_REASON, version)
         if interpreting():
             return self._status(True, "", version, mode="interpreter (TRITON_INTERPRET=1): CPU tensors")
         if not torch.cuda.is_available():
@@ -119,7 +118,7 @@ class TritonBackend(GpuBackend):
 
     @staticmethod
     def _status(available: bool, reason: str, version, **extra) -> dict:
-        return {"built": version is not None, "available": available, "reason": reason, "version": version, **extra}
+        return status_dict(version is not None, available, reason, version, **extra)  # built: triton imports
 
     def availability_mode(self):
         return interpreting()
