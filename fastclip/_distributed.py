@@ -342,7 +342,7 @@ def total_norm(
         total = cls.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
     # The local GradList is in the order of `tensors` when one call took them
     # all: plain tensors, or DTensors of one spec that were not redistributed.
-    in_order = len(local_works) == 1 and (not by_spec or (len(by_spec) == 1 and mesh is not None and not partial))
+    in_order = len(local_works) == 1 and len(by_spec) <= 1 and not partial
     return ShardedTotal(total, coef_total, state[_FAILED] > 0, local_works[0] if in_order else None)
 
 

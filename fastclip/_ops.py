@@ -13,16 +13,12 @@ left to torch's own clip_grad functions, which Dynamo traces.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.library import custom_op
 
-from ._work import as_list, promoted_dtype
+from ._work import DTYPE_CODES, as_list, promoted_dtype
 from .backends import torch_ref
-
-_FUSED_P = (1.0, 2.0, math.inf)
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from .backends.base import FUSED_NORM_KINDS
 
 
 class _Grad:
@@ -118,7 +114,7 @@ def _params_and_grads(parameters) -> tuple[list, list]:
 def _plain(tensors) -> bool:
     """Plain tensors of the kernels' dtypes (others go to traced torch, whose
     results the fake implementations would not describe, e.g. complex)."""
-    return all(type(t) is torch.Tensor and t.dtype in _KERNEL_DTYPES for t in tensors)
+    return all(type(t) is torch.Tensor and t.dtype in DTYPE_CODES for t in tensors)
 
 
 def _number(x) -> bool:
@@ -127,7 +123,7 @@ def _number(x) -> bool:
 
 def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
-    if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in _FUSED_P:
+    if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in FUSED_NORM_KINDS:
         return torch.ops.fastclip.clip_grad_norm_(
             grads, float(max_norm), float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
         )
@@ -136,7 +132,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach
 
 def get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend):
     tensors = as_list(tensors)
-    if _plain(tensors) and _number(norm_type) and float(norm_type) in _FUSED_P:
+    if _plain(tensors) and _number(norm_type) and float(norm_type) in FUSED_NORM_KINDS:
         return torch.ops.fastclip.get_total_norm(
             tensors, float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
         )
