@@ -32,7 +32,7 @@ import torch
 
 from .._work import DTYPE_CODES, GradList, _ext
 from .base import status_dict
-from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, clamp_to_nan, current_stream, torch_scale
+from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, current_stream
 
 try:
     from .. import _cuda
@@ -145,17 +145,16 @@ class CudaBackend(GpuBackend):
 
     def clamp(self, grads: GradList, clip_value: float) -> None:
         self.last_launches = 0
-        if clamp_to_nan(grads, clip_value):
-            return
-        table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
-        if units:
-            self.last_launches = self._m.clamp(
-                grads.device.index or 0, current_stream(grads.device), table, rows, units,
-                **clamp_bounds(clip_value), lo64=-clip_value, hi64=clip_value,
-            )  # fmt: skip
-        for i in grads.strided_indices():
-            grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)
-        grads.mark_modified()
+
+        def launch():
+            table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
+            if units:
+                self.last_launches = self._m.clamp(
+                    grads.device.index or 0, current_stream(grads.device), table, rows, units,
+                    **clamp_bounds(clip_value), lo64=-clip_value, hi64=clip_value,
+                )  # fmt: skip
+
+        self._clamp_around(grads, clip_value, launch)
 
     # ------------------------------------------------------------ internals
 
@@ -189,20 +188,15 @@ class CudaBackend(GpuBackend):
     def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
         self.last_launches = 0
         table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
-        if self._overlaps(grads, table):
-            # Duplicated or overlapping grads are scaled once per appearance,
-            # like torch: one tensor at a time, so no two blocks race.
-            for t in grads.tensors:
-                torch_scale(t, coef)
-        else:
+
+        def launch():
             if units:
                 self.last_launches = self._m.scale(
                     grads.device.index or 0, current_stream(grads.device), table, rows, units,
                     coef.data_ptr(), DTYPE_CODES[coef.dtype],
                 )  # fmt: skip
-            for i in grads.strided_indices():
-                torch_scale(grads.tensors[i], coef)
-        grads.mark_modified()
+
+        self._scale_around(grads, coef, self._overlaps(grads, table), launch)
 
     def _overlaps(self, grads: GradList, table: bytes) -> bool:
         """Do some grads share memory?  Remembered per table of a list without

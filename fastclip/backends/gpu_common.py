@@ -56,6 +56,32 @@ class GpuBackend(FusedBackend):
         self._scale(grads, coef)
         return True
 
+    @staticmethod
+    def _scale_around(grads: GradList, coef: torch.Tensor, overlap: bool, launch) -> None:
+        """grads *= coef, `launch()` running the scale kernel over the dense
+        grads and torch ops scaling the views.  Duplicated or overlapping grads
+        are scaled once per appearance, like torch: one tensor at a time, so
+        no two blocks race."""
+        if overlap:
+            for t in grads.tensors:
+                torch_scale(t, coef)
+        else:
+            launch()
+            for i in grads.strided_indices():
+                torch_scale(grads.tensors[i], coef)
+        grads.mark_modified()
+
+    @staticmethod
+    def _clamp_around(grads: GradList, clip_value: float, launch) -> None:
+        """clip_grad_value_: `launch()` runs the clamp kernel over the dense
+        grads, torch ops clamp the views; a NaN clip_value is torch's."""
+        if clamp_to_nan(grads, clip_value):
+            return
+        launch()
+        for i in grads.strided_indices():
+            grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)
+        grads.mark_modified()
+
     def _norm(self, grads: GradList, kind: int, max_norm: float):
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ import torch
 
 from .._work import DTYPE_CODES, GradList, _ext
 from .base import status_dict
-from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, clamp_to_nan, torch_scale
+from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds
 
 
 @dataclasses.dataclass
@@ -138,18 +138,15 @@ class TritonBackend(GpuBackend):
         return total, False
 
     def clamp(self, grads: GradList, clip_value: float) -> None:
-        if clamp_to_nan(grads, clip_value):
-            return
-        plan = self._plan(grads)
-        if plan.units:
-            self._launch(
-                self._k().clamp_kernel, grads, plan,
-                **clamp_bounds(clip_value), lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
-            )  # fmt: skip
-        for i in grads.strided_indices():
-            t = grads.tensors[i]
-            t.clamp_min_(-clip_value).clamp_max_(clip_value)
-        grads.mark_modified()
+        def launch():
+            plan = self._plan(grads)
+            if plan.units:
+                self._launch(
+                    self._k().clamp_kernel, grads, plan,
+                    **clamp_bounds(clip_value), lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
+                )  # fmt: skip
+
+        self._clamp_around(grads, clip_value, launch)
 
     # ------------------------------------------------------------ internals
 
@@ -175,17 +172,12 @@ class TritonBackend(GpuBackend):
 
     def _scale(self, grads: GradList, coef: torch.Tensor) -> None:
         plan = self._plan(grads)
-        if plan.overlap:
-            # Duplicated or overlapping grads are scaled once per appearance,
-            # like torch: one tensor at a time, so no two programs race.
-            for t in grads.tensors:
-                torch_scale(t, coef)
-        else:
+
+        def launch():
             if plan.units:
                 self._launch(self._k().scale_kernel, grads, plan, coef_ptr=coef)
-            for i in grads.strided_indices():
-                torch_scale(grads.tensors[i], coef)
-        grads.mark_modified()
+
+        self._scale_around(grads, coef, plan.overlap, launch)
 
     def _k(self):
         if self._kernels is None:
