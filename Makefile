@@ -9,11 +9,15 @@
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The oldest triton fastclip supports (pyproject.toml's minimum; what torch
+# 2.11 and 2.12 CUDA builds bring): its interpreter runs the Triton cases too.
+TRITON_OLDEST ?= 3.6.0
 VENV := .venv
 PY := $(VENV)/bin/python
+TRITON_OLDEST_DIR := $(VENV)/triton-$(TRITON_OLDEST)
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 
-.PHONY: setup test bench clean
+.PHONY: setup test test-triton-oldest bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,8 +27,20 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install --quiet -e '.[test,bench,triton,integration]'
 	touch $@
 
+# The whole suite with the newest triton (the venv's), then the Triton cases
+# again with the oldest one (an overlay on PYTHONPATH) and Triton's
+# interpreter as shipped (without tests/conftest.py's speed-up shim).
 test: setup
 	$(PY) -m pytest tests -q
+	$(MAKE) test-triton-oldest
+
+$(TRITON_OLDEST_DIR)/.installed:
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON_OLDEST_DIR) triton==$(TRITON_OLDEST)
+	touch $@
+
+test-triton-oldest: setup $(TRITON_OLDEST_DIR)/.installed
+	PYTHONPATH=$(TRITON_OLDEST_DIR) FASTCLIP_TEST_FAST_INTERPRETER=0 FASTCLIP_EXPECT_TRITON=$(TRITON_OLDEST) \
+		$(PY) -m pytest tests -q -k triton -p no:cacheprovider
 
 bench: setup
 	$(PY) -m benchmarks

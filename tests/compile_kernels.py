@@ -28,7 +28,7 @@ def main(arch: int) -> dict:
     common = dict(SEARCH_STEPS=9, BLOCK=GPU_CONFIG.block, ITERS=GPU_CONFIG.iters, ALIGNED=True,
                   HAS_F32=True, HAS_F64=True, HAS_F16=True, HAS_BF16=True)  # fmt: skip
     table = {"table": "*i64", "n_rows": "i32", "n_units": "i32"}
-    bounds = {n: "fp32" for n in ("lo32", "hi32", "lo16", "hi16", "lo_bf16", "hi_bf16")}
+    bounds = {f"{n}_bits": "i32" for n in ("lo32", "hi32", "lo16", "hi16", "lo_bf16", "hi_bf16")}
     norm_args = {"partials": "*fp64", "counter": "*i32", "results": "*fp64", "max_norm_bits": "i64"}
     variants = {
         "norm_kernel L2 -> bf16": (K.norm_kernel, {**table, **norm_args, "total_out": "*bf16"},

@@ -691,6 +691,13 @@ def run(rank: int, world: int, init_file: str, out_dir: str, names: list) -> Non
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
+    # End without Python's finalization: a gloo work thread may still drop its
+    # last reference to a tensor then, and a thread taking the GIL during
+    # finalization aborts the process ('terminate called without an active
+    # exception', seen now and then with torch 2.13).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def names_for(world: int) -> list[str]:

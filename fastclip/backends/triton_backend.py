@@ -67,6 +67,11 @@ def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
+def _bits32(x: float) -> int:
+    """The float32 value x (exact in float32) as the int32 with its bits."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -143,7 +148,8 @@ class TritonBackend(GpuBackend):
             if plan.units:
                 self._launch(
                     self._k().clamp_kernel, grads, plan,
-                    **clamp_bounds(clip_value), lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
+                    **{f"{k}_bits": _bits32(v) for k, v in clamp_bounds(clip_value).items()},
+                    lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
                 )  # fmt: skip
 
         self._clamp_around(grads, clip_value, launch)

@@ -46,6 +46,18 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _float32_of(bits):
+    """The float32 whose bits are the int32 `bits`."""
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _float64_of(bits):
+    """The float64 whose bits are the int64 `bits`."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _widen(x, ACC: tl.constexpr):
     """x in ACC (float32 or float64).  bfloat16 is widened with a shift: exact
     for every bit pattern, compiled or interpreted."""
@@ -175,7 +187,8 @@ def norm_kernel(
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     acc = tl.zeros((), tl.float64)
-    for u in range(pid, n_units, n_programs):
+    u = pid
+    while u < n_units:
         address, code, start, count = _locate(table, n_rows, u, SEARCH_STEPS, BLOCK * ITERS)
         part = tl.zeros((), tl.float64)
         if HAS_F32:
@@ -194,6 +207,7 @@ def norm_kernel(
             acc = _max_nan(acc, part)
         else:
             acc += part
+        u += n_programs
     tl.store(partials + pid, acc)
 
     # "Last program done": the program that finishes last combines every
@@ -209,7 +223,7 @@ def norm_kernel(
             total = tl.sum(parts, 0)
             if KIND == L2:
                 total = tl.sqrt(total)  # float64: always correctly rounded
-        max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        max_norm = _float64_of(max_norm_bits)
         # torch's coefficient: clamp(max_norm / (total + 1e-6), max=1) as
         # reciprocal then multiply, in the norm's dtype (float32 for fp16/bf16:
         # fastclip clips with the float32 total; see README).
@@ -280,9 +294,8 @@ def scale_kernel(
     n_programs = tl.num_programs(0)
     coef = _widen(tl.load(coef_ptr), tl.float64)
     if coef != 1.0:  # x * 1 == x bit for bit: skipping moves one read of the grads instead of three
-        n_mine = (n_units - 1 - pid) // n_programs + 1
-        for k in range(n_mine):
-            u = pid + (n_mine - 1 - k) * n_programs
+        u = pid + (n_units - 1 - pid) // n_programs * n_programs  # this program's last unit
+        while u >= 0:
             address, code, start, count = _locate(table, n_rows, u, SEARCH_STEPS, BLOCK * ITERS)
             if HAS_F32:
                 if code == F32:
@@ -296,6 +309,7 @@ def scale_kernel(
             if HAS_BF16:
                 if code == BF16:
                     _dtype_scale(address, start, count, coef.to(tl.float32), tl.bfloat16, BLOCK, ITERS, ALIGNED)
+            u -= n_programs
 
 
 # ---------------------------------------------------------------- clamp
@@ -305,8 +319,6 @@ def scale_kernel(
 def _unit_clamp(ptr, count, lo, hi, CMP: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, FULL: tl.constexpr):
     """torch's clamp_min_(lo) then clamp_max_(hi), compared in CMP, storing
     only the elements that change (NaN elements never do)."""
-    lo = tl.full((), -0.0, CMP) + lo  # as a CMP tensor; -0.0 + v == v keeps the sign of zero
-    hi = tl.full((), -0.0, CMP) + hi
     offs = tl.arange(0, BLOCK)
     for i in tl.static_range(ITERS):
         o = i * BLOCK + offs
@@ -343,17 +355,17 @@ def _dtype_clamp(
         _unit_clamp(ptr, count, lo, hi, CMP, BLOCK, ITERS, False)
 
 
-@triton.jit(do_not_specialize=["lo64_bits", "hi64_bits"])
+@triton.jit(do_not_specialize=["lo32_bits", "hi32_bits", "lo64_bits", "hi64_bits"])
 def clamp_kernel(
     table,
     n_rows,
     n_units,
-    lo32,
-    hi32,
-    lo16,
-    hi16,
-    lo_bf16,
-    hi_bf16,
+    lo32_bits,
+    hi32_bits,
+    lo16_bits,
+    hi16_bits,
+    lo_bf16_bits,
+    hi_bf16_bits,
     lo64_bits,
     hi64_bits,
     SEARCH_STEPS: tl.constexpr,
@@ -366,19 +378,28 @@ def clamp_kernel(
     HAS_BF16: tl.constexpr,
 ):
     """clip_grad_value_ in one pass.  Bounds come already rounded to each
-    dtype, as torch converts them: fp32/fp16/bf16 bounds as exact float32
-    values, fp64 bounds as their bits."""
+    dtype, as torch converts them, as the bits of their float32 values
+    (fp32/fp16/bf16 grads) or float64 values (fp64 grads): bits keep the sign
+    of a zero bound, which some Triton versions drop from float arguments and
+    float constants."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    for u in range(pid, n_units, n_programs):
+    lo32 = _float32_of(lo32_bits)
+    hi32 = _float32_of(hi32_bits)
+    lo16 = _float32_of(lo16_bits)
+    hi16 = _float32_of(hi16_bits)
+    lo_bf16 = _float32_of(lo_bf16_bits)
+    hi_bf16 = _float32_of(hi_bf16_bits)
+    u = pid
+    while u < n_units:
         address, code, start, count = _locate(table, n_rows, u, SEARCH_STEPS, BLOCK * ITERS)
         if HAS_F32:
             if code == F32:
                 _dtype_clamp(address, start, count, lo32, hi32, tl.float32, tl.float32, BLOCK, ITERS, ALIGNED)
         if HAS_F64:
             if code == F64:
-                lo64 = lo64_bits.to(tl.int64).to(tl.float64, bitcast=True)
-                hi64 = hi64_bits.to(tl.int64).to(tl.float64, bitcast=True)
+                lo64 = _float64_of(lo64_bits)
+                hi64 = _float64_of(hi64_bits)
                 _dtype_clamp(address, start, count, lo64, hi64, tl.float64, tl.float64, BLOCK, ITERS, ALIGNED)
         if HAS_F16:
             if code == F16:
@@ -386,3 +407,4 @@ def clamp_kernel(
         if HAS_BF16:
             if code == BF16:
                 _dtype_clamp(address, start, count, lo_bf16, hi_bf16, tl.bfloat16, tl.float32, BLOCK, ITERS, ALIGNED)
+        u += n_programs
