@@ -16,7 +16,7 @@ import time
 import torch
 
 from .harness import OPS, run_case
-from .layouts import billion, gpt2_small, llama_blocks, tiny_tensors, vit_base
+from .layouts import billion, gpt2_small, llama_blocks, make_grads, tiny_tensors, vit_base
 from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
@@ -43,17 +43,37 @@ QUICK = [
     (gpt2_small, "bfloat16", ["norm-noclip"]),
     (tiny_tensors, "float32", ["norm-noclip"]),
 ]
+# The headline GPU cases for one short lease (`.ci/gpu quick`): the reference
+# workload in bf16 and fp32, GPT-2 small, and the host-overhead case.
+QUICK_CUDA = [
+    (billion, "bfloat16", ["norm-noclip", "norm-clip", "value-few"]),
+    (billion, "float32", ["norm-noclip", "norm-clip"]),
+    (gpt2_small, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+    (gpt2_small, "bfloat16", ["norm-noclip"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip"]),
+]
 
 
-def rounds_for(layout) -> int:
+def rounds_for(layout, device: str) -> int:
     # tiny layouts take micro- to milliseconds per call: many rounds are cheap
-    return 200 if layout.numel < 10_000_000 else 25
+    if layout.numel < 10_000_000:
+        return 200
+    return 15 if device == "cuda" and layout.numel > 500_000_000 else 25
+
+
+def suite_for(quick: bool, device: str) -> list:
+    if device == "cuda":
+        return QUICK_CUDA if quick else SUITE_CUDA
+    return QUICK if quick else SUITE
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short subset (about a minute)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: 25, 200 for tiny layouts)")
+    parser.add_argument(
+        "--deadline-s", type=float, help="start no case after this many seconds; report the cases done (GPU leases)"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--name", help="file stem for the results (default: date_machine_commit)")
@@ -62,7 +82,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here")
 
-    suite = QUICK if args.quick else SUITE_CUDA if args.device == "cuda" else SUITE
+    suite = suite_for(args.quick, args.device)
     cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops]
     machine = machine_info(args.device)
     print(
@@ -70,15 +90,25 @@ def main(argv=None) -> int:
         f"commit {machine['commit']}",
         file=sys.stderr,
     )
-    rows, start = [], time.perf_counter()
+    rows, start, skipped = [], time.perf_counter(), []
+    params, params_of = None, None  # one layout's grads at a time, shared by its consecutive cases
     for i, (layout, dtype, op) in enumerate(cases, 1):
         elapsed = time.perf_counter() - start
+        if args.deadline_s is not None and elapsed > args.deadline_s:
+            skipped.append(f"{layout.name} {dtype} {OPS[op].name}")
+            continue
         eta = f", about {elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
         print(f"[{i}/{len(cases)}] {layout.name} {dtype} {OPS[op].name}{eta}", file=sys.stderr, flush=True)
-        result = run_case(layout, dtype, op, args.rounds or rounds_for(layout), args.device)
+        if params_of != (layout.name, dtype):
+            params = None  # free the last layout's memory first
+            params, params_of = make_grads(layout, dtype, args.device), (layout.name, dtype)
+        result = run_case(layout, dtype, op, args.rounds or rounds_for(layout, args.device), args.device, params=params)
         rows += summarize(result)
+    del params
     print()
     print(table(rows))
+    if skipped:
+        print(f"past the deadline ({args.deadline_s:.0f} s), not run: " + "; ".join(skipped))
     if not args.no_save:
         tag = f"{args.device}-{machine['cores']}c" if args.device == "cpu" else "cuda"
         stem = args.name or f"{time.strftime('%Y-%m-%d')}_{tag}_{machine['commit'].replace('+', '-')}"

@@ -153,9 +153,14 @@ def _kernels_launched(fn) -> int:
     return sum(1 for n in names if not n.lower().startswith(("memcpy", "memset")))
 
 
-def run_case(layout: Layout, dtype: str, op_key: str, rounds: int, device: str = "cpu", seed: int = 0) -> CaseResult:
+def run_case(
+    layout: Layout, dtype: str, op_key: str, rounds: int, device: str = "cpu", seed: int = 0, params=None
+) -> CaseResult:
+    """Time one case.  `params`: the layout's grads made already (make_grads;
+    restored to their values on return), else made here."""
     op = OPS[op_key]
-    params = make_grads(layout, dtype, device, seed)
+    if params is None:
+        params = make_grads(layout, dtype, device, seed)
     grads = [p.grad for p in params]
     backup = [g.clone() for g in grads]
     stats = _norm_stats(params)

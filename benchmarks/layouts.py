@@ -109,18 +109,19 @@ LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tens
 
 def fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Fill `t` with N(0, 1e-2) values, in chunks: randn of a whole 40M-element
-    tensor in float64 would need 300 MB.  Returns `t`."""
+    tensor in float64 would need 300 MB.  Returns `t`.  `gen` is on t's
+    device (a CPU generator for CUDA tensors would make 1e9 values on the host)."""
     flat = t.view(-1)
     for start in range(0, flat.numel(), 1 << 22):
         stop = min(start + (1 << 22), flat.numel())
-        flat[start:stop] = torch.randn(stop - start, generator=gen).mul_(1e-2).to(t.dtype)
+        flat[start:stop] = torch.randn(stop - start, generator=gen, device=gen.device).mul_(1e-2).to(t.dtype)
     return t
 
 
 def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):
     """Parameters with random N(0, 1e-2) grads.  dtype "mixed": weights
     bfloat16, small tensors float32."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     params = []
     for shape, role in layout.shapes:
         if dtype == "mixed":

@@ -116,8 +116,9 @@ def rows_to_line(cells) -> str:
 
 def markdown(rows: list[dict], machine: dict) -> str:
     cuda = any("host_us" in r for r in rows)
+    gpu = f"{machine['device']}; host " if machine.get("device", "cpu") != "cpu" else ""
     out = [
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
+        f"Machine: {gpu}{machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
         f"torch {machine['torch']}, fastclip {machine['fastclip']} ({machine['cpu_isa']}), "
         f"commit {machine['commit']}, {machine['date']}.",
         "",
@@ -178,7 +179,8 @@ def plot(rows: list[dict], machine: dict, path: str) -> None:
     axes[1].set_xlabel("fraction of the measured memory floor")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(
-        f"fastclip {machine['fastclip']} vs torch {machine['torch']} on {machine['cpu']} "
+        f"fastclip {machine['fastclip']} vs torch {machine['torch']} on "
+        f"{machine['device'] if machine.get('device', 'cpu') != 'cpu' else machine['cpu']} "
         f"({machine['threads']} threads), {machine['commit']}, {machine['date']}",
         fontsize=9,
     )

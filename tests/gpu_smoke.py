@@ -1,0 +1,99 @@
+"""python -m tests.gpu_smoke: every GPU kernel once per dtype and norm type,
+on odd sizes, against torch, in one short process: what `.ci/gpu quick`
+runs under compute-sanitizer (memcheck), where a pytest session would take
+too long.  Exits 1 on a wrong result, 0 otherwise; prints one line per check.
+
+Sizes cross the units of both GPU backends (Triton: 8192 elements, CUDA:
+16384) and leave short, unaligned tails; a 16-byte-misaligned view and an
+empty grad are among them.
+
+`--device cpu` runs the same checks here, without a GPU, through Triton's
+interpreter and the CUDA emulation (so the script itself is tested before
+a lease is spent on it).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import os
+
+import torch
+
+if sys.argv[1:] == ["--device", "cpu"]:  # before fastclip and triton are imported
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["FASTCLIP_CUDA_EMULATE"] = "1"
+
+import fastclip  # noqa: E402
+
+SIZES = [1, 0, 4099, 8192, 8193, 16383, 3 * 16384 + 9, 100_003]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _grads(dtype, gen):
+    # N(0, 1e-2): no fp16 norm overflows
+    grads = [torch.randn(n, generator=gen, device=gen.device, dtype=torch.float64).mul(1e-2).to(dtype) for n in SIZES]
+    base = torch.randn(5001, generator=gen, device=gen.device).mul(1e-2).to(dtype)
+    grads.append(base[1:])  # misaligned start: the kernels' scalar paths
+    return grads
+
+
+def _params(grads):
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.empty_like(g))
+        p.grad = g.clone()
+        params.append(p)
+    return params
+
+
+def check(backend: str, gen) -> list[str]:
+    failures = []
+    for dtype in DTYPES:
+        grads = _grads(dtype, gen)
+        for norm_type in (1.0, 2.0, math.inf):
+            usable = [g for g in grads if g.numel() or norm_type != math.inf]
+            ours, ref = _params(usable), _params(usable)
+            total = fastclip.clip_grad_norm_(ours, 0.01, norm_type, backend=backend)  # every norm clips
+            want = torch.nn.utils.clip_grad_norm_(ref, 0.01, norm_type)
+            rel = abs(total.double().item() - want.double().item()) / max(want.double().item(), 1e-30)
+            close = all(
+                torch.allclose(p.grad.double(), q.grad.double(), rtol=2e-2, atol=1e-6) for p, q in zip(ours, ref)
+            )
+            tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+            ok = rel <= tol and close
+            print(f"{backend:6} {str(dtype):15} clip_grad_norm_ p={norm_type}: rel {rel:.1e} {'ok' if ok else 'WRONG'}")
+            if not ok:
+                failures.append(f"{backend} {dtype} norm {norm_type}")
+        ours, ref = _params(grads), _params(grads)
+        fastclip.clip_grad_value_(ours, 0.01, backend=backend)  # about a third of the values change
+        torch.nn.utils.clip_grad_value_(ref, 0.01)
+        ok = all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
+        print(f"{backend:6} {str(dtype):15} clip_grad_value_: {'ok' if ok else 'WRONG'}")
+        if not ok:
+            failures.append(f"{backend} {dtype} value")
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    device = "cpu" if argv[1:] == ["--device", "cpu"] else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device).manual_seed(0)
+    failures = []
+    for backend in ("cuda", "triton"):
+        if backend not in fastclip.available_backends():
+            print(f"{backend}: not available ({fastclip.backend_info()[backend]['reason']})")
+            failures.append(f"{backend} unavailable")
+            continue
+        failures += check(backend, gen)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print("FAILED: " + "; ".join(failures) if failures else "all ok")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
