@@ -49,7 +49,12 @@ ext_modules = [
         include_dirs=["csrc"],
         depends=[
             "csrc/common/accumulate.h",
+            "csrc/common/coefficients.h",
             "csrc/common/dtypes.h",
+            "csrc/common/hd.h",
+            "csrc/common/norm_kind.h",
+            "csrc/common/segment_table.h",
+            "csrc/common/segments.h",
             "csrc/common/tensor_table.h",
             "csrc/common/unit_table.h",
             "csrc/python/collect.h",
@@ -66,6 +71,19 @@ ext_modules = [
 ]
 
 
+CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/module.cpp"]
+CUDA_DEPENDS = [
+    "csrc/cuda/kernel_table.h",
+    "csrc/cuda/launch.h",
+    "csrc/common/coefficients.h",
+    "csrc/common/dtypes.h",
+    "csrc/common/hd.h",
+    "csrc/common/norm_kind.h",
+    "csrc/common/segments.h",
+    "csrc/common/segment_table.h",
+]
+
+
 # fastclip._cuda_emu: the CUDA kernels and launchers compiled for the CPU against a
 # CUDA emulation (csrc/cuda/emulation.h), so they are tested here without a GPU.
 if sys.platform.startswith("linux"):  # the emulation's fibers use ucontext
@@ -74,7 +92,7 @@ if sys.platform.startswith("linux"):  # the emulation's fibers use ucontext
             "fastclip._cuda_emu",
             sources=["csrc/cuda/emulated.cpp", "csrc/cuda/module.cpp"],
             include_dirs=["csrc", "csrc/cuda"],
-            depends=["csrc/cuda/kernels.cu", "csrc/cuda/emulation.h", "csrc/cuda/kernel_table.h", "csrc/cuda/launch.h"],
+            depends=["csrc/cuda/kernels.cu", "csrc/cuda/emulation.h", *CUDA_DEPENDS],
             define_macros=[("FASTCLIP_CUDA_EMULATION", "1")],
             cxx_std=17,
             extra_compile_args=["-O2", "-Wno-unknown-pragmas"],
@@ -83,8 +101,6 @@ if sys.platform.startswith("linux"):  # the emulation's fibers use ucontext
 
 # ---------------------------------------------------------------- fastclip._cuda
 
-CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/module.cpp"]
-CUDA_DEPENDS = ["csrc/cuda/kernel_table.h", "csrc/cuda/launch.h"]
 
 
 def cuda_mode() -> str:

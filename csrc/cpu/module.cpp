@@ -5,10 +5,14 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "../common/coefficients.h"
+#include "../common/segment_table.h"
 #include "../common/unit_table.h"
 #include "../python/collect.h"
 #include "row_kernels.h"
@@ -29,8 +33,76 @@ DType checked_dtype(int32_t code) {
 }
 
 NormKind checked_kind(int32_t kind) {
-  if (kind < 1 || kind > 3) throw py::value_error("fastclip._cpu: norm kind must be 1 (L1), 2 (L2) or 3 (inf)");
+  if (!valid_norm_kind(kind)) throw py::value_error("fastclip._cpu: norm kind must be 1 (L1), 2 (L2) or 3 (inf)");
   return static_cast<NormKind>(kind);
+}
+
+template <class T>
+T* pointer(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// A copy of `t` with segments (and weights) attached; None first_segment: tensor i is segment i.
+TensorTable with_segments(const TensorTable& t, const std::optional<std::vector<int64_t>>& first_segment,
+                          const std::optional<std::vector<int64_t>>& slice_len, int64_t num_segments,
+                          const std::optional<std::vector<int64_t>>& weight_ptrs,
+                          const std::optional<std::vector<int32_t>>& weight_dtypes) {
+  TensorTable out = t;
+  const size_t n = t.size();
+  if (first_segment) {
+    out.first_segment = *first_segment;
+  } else {
+    out.first_segment.resize(n);
+    for (size_t i = 0; i < n; ++i) out.first_segment[i] = static_cast<int64_t>(i);
+  }
+  out.slice_len = slice_len ? *slice_len : std::vector<int64_t>(n, 0);
+  out.num_segments = num_segments;
+  if (weight_ptrs) out.weight_ptrs = *weight_ptrs;
+  if (weight_dtypes) out.weight_dtypes = *weight_dtypes;
+  try {
+    out.validate();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(std::string("fastclip._cpu.") + e.what());
+  }
+  return out;
+}
+
+// The segmented passes, steps chosen by bits: 1 reduce, 2 finish, 4 apply.
+// Arrays are raw addresses (0: not wanted) of num_segments entries each.
+bool run_segments(const TensorTable& t, int32_t kind_code, int32_t steps, int nthreads, uintptr_t powers,
+                  uintptr_t weight_powers, uintptr_t counts, int32_t mode, uintptr_t max_norms, int64_t max_norms_len,
+                  double clip_factor, double eps, uintptr_t norms, int32_t norms_code, uintptr_t coefs,
+                  uintptr_t total, int32_t total_code) {
+  const NormKind kind = checked_kind(kind_code);
+  if (mode < kNoCoefficient || mode > kAgc) throw py::value_error("fastclip._cpu: unknown coefficient mode");
+  if (!valid_dtype(norms_code) || !valid_dtype(total_code)) throw py::value_error("fastclip._cpu: bad dtype code");
+  if ((steps & 1) && (powers == 0 || (t.has_weights() && weight_powers == 0)))
+    throw py::value_error("fastclip._cpu: the reduce step needs its outputs");
+  if ((steps & 4) && coefs == 0) throw py::value_error("fastclip._cpu: the apply step needs the coefficients");
+  py::gil_scoped_release release;
+  const Work work(t);
+  if (steps & 1) {
+    SegmentSums sums;
+    sums.powers = pointer<double>(powers);
+    sums.weight_powers = pointer<double>(weight_powers);
+    sums.counts = pointer<int64_t>(counts);
+    work.reduce_segments(kind, sums, nthreads);
+  }
+  if (steps & 2) {
+    FinishSpec spec;
+    spec.mode = mode;
+    spec.max_norms = pointer<const double>(max_norms);
+    spec.max_norms_len = max_norms_len;
+    spec.clip_factor = clip_factor;
+    spec.eps = eps;
+    spec.norms = pointer<void>(norms);
+    spec.norms_code = norms_code;
+    spec.coefs = pointer<double>(coefs);
+    spec.total = pointer<void>(total);
+    spec.total_code = total_code;
+    finish_segments(work, kind, pointer<const double>(powers), pointer<const double>(weight_powers), spec);
+  }
+  return (steps & 4) ? work.scale_segments(pointer<const double>(coefs), nthreads) : false;
 }
 
 // The general path: lists built in Python (fastclip/_work.py describe()).
@@ -90,6 +162,26 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("unit"),
           "(bytes, rows, units, aligned16, dtype mask): the GPU backends' table, four int64 columns "
           "[first unit | address | numel | dtype code] of the dense non-empty tensors (csrc/common/unit_table.h).")
+      .def(
+          "segment_table",
+          [](const TensorTable& t, int64_t unit) {
+            SegmentTable st;
+            try {
+              st = make_segment_table(t, unit);
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(std::string("fastclip._cpu.") + e.what());
+            }
+            return py::make_tuple(py::bytes(st.bytes), st.rows, st.units, st.segments, st.filled_segments,
+                                  st.aligned16, st.dtype_mask, st.weight_mask);
+          },
+          py::arg("unit"),
+          "(bytes, rows, units, segments, filled segments, aligned16, dtype mask, weight dtype mask): the GPU "
+          "backends' table for the segmented kernels (csrc/common/segment_table.h).")
+      .def("with_segments", &with_segments, py::arg("first_segment"), py::arg("slice_len"), py::arg("num_segments"),
+           py::arg("weight_ptrs") = py::none(), py::arg("weight_dtypes") = py::none(),
+           "A copy with segments (csrc/common/segments.h): per tensor the id of its first segment (None: tensor i "
+           "is segment i) and its slice length (None or 0: whole); for AGC the weights read beside the grads.")
+      .def_readonly("num_segments", &TensorTable::num_segments)
       .def_readonly("ptrs", &TensorTable::ptrs)
       .def_readonly("numels", &TensorTable::numels)
       .def_readonly("dtypes", &TensorTable::dtypes);
@@ -142,9 +234,36 @@ PYBIND11_MODULE(_cpu, m) {
       "clamp",
       [](const TensorTable& t, double clip_value, int nthreads) {
         py::gil_scoped_release release;
-        Work(t).clamp(clip_value, nthreads);
+        Work(t).clamp(-clip_value, clip_value, nthreads);
       },
-      py::arg("table"), py::arg("clip_value"), py::arg("nthreads"));
+      py::arg("table"), py::arg("clip_value"), py::arg("nthreads"), "clip_grad_value_: clamp_range(-v, v).");
+  m.def(
+      "clamp_range",
+      [](const TensorTable& t, double lo, double hi, int nthreads) {
+        py::gil_scoped_release release;
+        Work(t).clamp(lo, hi, nthreads);
+      },
+      py::arg("table"), py::arg("lo"), py::arg("hi"), py::arg("nthreads"),
+      "grad.clamp_(lo, hi) for every grad (+-inf: no bound), each bound rounded to the grad's dtype; stores only "
+      "what changes.  NaN bounds are the caller's (torch's ops).");
+  m.def("segments", &run_segments, py::arg("table"), py::arg("kind"), py::arg("steps"), py::arg("nthreads"),
+        py::arg("powers") = 0, py::arg("weight_powers") = 0, py::arg("counts") = 0, py::arg("mode") = 0,
+        py::arg("max_norms") = 0, py::arg("max_norms_len") = 0, py::arg("clip_factor") = 0.0, py::arg("eps") = 0.0,
+        py::arg("norms") = 0, py::arg("norms_code") = 0, py::arg("coefs") = 0, py::arg("total") = 0,
+        py::arg("total_code") = 0,
+        "The segmented primitives over a table with segments, steps by bits (1 reduce, 2 finish, 4 apply), "
+        "arrays as addresses of num_segments entries: reduce fills powers (weight_powers, counts[2]); finish "
+        "norms, coefs and total from them; apply scales segment s by coefs[s] unless it is 1.  Returns whether "
+        "apply wrote anything.");
+  m.def(
+      "segment_coefficient",
+      [](int32_t mode, int32_t kind, bool wide, double power, double weight_power, double max_norm,
+         double clip_factor, double eps) {
+        return segment_coefficient(mode, checked_kind(kind), wide, power, weight_power, max_norm, clip_factor, eps);
+      },
+      py::arg("mode"), py::arg("kind"), py::arg("wide"), py::arg("power"), py::arg("weight_power"),
+      py::arg("max_norm"), py::arg("clip_factor"), py::arg("eps"),
+      "The per-segment coefficient every backend computes (csrc/common/coefficients.h), for tests.");
   m.def(
       "touch_read",
       [](const TensorTable& t, int nthreads) {
@@ -163,7 +282,7 @@ PYBIND11_MODULE(_cpu, m) {
       "tensors_overlap", [](const TensorTable& t) { return Work(t).tensors_overlap(); }, py::arg("table"));
 
   m.def("clip_coefficient", [](double total, int32_t result_dtype, double max_norm) {
-    return clip_coefficient(total, checked_dtype(result_dtype), max_norm);
+    return clip_coefficient(total, checked_dtype(result_dtype) == DType::kFloat64, max_norm);
   });
   m.def("round_to_dtype", [](double v, int32_t dtype) { return round_to_dtype(v, checked_dtype(dtype)); });
   m.def("isa", [] { return std::string(row_kernels().isa); }, "Instruction set of the active kernels.");
@@ -171,6 +290,23 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("select_isa", &select_isa, py::arg("name"), "Switch kernels; False if unknown or unsupported.");
   m.def("threading", [] { return std::string(threading()); }, "'openmp' (the process's OpenMP runtime) or 'pool'.");
   m.def("set_threading", [](const std::string& name) { return set_threading(name.c_str()); }, py::arg("name"));
+  // The codes Python and every kernel share, defined once (csrc/common).
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(DType::kFloat32);
+  dtypes["float64"] = static_cast<int>(DType::kFloat64);
+  dtypes["float16"] = static_cast<int>(DType::kFloat16);
+  dtypes["bfloat16"] = static_cast<int>(DType::kBFloat16);
+  m.attr("DTYPE_CODES") = dtypes;
+  py::dict kinds;
+  kinds[py::float_(1.0)] = static_cast<int>(kL1);
+  kinds[py::float_(2.0)] = static_cast<int>(kL2);
+  kinds[py::float_(std::numeric_limits<double>::infinity())] = static_cast<int>(kLinf);
+  m.attr("NORM_KINDS") = kinds;
+  py::dict modes;
+  modes["none"] = static_cast<int>(kNoCoefficient);
+  modes["clip_norm"] = static_cast<int>(kClipNorm);
+  modes["agc"] = static_cast<int>(kAgc);
+  m.attr("COEFFICIENT_MODES") = modes;
   m.attr("unit_elems") = kUnitElems;
   m.attr("parallel_min_bytes") = kParallelMinBytes;
 #if defined(__clang__)

@@ -10,14 +10,16 @@
 #include <vector>
 
 #include "../common/dtypes.h"
+#include "../common/norm_kind.h"
 
 namespace fastclip::cpu {
-
-enum class NormKind : int32_t { kL1 = 1, kL2 = 2, kInf = 3 };
 
 // For L1/L2: the sum of |x| or x*x (accumulated in double for fp32/fp64 and in
 // float lanes for fp16/bf16).  For inf: max |x|, NaN if any element is NaN.
 using ReduceFn = double (*)(const void* data, int64_t n, int64_t stride);
+// The same value in the same pass, also adding to counts[0] the elements that
+// are inf or NaN and to counts[1] those that are zero.
+using StatsFn = double (*)(const void* data, int64_t n, int64_t stride, int64_t* counts);
 // x = x * coef, computed in the grad's opmath type (float, or double for fp64).
 using ScaleFn = void (*)(void* data, int64_t n, int64_t stride, double coef);
 // x = min(max(x, lo), hi) with torch's NaN rules; lo/hi are already values of
@@ -30,6 +32,7 @@ using TouchWriteFn = void (*)(void* data, int64_t nbytes, uint64_t zero);
 struct RowKernels {
   const char* isa;
   ReduceFn reduce[3][kNumDTypes];  // [NormKind - 1][DType]
+  StatsFn stats[3][kNumDTypes];
   ScaleFn scale[kNumDTypes];
   ClampFn clamp[kNumDTypes];
   TouchReadFn touch_read;

@@ -211,6 +211,39 @@ struct Half16 {
 
 // ---------------------------------------------------------------- reductions
 
+// Counting policies of the reductions: the stats kernels count non-finite
+// elements (inf, NaN) and zeros (either sign) of the values they sum, in the
+// same pass; the plain norm kernels count nothing (NoCounts compiles away).
+struct NoCounts {
+  template <class V>
+  void add(const V&) {}
+  void add1(double) {}
+  void store(int64_t*) const {}
+};
+
+// M: the lane-mask vector type of the values counted (vl for vd, vi for vf).
+// Per-lane counts never overflow: a unit has at most kUnitElems elements.
+template <class M>
+struct LaneCounts {
+  M nonfinite{}, zeros{};
+  int64_t tail_nonfinite = 0, tail_zeros = 0;
+  template <class V>
+  void add(const V& v) {
+    nonfinite -= (M)((v - v) != V{});  // inf - inf and NaN - NaN are NaN; finite - itself is 0
+    zeros -= (M)(v == V{});
+  }
+  void add1(double x) {
+    tail_nonfinite += (x - x) != 0.0;
+    tail_zeros += x == 0.0;
+  }
+  void store(int64_t* counts) const {
+    int64_t a = tail_nonfinite, b = tail_zeros;
+    for (unsigned k = 0; k < sizeof(M) / sizeof(nonfinite[0]); ++k) a += nonfinite[k], b += zeros[k];
+    counts[0] += a;
+    counts[1] += b;
+  }
+};
+
 // One accumulation term: |x| for L1, x*x for L2.
 template <int P, class V>
 static inline V term(const V& x) {
@@ -251,8 +284,8 @@ static inline void two_sum_add(vd& sum, vd& error, const vd& x) {
   sum = t;
 }
 
-template <int P, bool kCompensated, class T, class Load>
-static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
+template <int P, bool kCompensated, class T, class Load, class Counts>
+static double sum16(const T* p, int64_t n, int64_t stride, Load load, Counts& counts) {
   constexpr int kVecs = 16 / D;
   int64_t i = 0;
   double lanes[16] = {}, errors[16] = {};
@@ -260,7 +293,9 @@ static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
     vd acc[kVecs] = {}, err[kVecs] = {};
     i = for_blocks<16>(p, n, [&](const T* q) {
       for (int k = 0; k < kVecs; ++k) {
-        const vd x = term<P>(load(q + k * D));
+        const vd v = load(q + k * D);
+        counts.add(v);
+        const vd x = term<P>(v);
         if constexpr (kCompensated) {
           two_sum_add(acc[k], err[k], x);
         } else {
@@ -277,23 +312,33 @@ static double sum16(const T* p, int64_t n, int64_t stride, Load load) {
     CompensatedSum total;
     for (int k = 0; k < 16; ++k) total.add(lanes[k]);
     for (int k = 0; k < 16; ++k) total.error += errors[k];
-    for (; i < n; ++i) total.add(term1<P>(static_cast<double>(p[i * stride])));
+    for (; i < n; ++i) {
+      const double x = static_cast<double>(p[i * stride]);
+      counts.add1(x);
+      total.add(term1<P>(x));
+    }
     return total.value();
   } else {
     double tail = 0.0;
-    for (; i < n; ++i) tail += term1<P>(static_cast<double>(p[i * stride]));
+    for (; i < n; ++i) {
+      const double x = static_cast<double>(p[i * stride]);
+      counts.add1(x);
+      tail += term1<P>(x);
+    }
     return combine16(lanes) + tail;
   }
 }
 
-template <int P>
-static double sum_f32(const void* data, int64_t n, int64_t stride) {
-  return sum16<P, false>(static_cast<const float*>(data), n, stride, [](const float* q) { return load_as_double(q); });
+template <int P, class Counts>
+static double sum_f32(const void* data, int64_t n, int64_t stride, Counts& counts) {
+  return sum16<P, false>(static_cast<const float*>(data), n, stride, [](const float* q) { return load_as_double(q); },
+                         counts);
 }
 
-template <int P>
-static double sum_f64(const void* data, int64_t n, int64_t stride) {
-  return sum16<P, true>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); });
+template <int P, class Counts>
+static double sum_f64(const void* data, int64_t n, int64_t stride, Counts& counts) {
+  return sum16<P, true>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); },
+                        counts);
 }
 
 // fp16 / bf16: squares are exact in float.  32 logical float accumulators
@@ -301,14 +346,15 @@ static double sum_f64(const void* data, int64_t n, int64_t stride) {
 // loop) sum 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
 // folded into 8 logical double accumulators, so the float rounding never
 // builds up over long runs.
-template <int P, bool BF16>
-static double sum_h16(const void* data, int64_t n, int64_t stride) {
+template <int P, bool BF16, class Counts>
+static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& counts) {
   using H = Half16<BF16>;
   const uint16_t* p = static_cast<const uint16_t*>(data);
   if (stride != 1) {
     double s = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       const float x = H::to_float(p[i * stride]);
+      counts.add1(x);
       s += P == 2 ? x * x : __builtin_fabsf(x);
     }
     return s;
@@ -336,11 +382,18 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
       for (int j = 0; j < 16 / L; ++j) {
         const vu x = loadu<vu>(q + j * 2 * L);
         const int g = j / per, h = j % per;
-        acc[2 * g * per + h] += term<P>(bitcast<vf>(x << 16));
-        acc[(2 * g + 1) * per + h] += term<P>(bitcast<vf>(x & 0xffff0000u));
+        const vf even = bitcast<vf>(x << 16), odd = bitcast<vf>(x & 0xffff0000u);
+        counts.add(even);
+        counts.add(odd);
+        acc[2 * g * per + h] += term<P>(even);
+        acc[(2 * g + 1) * per + h] += term<P>(odd);
       }
     } else {
-      for (int k = 0; k < kVecs; ++k) acc[k] += term<P>(H::load(q + k * L));
+      for (int k = 0; k < kVecs; ++k) {
+        const vf v = H::load(q + k * L);
+        counts.add(v);
+        acc[k] += term<P>(v);
+      }
     }
     if (++steps == 8) fold();
   });
@@ -350,6 +403,7 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
   double tail = 0.0;
   for (; i < n; ++i) {
     const float x = H::to_float(p[i]);
+    counts.add1(x);
     tail += P == 2 ? x * x : __builtin_fabsf(x);
   }
   return combine8(lanes) + tail;
@@ -358,43 +412,69 @@ static double sum_h16(const void* data, int64_t n, int64_t stride) {
 // max |x| over a run, NaN propagating (max is exact, so no order to fix).
 // Comparisons ignore NaN, so NaN is tracked in its own mask and wins.
 // `load` gives a vector of elements from a pointer, `value` one element as double.
-template <class V, class M, class T, class Load, class Value>
-static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value value) {
+template <class V, class M, class T, class Load, class Value, class Counts>
+static double max_abs(const T* p, int64_t n, int64_t stride, Load load, Value value, Counts& counts) {
   constexpr int step = sizeof(V) / sizeof(V{}[0]);
   int64_t i = 0;
   double m = 0.0;
+  bool saw_nan = false;
   if (stride == 1) {
     V m0{}, m1{};
     M nan{};
     i = for_blocks<2 * step>(p, n, [&](const T* q) {
-      const V x0 = term<1>(load(q)), x1 = term<1>(load(q + step));
+      const V v0 = load(q), v1 = load(q + step);
+      counts.add(v0);
+      counts.add(v1);
+      const V x0 = term<1>(v0), x1 = term<1>(v1);
       nan |= (x0 != x0) | (x1 != x1);
       m0 = x0 > m0 ? x0 : m0;
       m1 = x1 > m1 ? x1 : m1;
     });
-    if (any(nan)) return __builtin_nan("");
+    saw_nan = any(nan);
     m0 = m1 > m0 ? m1 : m0;
     for (int k = 0; k < step; ++k) m = m0[k] > m ? m0[k] : m;
   }
-  for (; i < n; ++i) m = nan_max(m, __builtin_fabs(value(p[i * stride])));
-  return m;
+  for (; i < n; ++i) {
+    const double x = value(p[i * stride]);
+    counts.add1(x);
+    m = nan_max(m, __builtin_fabs(x));
+  }
+  return saw_nan ? __builtin_nan("") : m;
 }
 
-static double max_f32(const void* data, int64_t n, int64_t stride) {
+template <class Counts>
+static double max_f32(const void* data, int64_t n, int64_t stride, Counts& counts) {
   return max_abs<vf, vi>(static_cast<const float*>(data), n, stride, [](const float* q) { return loadu<vf>(q); },
-                         [](float x) { return static_cast<double>(x); });
+                         [](float x) { return static_cast<double>(x); }, counts);
 }
 
-template <bool BF16>
-static double max_h16(const void* data, int64_t n, int64_t stride) {
+template <bool BF16, class Counts>
+static double max_h16(const void* data, int64_t n, int64_t stride, Counts& counts) {
   using H = Half16<BF16>;
   return max_abs<vf, vi>(static_cast<const uint16_t*>(data), n, stride, [](const uint16_t* q) { return H::load(q); },
-                         [](uint16_t x) { return static_cast<double>(H::to_float(x)); });
+                         [](uint16_t x) { return static_cast<double>(H::to_float(x)); }, counts);
 }
 
-static double max_f64(const void* data, int64_t n, int64_t stride) {
+template <class Counts>
+static double max_f64(const void* data, int64_t n, int64_t stride, Counts& counts) {
   return max_abs<vd, vl>(static_cast<const double*>(data), n, stride, [](const double* q) { return loadu<vd>(q); },
-                         [](double x) { return x; });
+                         [](double x) { return x; }, counts);
+}
+
+// The reductions as RowKernels entries: the plain norm (no counts) and the
+// stats variant (the same sum, plus the counts of non-finite values and zeros).
+// F is one of the reductions above, LaneMask the mask type its vectors count in.
+template <double (*F)(const void*, int64_t, int64_t, NoCounts&)>
+static double plain(const void* data, int64_t n, int64_t stride) {
+  NoCounts none;
+  return F(data, n, stride, none);
+}
+template <class LaneMask, double (*F)(const void*, int64_t, int64_t, LaneCounts<LaneMask>&)>
+static double counted(const void* data, int64_t n, int64_t stride, int64_t* counts) {
+  LaneCounts<LaneMask> c;
+  const double r = F(data, n, stride, c);
+  c.store(counts);
+  return r;
 }
 
 // ---------------------------------------------------------------- scaling
@@ -595,18 +675,31 @@ static RowKernels make_table(const char* isa) {
   constexpr int f32 = static_cast<int>(DType::kFloat32), f64 = static_cast<int>(DType::kFloat64),
                 f16 = static_cast<int>(DType::kFloat16), bf16 = static_cast<int>(DType::kBFloat16);
   constexpr int l1 = 0, l2 = 1, linf = 2;
-  t.reduce[l1][f32] = sum_f32<1>;
-  t.reduce[l2][f32] = sum_f32<2>;
-  t.reduce[linf][f32] = max_f32;
-  t.reduce[l1][f64] = sum_f64<1>;
-  t.reduce[l2][f64] = sum_f64<2>;
-  t.reduce[linf][f64] = max_f64;
-  t.reduce[l1][f16] = sum_h16<1, false>;
-  t.reduce[l2][f16] = sum_h16<2, false>;
-  t.reduce[linf][f16] = max_h16<false>;
-  t.reduce[l1][bf16] = sum_h16<1, true>;
-  t.reduce[l2][bf16] = sum_h16<2, true>;
-  t.reduce[linf][bf16] = max_h16<true>;
+  // fp32 is counted as loaded (doubles: vl lanes), fp16/bf16 as floats (vi lanes)
+  t.reduce[l1][f32] = plain<sum_f32<1, NoCounts>>;
+  t.reduce[l2][f32] = plain<sum_f32<2, NoCounts>>;
+  t.reduce[linf][f32] = plain<max_f32<NoCounts>>;
+  t.reduce[l1][f64] = plain<sum_f64<1, NoCounts>>;
+  t.reduce[l2][f64] = plain<sum_f64<2, NoCounts>>;
+  t.reduce[linf][f64] = plain<max_f64<NoCounts>>;
+  t.reduce[l1][f16] = plain<sum_h16<1, false, NoCounts>>;
+  t.reduce[l2][f16] = plain<sum_h16<2, false, NoCounts>>;
+  t.reduce[linf][f16] = plain<max_h16<false, NoCounts>>;
+  t.reduce[l1][bf16] = plain<sum_h16<1, true, NoCounts>>;
+  t.reduce[l2][bf16] = plain<sum_h16<2, true, NoCounts>>;
+  t.reduce[linf][bf16] = plain<max_h16<true, NoCounts>>;
+  t.stats[l1][f32] = counted<vl, sum_f32<1, LaneCounts<vl>>>;
+  t.stats[l2][f32] = counted<vl, sum_f32<2, LaneCounts<vl>>>;
+  t.stats[linf][f32] = counted<vi, max_f32<LaneCounts<vi>>>;
+  t.stats[l1][f64] = counted<vl, sum_f64<1, LaneCounts<vl>>>;
+  t.stats[l2][f64] = counted<vl, sum_f64<2, LaneCounts<vl>>>;
+  t.stats[linf][f64] = counted<vl, max_f64<LaneCounts<vl>>>;
+  t.stats[l1][f16] = counted<vi, sum_h16<1, false, LaneCounts<vi>>>;
+  t.stats[l2][f16] = counted<vi, sum_h16<2, false, LaneCounts<vi>>>;
+  t.stats[linf][f16] = counted<vi, max_h16<false, LaneCounts<vi>>>;
+  t.stats[l1][bf16] = counted<vi, sum_h16<1, true, LaneCounts<vi>>>;
+  t.stats[l2][bf16] = counted<vi, sum_h16<2, true, LaneCounts<vi>>>;
+  t.stats[linf][bf16] = counted<vi, max_h16<true, LaneCounts<vi>>>;
   t.scale[f32] = scale_f32;
   t.scale[f64] = scale_f64;
   t.scale[f16] = scale_h16<false>;

@@ -6,6 +6,8 @@
 #include <stdexcept>
 
 #include "../common/accumulate.h"
+#include "../common/coefficients.h"
+#include "../common/segments.h"
 #include "thread_pool.h"
 
 namespace fastclip::cpu {
@@ -25,20 +27,32 @@ Work::Work(const TensorTable& table) {
   const size_t n = table.size();
   if (n > static_cast<size_t>(INT32_MAX)) throw std::invalid_argument("tensor table: too many tensors");
   tensors_.reserve(n);
+  num_segments_ = table.segmented() ? table.num_segments : 1;
+  wide_.assign(static_cast<size_t>(num_segments_), 0);
   int64_t nunits = 0;
   for (size_t i = 0; i < n; ++i) {
     const int32_t layout = table.layout[i];
+    char* weight = table.has_weights() ? reinterpret_cast<char*>(static_cast<uintptr_t>(table.weight_ptrs[i])) : nullptr;
+    const DType weight_dtype = static_cast<DType>(table.has_weights() ? table.weight_dtypes[i] : table.dtypes[i]);
     tensors_.push_back(TensorSpec{reinterpret_cast<char*>(static_cast<uintptr_t>(table.ptrs[i])), table.numels[i],
                                   static_cast<DType>(table.dtypes[i]),
-                                  layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)]});
-    nunits += (table.numels[i] + kUnitElems - 1) / kUnitElems;
+                                  layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)], weight,
+                                  weight_dtype});
+    nunits += units_of_tensor(table.numels[i], table.slice_of(i), kUnitElems);
+    // A segment with a float64 grad or weight works in float64 (its slices too).
+    if (table.numels[i] > 0 && (table.dtypes[i] == 1 || weight_dtype == DType::kFloat64)) {
+      for (int64_t k = 0; k < table.slices_of(i); ++k) wide_[static_cast<size_t>(table.segment_of(i) + k)] = 1;
+    }
   }
   units_.reserve(static_cast<size_t>(nunits));
   for (size_t i = 0; i < n; ++i) {
     const TensorSpec& t = tensors_[i];
     total_bytes_ += t.numel * element_size(t.dtype);
-    for (int64_t b = 0; b < t.numel; b += kUnitElems)
-      units_.push_back(Unit{static_cast<int32_t>(i), b, std::min(b + kUnitElems, t.numel)});
+    const int64_t len = table.slice_of(i), first = table.segment_of(i);
+    for (int64_t k = 0, units = units_of_tensor(t.numel, len, kUnitElems); k < units; ++k) {
+      const UnitSpan span = unit_span(k, len, kUnitElems);
+      units_.push_back(Unit{static_cast<int32_t>(i), span.start, span.start + span.count, first + span.slice});
+    }
   }
 }
 
@@ -94,31 +108,97 @@ int Work::threads_for(int requested, bool writes) const {
   return requested;
 }
 
+// Folds values in a fixed order: compensated sums, or the NaN-propagating max.
+class Fold {
+ public:
+  explicit Fold(NormKind kind) : max_(kind == kLinf) {}
+  void add(double v) {
+    if (max_) {
+      m_ = nan_max(m_, v);
+    } else {
+      sum_.add(v);
+    }
+  }
+  double value() const { return max_ ? m_ : sum_.value(); }
+
+ private:
+  bool max_;
+  double m_ = 0.0;
+  CompensatedSum sum_;
+};
+
 double Work::norm(NormKind kind, int nthreads) const {
   const RowKernels& k = row_kernels();
   const int ki = static_cast<int>(kind) - 1;
   std::vector<double> partial(units_.size());
   parallel_items(num_units(), threads_for(nthreads, false), false, [&](int64_t u) {
-    double max = 0.0;
-    CompensatedSum sum;  // the rows of a strided unit
+    Fold fold(kind);  // the rows of a strided unit
     for_each_run(units_[static_cast<size_t>(u)], [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
-      const double r = k.reduce[ki][static_cast<int>(t.dtype)](p, n, s);
-      if (kind == NormKind::kInf) {
-        max = nan_max(max, r);
-      } else {
-        sum.add(r);
-      }
+      fold.add(k.reduce[ki][static_cast<int>(t.dtype)](p, n, s));
     });
-    partial[static_cast<size_t>(u)] = kind == NormKind::kInf ? max : sum.value();
+    partial[static_cast<size_t>(u)] = fold.value();
   });
-  if (kind == NormKind::kInf) {
-    double m = 0.0;
-    for (double v : partial) m = nan_max(m, v);
-    return m;
-  }
-  CompensatedSum total;  // in unit order: the same result for any thread count
+  Fold total(kind);  // in unit order: the same result for any thread count
   for (double v : partial) total.add(v);
-  return kind == NormKind::kL2 ? std::sqrt(total.value()) : total.value();
+  return norm_from_power(total.value(), kind);
+}
+
+void Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) const {
+  const RowKernels& k = row_kernels();
+  const int ki = static_cast<int>(kind) - 1;
+  const size_t n = units_.size();
+  const bool weights = out.weight_powers != nullptr, counting = out.counts != nullptr;
+  std::vector<double> grad(n), weight(weights ? n : 0);
+  std::vector<int64_t> counts(counting ? 2 * n : 0);
+  parallel_items(num_units(), threads_for(nthreads, false), false, [&](int64_t u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    Fold fold(kind);
+    int64_t* c = counting ? &counts[2 * static_cast<size_t>(u)] : nullptr;
+    for_each_run(unit, [&](const TensorSpec& t, char* p, int64_t m, int64_t s) {
+      const int d = static_cast<int>(t.dtype);
+      fold.add(counting ? k.stats[ki][d](p, m, s, c) : k.reduce[ki][d](p, m, s));
+    });
+    grad[static_cast<size_t>(u)] = fold.value();
+    if (weights) {  // weights are dense, element for element with their grad
+      const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
+      const int64_t es = element_size(t.weight_dtype);
+      weight[static_cast<size_t>(u)] =
+          k.reduce[ki][static_cast<int>(t.weight_dtype)](t.weight + unit.begin * es, unit.end - unit.begin, 1);
+    }
+  });
+  // Each segment's units are one range, in unit order: fold them in that order.
+  size_t u = 0;
+  for (int64_t s = 0; s < num_segments_; ++s) {
+    Fold g(kind), w(kind);
+    for (; u < n && units_[u].segment == s; ++u) {
+      g.add(grad[u]);
+      if (weights) w.add(weight[u]);
+    }
+    if (out.powers != nullptr) out.powers[s] = g.value();
+    if (weights) out.weight_powers[s] = w.value();
+  }
+  if (counting) {
+    int64_t nonfinite = 0, zeros = 0;
+    for (size_t i = 0; i < n; ++i) nonfinite += counts[2 * i], zeros += counts[2 * i + 1];
+    out.counts[0] = nonfinite;
+    out.counts[1] = zeros;
+  }
+}
+
+bool Work::scale_segments(const double* coefs, int nthreads) const {
+  const RowKernels& k = row_kernels();
+  bool any = false;
+  for (const Unit& unit : units_) any = any || coefs[unit.segment] != 1.0;
+  if (!any) return false;
+  parallel_items(num_units(), threads_for(nthreads, true), true, [&](int64_t u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    const double coef = coefs[unit.segment];
+    if (coef == 1.0) return;  // x * 1 == x: nothing to write
+    for_each_run(unit, [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
+      k.scale[static_cast<int>(t.dtype)](p, n, s, coef);
+    });
+  });
+  return true;
 }
 
 void Work::scale(double coef, int nthreads) const {
@@ -131,14 +211,14 @@ void Work::scale(double coef, int nthreads) const {
   });
 }
 
-void Work::clamp(double clip_value, int nthreads) const {
+void Work::clamp(double lo_value, double hi_value, int nthreads) const {
   const RowKernels& k = row_kernels();
   // torch converts each bound to the grad's dtype (after a range check that
   // the Python side has already done).
   double lo[kNumDTypes], hi[kNumDTypes];
   for (int d = 0; d < kNumDTypes; ++d) {
-    lo[d] = round_to_dtype(-clip_value, static_cast<DType>(d));
-    hi[d] = round_to_dtype(clip_value, static_cast<DType>(d));
+    lo[d] = round_to_dtype(lo_value, static_cast<DType>(d));
+    hi[d] = round_to_dtype(hi_value, static_cast<DType>(d));
   }
   parallel_items(num_units(), threads_for(nthreads, true), false, [&](int64_t u) {
     for_each_run(units_[static_cast<size_t>(u)], [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
@@ -183,15 +263,35 @@ void Work::touch_write(int nthreads) const {
   });
 }
 
-double clip_coefficient(double total, DType result_dtype, double max_norm) {
-  if (result_dtype == DType::kFloat64) {
-    const double r = 1.0 / (total + 1e-6);
-    const double c = r * max_norm;
-    return c > 1.0 ? 1.0 : c;  // NaN stays NaN, as with torch.clamp
+void store_as(void* p, int32_t code, double v) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat64: *static_cast<double*>(p) = v; break;
+    case DType::kFloat32: *static_cast<float*>(p) = static_cast<float>(v); break;
+    case DType::kFloat16: *static_cast<uint16_t*>(p) = float_to_half(static_cast<float>(v)); break;
+    case DType::kBFloat16: *static_cast<uint16_t*>(p) = float_to_bf16(static_cast<float>(v)); break;
   }
-  const float r = 1.0f / (static_cast<float>(total) + static_cast<float>(1e-6));
-  const float c = r * static_cast<float>(max_norm);
-  return c > 1.0f ? 1.0 : static_cast<double>(c);
+}
+
+void finish_segments(const Work& work, NormKind kind, const double* powers, const double* weight_powers,
+                     const FinishSpec& spec) {
+  const int64_t n = work.num_segments();
+  if (spec.mode == kClipNorm && spec.max_norms_len != 1 && spec.max_norms_len != n)
+    throw std::invalid_argument("finish_segments: one max_norm, or one per segment");
+  const int64_t es = element_size(static_cast<DType>(spec.norms_code));
+  Fold total(kind);
+  for (int64_t s = 0; s < n; ++s) {
+    const bool wide = work.segment_is_wide(s);
+    const double power = powers[s];
+    const double wpower = weight_powers != nullptr ? weight_powers[s] : 0.0;
+    const double max_norm = spec.mode == kClipNorm ? spec.max_norms[spec.max_norms_len == 1 ? 0 : s] : 0.0;
+    if (spec.coefs != nullptr)
+      spec.coefs[s] = segment_coefficient(spec.mode, kind, wide, power, wpower, max_norm, spec.clip_factor, spec.eps);
+    if (spec.norms != nullptr)
+      store_as(static_cast<char*>(spec.norms) + s * es, spec.norms_code,
+               segment_norm(norm_from_power(power, kind), wide));
+    total.add(power);
+  }
+  if (spec.total != nullptr) store_as(spec.total, spec.total_code, norm_from_power(total.value(), kind));
 }
 
 ClipOutcome clip_norm(const Work& work, NormKind kind, double max_norm, DType result_dtype,
@@ -202,7 +302,7 @@ ClipOutcome clip_norm(const Work& work, NormKind kind, double max_norm, DType re
     out.aborted = true;
     return out;
   }
-  out.coef = clip_coefficient(raw, result_dtype, max_norm);
+  out.coef = clip_coefficient(raw, result_dtype == DType::kFloat64, max_norm);
   if (out.coef != 1.0) {  // multiplying by exactly 1 changes no bit: skip the pass
     work.scale(out.coef, nthreads);
     out.scaled = true;

@@ -1,14 +1,16 @@
 // The fused CPU passes over a TensorTable.
 //
-// Every tensor is cut into units of at most kUnitElems elements; threads take
-// units dynamically, and every reduction keeps one partial per unit,
-// combined in a fixed order, so results do not depend on the thread count.
+// Every tensor is cut into units of at most kUnitElems elements (cut again at
+// segment boundaries: see csrc/common/segments.h); threads take units
+// dynamically, and every reduction keeps one partial per unit, combined in a
+// fixed order, so results do not depend on the thread count.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "../common/dtypes.h"
+#include "../common/norm_kind.h"
 #include "../common/tensor_table.h"
 #include "row_kernels.h"
 
@@ -24,11 +26,22 @@ struct TensorSpec {
   int64_t numel;
   DType dtype;
   const StridedLayout* strided;  // nullptr: a dense block of numel elements
+  char* weight;                  // AGC: the parameter read beside the grad (nullptr: none)
+  DType weight_dtype;
 };
 
 struct Unit {
   int32_t tensor;
   int64_t begin, end;  // element range in the tensor's logical (row-major) order
+  int64_t segment;
+};
+
+// What reduce_segments gives, per segment (each array num_segments() long;
+// the caller owns them, a null pointer skips that output).
+struct SegmentSums {
+  double* powers = nullptr;         // grads: sum of |x|^p (p = 1, 2) or max |x| (inf), NaN propagating
+  double* weight_powers = nullptr;  // the weights (AGC)
+  int64_t* counts = nullptr;        // [2]: elements that are inf or NaN, elements that are zero (all segments)
 };
 
 class Work {
@@ -38,13 +51,24 @@ class Work {
   // The p-norm of all elements of all tensors as one vector (sqrt applied for L2).
   double norm(NormKind kind, int nthreads) const;
   void scale(double coef, int nthreads) const;
-  void clamp(double clip_value, int nthreads) const;
+  // torch's clamp_(lo, hi) (lo, hi as Python gives them: +-inf for no bound),
+  // each bound rounded to every grad's dtype; stores only what changes.
+  void clamp(double lo, double hi, int nthreads) const;
+  // Per segment, the p-th power sums (or maxima) of the grads (and of the
+  // weights), combined over each segment's units in unit order.
+  void reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) const;
+  // Every unit of segment s times coefs[s], unless that is exactly 1.
+  // Returns whether anything was written.
+  bool scale_segments(const double* coefs, int nthreads) const;
   // Benchmark floors over the same bytes.
   uint64_t touch_read(int nthreads) const;
   void touch_write(int nthreads) const;
 
   int64_t total_bytes() const { return total_bytes_; }
   int64_t num_units() const { return static_cast<int64_t>(units_.size()); }
+  int64_t num_segments() const { return num_segments_; }
+  // Whether segment s holds a float64 grad or weight (its norm and coefficient are then float64).
+  bool segment_is_wide(int64_t s) const { return wide_[static_cast<size_t>(s)] != 0; }
   // True if the byte ranges of two tensors intersect (duplicates, aliasing views).
   bool tensors_overlap() const;
 
@@ -55,12 +79,30 @@ class Work {
 
   std::vector<TensorSpec> tensors_;
   std::vector<Unit> units_;
+  std::vector<uint8_t> wide_;
+  int64_t num_segments_ = 1;
   int64_t total_bytes_ = 0;
 };
 
-// torch's coefficient clamp(max_norm / (total + 1e-6), max=1), with torch's
-// rounding: reciprocal, then multiply, in float (or double for fp64 results).
-double clip_coefficient(double total, DType result_dtype, double max_norm);
+// What finish_segments computes from the segment sums (outputs may be null).
+struct FinishSpec {
+  int32_t mode = 0;                   // CoefficientMode (csrc/common/coefficients.h)
+  const double* max_norms = nullptr;  // kClipNorm: max_norms_len values, 1 (for all) or num_segments
+  int64_t max_norms_len = 0;
+  double clip_factor = 0.0, eps = 0.0;  // kAgc
+  void* norms = nullptr;              // per segment: its norm, rounded as the segment works (float32 unless wide)
+  int32_t norms_code = 0;             //   stored in this dtype (float32 or float64)
+  double* coefs = nullptr;            // per segment: the coefficient
+  void* total = nullptr;              // the norm of all segments together (0-dim), in total_code's dtype
+  int32_t total_code = 0;
+};
+
+// Norms, coefficients and the total from reduce_segments' powers, in segment order.
+void finish_segments(const Work& work, NormKind kind, const double* powers, const double* weight_powers,
+                     const FinishSpec& spec);
+
+// Stores v as a value of dtype `code` at p (fp16/bf16 rounded from float32, as c10 does).
+void store_as(void* p, int32_t code, double v);
 
 struct ClipOutcome {
   double total;    // the norm as stored in the result dtype

@@ -17,11 +17,8 @@
 #include <stdexcept>
 #include <vector>
 
-#ifdef __CUDACC__
-#define FASTCLIP_HD __host__ __device__ __forceinline__
-#else
-#define FASTCLIP_HD inline
-#endif
+#include "../common/hd.h"
+
 
 namespace fastclip::cuda {
 

@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ 
   raw = block_reduce(raw, a.kind);
   if (threadIdx.x == 0) {
     const double total = a.kind == kL2 ? sqrt(raw) : raw;  // float64 sqrt: correctly rounded
-    const double coef = clip_coefficient(total, a.result_code, a.max_norm);
+    const double coef = clip_coefficient(total, a.result_code == 1, a.max_norm);
     s_coef = coef;
     if (blockIdx.x == 0 || a.finish == kLastBlock) {
       store_scalar(a.total_out, a.result_code, total);

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string>
 
+#include "../common/coefficients.h"
+#include "../common/norm_kind.h"
 #include "kernel_table.h"
 
 namespace fastclip::cuda {
@@ -37,8 +39,6 @@ struct DeviceSetup {
 };
 const DeviceSetup& device_setup(int device);
 
-enum NormKind : int { kL1 = 1, kL2 = 2, kLinf = 3 };
-
 struct NormJob {
   int kind = kL2;
   double max_norm = 0.0;      // for the coefficient
@@ -61,18 +61,5 @@ struct ClampBounds {
   double lo64, hi64;
 };
 int clamp(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const ClampBounds& bounds);
-
-// torch's clip coefficient from the total norm (the kernels compute it on the
-// device with this same function): clamp(max_norm / (total + 1e-6), max=1),
-// as reciprocal then multiply, in float32 unless the result dtype is float64.
-FASTCLIP_HD double clip_coefficient(double total, int result_code, double max_norm) {
-  if (result_code == 1) {
-    const double c = (1.0 / (total + 1e-6)) * max_norm;
-    return c > 1.0 ? 1.0 : c;  // NaN stays NaN, as with torch.clamp
-  }
-  const float r = 1.0f / (static_cast<float>(total) + static_cast<float>(1e-6));
-  const float c = r * static_cast<float>(max_norm);
-  return c > 1.0f ? 1.0 : static_cast<double>(c);
-}
 
 }  // namespace fastclip::cuda

@@ -20,6 +20,7 @@
 #include "launch.h"
 
 namespace py = pybind11;
+using namespace fastclip;
 using namespace fastclip::cuda;
 
 namespace {
@@ -171,8 +172,11 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("table"), py::arg("rows"), py::arg("units"), py::arg("unit"),
       "(row, first element, element count, dtype code) of a work unit, found as the kernels find it.");
 
-  m.def("clip_coefficient", &clip_coefficient, py::arg("total"), py::arg("result_code"), py::arg("max_norm"),
-        "The coefficient the kernels compute (the same function, compiled for the host).");
+  m.def(
+      "clip_coefficient",
+      [](double total, int result_code, double max_norm) { return clip_coefficient(total, result_code == 1, max_norm); },
+      py::arg("total"), py::arg("result_code"), py::arg("max_norm"),
+      "The coefficient the kernels compute (the same function, compiled for the host).");
 
   m.attr("unit_elems") = kUnitElems;
   m.attr("threads") = kThreads;
