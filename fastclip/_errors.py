@@ -58,3 +58,17 @@ def check_clip_value(clip_value: float, tensors, dtypes) -> None:
         groups = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([list(representatives.values())])
         first = next(dtype for (_, dtype) in groups if dtype in overflowing)
     raise RuntimeError(f"value cannot be converted to type {_CLAMP_LIMITS[first][1]} without overflow")
+
+
+def check_clamp_bounds(bounds, tensors) -> None:
+    """Raise torch's RuntimeError if a bound of grad.clamp_(lo, hi) does not fit
+    the dtype of one of `tensors` (the first such tensor in order, as a loop
+    of clamp_ meets it)."""
+    finite = [abs(float(b)) for b in bounds if abs(float(b)) != float("inf") and float(b) == float(b)]
+    if not finite:
+        return
+    largest = max(finite)
+    for t in tensors:
+        limit = _CLAMP_LIMITS.get(t.dtype)
+        if limit is not None and largest > limit[0]:
+            raise RuntimeError(f"value cannot be converted to type {limit[1]} without overflow")

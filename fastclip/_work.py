@@ -16,20 +16,12 @@ from operator import attrgetter
 
 import torch
 
-try:  # the tensor table, its fast gather and the CPU kernels live in the C++ extension
-    from . import _cpu as _ext
+# The tensor table, its fast gather and the CPU kernels live in fastclip._cpu.
+from ._ext import CPU_IMPORT_ERROR as EXT_IMPORT_ERROR
+from ._ext import DTYPE_CODES
+from ._ext import cpu as _ext
 
-    EXT_IMPORT_ERROR = ""
-except ImportError as exc:  # not built, or built for another Python
-    _ext = None
-    EXT_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    # torch >= 2.10 publishes DLPack's C exchange API: one C call describes a tensor
-    _ext.set_dlpack_exchange_api(getattr(torch.Tensor, "__dlpack_c_exchange_api__", None))
-
-# Codes shared with csrc/common/dtypes.h.
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-MAX_STRIDED_DIMS = 8  # csrc/cpu/work.h kMaxDims
+MAX_STRIDED_DIMS = 8  # csrc/common/tensor_table.h kMaxDims
 
 _grad_of = attrgetter("grad")
 _dtype_of = attrgetter("dtype")

@@ -243,8 +243,9 @@ template <class T>
 T __shfl_down_sync(unsigned, T v, unsigned offset) {
   return ::fastclip::cuda::emu::current_run()->shfl_down(v, offset);
 }
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned old = *p;
+template <class T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
   *p = old + v;
   return old;
 }

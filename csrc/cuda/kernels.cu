@@ -43,6 +43,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common/segment_table.h"
+#include "../common/segments.h"
 #include "launch.h"
 
 namespace cg = cooperative_groups;
@@ -79,6 +81,24 @@ struct BF16 {
   static __device__ float widen(S s) { return __uint_as_float(static_cast<unsigned>(s) << 16); }
   static __device__ S narrow(float m) { return __bfloat16_as_ushort(__float2bfloat16_rn(m)); }
 };
+
+// Calls f(D{}) with D the traits of dtype `code`: the one switch over dtypes
+// of every kernel (codes: csrc/common/dtypes.h).
+template <class F>
+__device__ __forceinline__ void with_dtype(int code, F&& f) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat32: f(F32{}); break;
+    case DType::kFloat64: f(F64{}); break;
+    case DType::kFloat16: f(F16{}); break;
+    default: f(BF16{}); break;
+  }
+}
+
+__device__ __forceinline__ int size_of(int code) {
+  int size = 0;
+  with_dtype(code, [&](auto d) { size = sizeof(typename decltype(d)::S); });
+  return size;
+}
 
 template <class T>
 __device__ __forceinline__ T nan_max(T a, T b) {
@@ -152,6 +172,22 @@ struct NormOp {
   }
 };
 
+// NormOp, also counting non-finite elements and zeros (grad_stats).
+template <class D, int KIND>
+struct StatsOp : NormOp<D, KIND> {
+  unsigned long long nonfinite = 0, zeros = 0;
+  template <int N>
+  __device__ __forceinline__ bool operator()(typename D::S (&x)[N]) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const auto v = D::widen(x[k]);
+      nonfinite += (v - v) != (v - v);  // inf - inf and NaN - NaN are NaN
+      zeros += v == 0;
+    }
+    return NormOp<D, KIND>::operator()(x);
+  }
+};
+
 template <class D>
 struct ScaleOp {
   typename D::Math coef;
@@ -184,20 +220,43 @@ struct ClampOp {
   }
 };
 
+// This thread's share of a unit's norm; with `counts`, it also adds this
+// thread's non-finite elements and zeros to counts[0] and counts[1].
 template <class D, int KIND>
-__device__ __forceinline__ double unit_norm(void* p, int64_t count) {
+__device__ __forceinline__ double unit_norm(void* p, int64_t count, unsigned long long* counts) {
+  if (counts != nullptr) {
+    StatsOp<D, KIND> op;
+    visit_unit<D>(static_cast<typename D::S*>(p), count, op);
+    counts[0] += op.nonfinite;
+    counts[1] += op.zeros;
+    return static_cast<double>(op.acc);
+  }
   NormOp<D, KIND> op;
   visit_unit<D>(static_cast<typename D::S*>(p), count, op);
   return static_cast<double>(op.acc);
 }
 
-template <class D>
-__device__ __forceinline__ double unit_norm(void* p, int64_t count, int kind) {
-  switch (kind) {
-    case kL1: return unit_norm<D, kL1>(p, count);
-    case kL2: return unit_norm<D, kL2>(p, count);
-    default: return unit_norm<D, kLinf>(p, count);
-  }
+__device__ __forceinline__ double unit_norm(int code, void* p, int64_t count, int kind,
+                                            unsigned long long* counts = nullptr) {
+  double part = 0.0;
+  with_dtype(code, [&](auto d) {
+    using D = decltype(d);
+    switch (kind) {
+      case kL1: part = unit_norm<D, kL1>(p, count, counts); break;
+      case kL2: part = unit_norm<D, kL2>(p, count, counts); break;
+      default: part = unit_norm<D, kLinf>(p, count, counts); break;
+    }
+  });
+  return part;
+}
+
+// x *= coef over a unit (in float32 for fp32/fp16/bf16, float64 for fp64, like torch's _foreach_mul_).
+__device__ __forceinline__ void unit_scale(int code, void* p, int64_t count, double coef) {
+  with_dtype(code, [&](auto d) {
+    using D = decltype(d);
+    ScaleOp<D> op{static_cast<typename D::Math>(coef)};
+    visit_unit<D>(static_cast<typename D::S*>(p), count, op);
+  });
 }
 
 // Where unit u of the table is: (first element's address, element count, dtype code).
@@ -213,8 +272,7 @@ __device__ __forceinline__ UnitRef unit_ref(const KernelTable<CAP>& t, int32_t u
   const int code = t.code(r);
   const int64_t start = static_cast<int64_t>(u - t.first_unit[r]) * kUnitElems;
   const int64_t left = t.numel(r) - start;
-  const int size = code == 1 ? 8 : code == 0 ? 4 : 2;
-  return {reinterpret_cast<char*>(t.address[r]) + start * size, left < kUnitElems ? left : kUnitElems, code};
+  return {reinterpret_cast<char*>(t.address[r]) + start * size_of(code), left < kUnitElems ? left : kUnitElems, code};
 }
 
 // ------------------------------------------------------------------ block-level pieces
@@ -241,14 +299,7 @@ __device__ double norm_of_my_units(const KernelTable<CAP>& t, int kind) {
   double acc = 0.0;
   for (int64_t u = blockIdx.x; u < t.units; u += gridDim.x) {  // 64-bit: u + G never wraps
     const UnitRef w = unit_ref(t, static_cast<int32_t>(u));
-    double part;
-    switch (w.code) {
-      case 0: part = unit_norm<F32>(w.p, w.count, kind); break;
-      case 1: part = unit_norm<F64>(w.p, w.count, kind); break;
-      case 2: part = unit_norm<F16>(w.p, w.count, kind); break;
-      default: part = unit_norm<BF16>(w.p, w.count, kind); break;
-    }
-    acc = combine(acc, part, kind);
+    acc = combine(acc, unit_norm(w.code, w.p, w.count, kind), kind);
   }
   return acc;
 }
@@ -259,34 +310,27 @@ template <int CAP>
 __device__ void scale_my_units(const KernelTable<CAP>& t, double coef) {
   if (static_cast<int32_t>(blockIdx.x) >= t.units) return;
   const int64_t mine = (t.units - 1 - static_cast<int64_t>(blockIdx.x)) / gridDim.x + 1;
-  const float coef32 = static_cast<float>(coef);
   for (int64_t k = mine - 1; k >= 0; --k) {
     const UnitRef w = unit_ref(t, static_cast<int32_t>(blockIdx.x + k * gridDim.x));
-    switch (w.code) {
-      case 0: { ScaleOp<F32> op{coef32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
-      case 1: { ScaleOp<F64> op{coef}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
-      case 2: { ScaleOp<F16> op{coef32}; visit_unit<F16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
-      default: { ScaleOp<BF16> op{coef32}; visit_unit<BF16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
-    }
+    unit_scale(w.code, w.p, w.count, coef);
   }
 }
 
 __device__ double load_scalar(const void* p, int code) {
-  switch (code) {
-    case 0: return *static_cast<const float*>(p);
-    case 1: return *static_cast<const double*>(p);
-    case 2: return F16::widen(*static_cast<const unsigned short*>(p));
-    default: return BF16::widen(*static_cast<const unsigned short*>(p));
-  }
+  double v = 0.0;
+  with_dtype(code, [&](auto d) {
+    using D = decltype(d);
+    v = static_cast<double>(D::widen(*static_cast<const typename D::S*>(p)));
+  });
+  return v;
 }
 
+// v stored as dtype `code` (fp16/bf16 through float32, as c10 rounds a double).
 __device__ void store_scalar(void* p, int code, double v) {
-  switch (code) {
-    case 0: *static_cast<float*>(p) = static_cast<float>(v); break;
-    case 1: *static_cast<double*>(p) = v; break;
-    case 2: *static_cast<unsigned short*>(p) = F16::narrow(static_cast<float>(v)); break;
-    default: *static_cast<unsigned short*>(p) = BF16::narrow(static_cast<float>(v)); break;
-  }
+  with_dtype(code, [&](auto d) {
+    using D = decltype(d);
+    *static_cast<typename D::S*>(p) = D::narrow(static_cast<typename D::Math>(v));
+  });
 }
 
 // ------------------------------------------------------------------ kernels
@@ -355,20 +399,167 @@ __global__ void __launch_bounds__(kThreads)
   if (coef != 1.0) scale_my_units(t, coef);
 }
 
+// The bounds of dtype D, as torch rounds them for it.
+__device__ __forceinline__ ClampOp<F32> clamp_op(F32, const ClampBounds& b) { return {b.lo32, b.hi32}; }
+__device__ __forceinline__ ClampOp<F64> clamp_op(F64, const ClampBounds& b) { return {b.lo64, b.hi64}; }
+__device__ __forceinline__ ClampOp<F16> clamp_op(F16, const ClampBounds& b) { return {b.lo16, b.hi16}; }
+__device__ __forceinline__ ClampOp<BF16> clamp_op(BF16, const ClampBounds& b) { return {b.lo_bf16, b.hi_bf16}; }
+
 template <int CAP>
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ KernelTable<CAP> t, const ClampBounds b) {
   for (int64_t u = blockIdx.x; u < t.units; u += gridDim.x) {  // 64-bit: u + G never wraps
     const UnitRef w = unit_ref(t, static_cast<int32_t>(u));
-    switch (w.code) {
-      case 0: { ClampOp<F32> op{b.lo32, b.hi32}; visit_unit<F32>(static_cast<float*>(w.p), w.count, op); break; }
-      case 1: { ClampOp<F64> op{b.lo64, b.hi64}; visit_unit<F64>(static_cast<double*>(w.p), w.count, op); break; }
-      case 2: { ClampOp<F16> op{b.lo16, b.hi16}; visit_unit<F16>(static_cast<unsigned short*>(w.p), w.count, op); break; }
-      default: {
-        ClampOp<BF16> op{b.lo_bf16, b.hi_bf16};
-        visit_unit<BF16>(static_cast<unsigned short*>(w.p), w.count, op);
-        break;
+    with_dtype(w.code, [&](auto d) {
+      using D = decltype(d);
+      auto op = clamp_op(d, b);
+      visit_unit<D>(static_cast<typename D::S*>(w.p), w.count, op);
+    });
+  }
+}
+
+// ------------------------------------------------------------------ the segmented primitives
+//
+// Over the segment table (csrc/common/segment_table.h) in device memory:
+// segment_reduce_kernel takes units b, b + G, ...; each block writes its
+// unit's partial, and the last unit of a segment to finish (counted with an
+// atomic per segment) folds that segment's partials in unit order, in a
+// fixed thread assignment, so results repeat bit for bit; with `finish` it
+// also computes the segment's coefficient (csrc/common/coefficients.h).
+// segment_finish_kernel does the coefficients alone (after an all-reduce of
+// the powers), segment_apply_kernel multiplies each unit by its segment's
+// coefficient unless that is exactly 1.
+
+struct SegmentUnit {
+  char* p;         // the unit's first grad element
+  char* w;         // the same element of the weight (AGC)
+  int64_t count;
+  int64_t segment;
+  int code, wcode;
+};
+
+__device__ __forceinline__ SegmentUnit segment_unit(const SegmentArgs& a, int64_t u) {
+  const int64_t R = a.rows;
+  const int64_t* first = a.table;
+  int64_t lo = 0, hi = R;  // first[lo] <= u < first[hi] (hi == R: past the end)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (first[mid] <= u) lo = mid; else hi = mid;
+  }
+  const int code = static_cast<int>(a.table[3 * R + lo]), wcode = static_cast<int>(a.table[7 * R + lo]);
+  const UnitSpan span = unit_span(u - first[lo], a.table[4 * R + lo], kUnitElems);
+  char* address = reinterpret_cast<char*>(a.table[R + lo]);
+  char* weight = reinterpret_cast<char*>(a.table[6 * R + lo]);
+  return {address + span.start * size_of(code), weight + span.start * size_of(wcode), span.count,
+          a.table[5 * R + lo] + span.slice, code, wcode};
+}
+
+__device__ unsigned long long block_sum(unsigned long long v) {
+  __shared__ unsigned long long warp_values[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (lane == 0) warp_values[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_values[lane] : 0ull;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// values[first, first + count) folded by the block in a fixed order, in thread 0.
+__device__ double fold_range(const double* values, int64_t first, int64_t count, int kind) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) acc = combine(acc, __ldcg(values + first + i), kind);
+  return block_reduce(acc, kind);
+}
+
+// Segment s's coefficient and norm from its folded powers (one thread).
+__device__ void finish_segment(const SegmentArgs& a, int64_t s, double power, double weight_power) {
+  const bool wide = a.table[kSegmentColumns * a.rows + a.segments + 1 + s] != 0;
+  if (a.coefs != nullptr) {
+    const double max_norm = a.mode == kClipNorm ? a.max_norms[a.max_norms_len == 1 ? 0 : s] : 0.0;
+    a.coefs[s] = segment_coefficient(a.mode, a.kind, wide, power, weight_power, max_norm, a.clip_factor, a.eps);
+  }
+  if (a.norms != nullptr)
+    store_scalar(static_cast<char*>(a.norms) + s * size_of(a.norms_code), a.norms_code,
+                 segment_norm(norm_from_power(power, a.kind), wide));
+}
+
+__global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentArgs a) {
+  __shared__ bool s_last, s_total;
+  const int64_t* first_units = a.table + kSegmentColumns * a.rows;
+  for (int64_t u = blockIdx.x; u < a.units; u += gridDim.x) {
+    const SegmentUnit w = segment_unit(a, u);
+    unsigned long long counts[2] = {0, 0};
+    const double part = block_reduce(unit_norm(w.code, w.p, w.count, a.kind, a.counts ? counts : nullptr), a.kind);
+    double weight_part = 0.0;
+    if (a.weight_powers != nullptr) weight_part = block_reduce(unit_norm(w.wcode, w.w, w.count, a.kind), a.kind);
+    if (a.counts != nullptr) {
+      counts[0] = block_sum(counts[0]);
+      counts[1] = block_sum(counts[1]);
+    }
+    if (threadIdx.x == 0) {
+      a.unit_parts[u] = part;
+      if (a.weight_powers != nullptr) a.unit_weight_parts[u] = weight_part;
+      if (a.counts != nullptr) {  // integers: any order gives the same sums
+        atomicAdd(a.counts, counts[0]);
+        atomicAdd(a.counts + 1, counts[1]);
+      }
+      __threadfence();  // this unit's partials are visible before it is counted
+      const int64_t units = first_units[w.segment + 1] - first_units[w.segment];
+      s_last = atomicAdd(a.segment_counter + w.segment, 1u) == static_cast<unsigned>(units - 1);
+    }
+    __syncthreads();
+    if (s_last) {  // the segment's last unit: fold it
+      __threadfence();
+      const int64_t s = w.segment, first = first_units[s], units = first_units[s + 1] - first;
+      const double power = fold_range(a.unit_parts, first, units, a.kind);
+      const double weight_power = a.weight_powers != nullptr ? fold_range(a.unit_weight_parts, first, units, a.kind) : 0.0;
+      if (threadIdx.x == 0) {
+        a.powers[s] = power;
+        if (a.weight_powers != nullptr) a.weight_powers[s] = weight_power;
+        if (a.finish) finish_segment(a, s, power, weight_power);
+        a.segment_counter[s] = 0;
+        s_total = false;
+        if (a.total != nullptr) {
+          __threadfence();
+          s_total = atomicAdd(a.done_counter, 1u) == static_cast<unsigned>(a.filled - 1);
+        }
+      }
+      __syncthreads();
+      if (s_total) {  // the last segment folded: the total, over every segment in order
+        __threadfence();
+        const double whole = fold_range(a.powers, 0, a.segments, a.kind);
+        if (threadIdx.x == 0) {
+          store_scalar(a.total, a.total_code, norm_from_power(whole, a.kind));
+          *a.done_counter = 0;
+        }
       }
     }
+    __syncthreads();  // s_last and s_total are the next unit's
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) segment_finish_kernel(const SegmentArgs a) {
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < a.segments;
+       s += static_cast<int64_t>(gridDim.x) * kThreads)
+    finish_segment(a, s, a.powers[s], a.weight_powers != nullptr ? a.weight_powers[s] : 0.0);
+  if (a.total != nullptr && blockIdx.x == 0) {
+    const double whole = fold_range(a.powers, 0, a.segments, a.kind);
+    if (threadIdx.x == 0) store_scalar(a.total, a.total_code, norm_from_power(whole, a.kind));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) segment_apply_kernel(const SegmentArgs a) {
+  if (static_cast<int64_t>(blockIdx.x) >= a.units) return;
+  const int64_t mine = (a.units - 1 - static_cast<int64_t>(blockIdx.x)) / gridDim.x + 1;
+  for (int64_t k = mine - 1; k >= 0; --k) {  // last first: the units the reduce read last are in L2
+    const SegmentUnit w = segment_unit(a, blockIdx.x + k * gridDim.x);
+    const double coef = a.coefs[w.segment];
+    if (coef != 1.0) unit_scale(w.code, w.p, w.count, coef);  // x * 1 == x: nothing to write
   }
 }
 
@@ -435,6 +626,8 @@ DeviceSetup make_setup(int device) {
                                   blocks_per_sm(scale_kernel<kLargeRows>, occupancy));
   s.clamp_grid = s.sms * std::min(blocks_per_sm(clamp_kernel<kSmallRows>, occupancy),
                                   blocks_per_sm(clamp_kernel<kLargeRows>, occupancy));
+  s.segment_grid = s.sms * std::min(blocks_per_sm(segment_reduce_kernel, occupancy),
+                                    blocks_per_sm(segment_apply_kernel, occupancy));
   cudaFuncAttributes attr;
   check(cudaFuncGetAttributes(&attr, norm_kernel<kLargeRows>), "cudaFuncGetAttributes");
   s.norm_registers = attr.numRegs;
@@ -641,6 +834,40 @@ int clamp(int device, uintptr_t stream, const UnitColumns& c, int64_t units, con
   DeviceGuard guard(device);
   return plan.cap == kSmallRows ? clamp_with<kSmallRows>(plan, as_stream(stream), c, bounds)
                                 : clamp_with<kLargeRows>(plan, as_stream(stream), c, bounds);
+}
+
+int segment_reduce(int device, uintptr_t stream, const SegmentArgs& args) {
+  if (args.units == 0) return 0;
+  const DeviceSetup& s = device_setup(device);
+  DeviceGuard guard(device);
+  SegmentArgs a = args;
+  void* params[] = {&a};
+  launch(segment_reduce_kernel, static_cast<int>(std::min<int64_t>(a.units, s.segment_grid)), as_stream(stream),
+         "cudaLaunchKernelExC (segment_reduce_kernel)", params);
+  return 1;
+}
+
+int segment_finish(int device, uintptr_t stream, const SegmentArgs& args) {
+  if (args.segments == 0) return 0;
+  const DeviceSetup& s = device_setup(device);
+  DeviceGuard guard(device);
+  SegmentArgs a = args;
+  void* params[] = {&a};
+  const int64_t blocks = (a.segments + kThreads - 1) / kThreads;
+  launch(segment_finish_kernel, static_cast<int>(std::min<int64_t>(blocks, s.segment_grid)), as_stream(stream),
+         "cudaLaunchKernelExC (segment_finish_kernel)", params);
+  return 1;
+}
+
+int segment_apply(int device, uintptr_t stream, const SegmentArgs& args) {
+  if (args.units == 0) return 0;
+  const DeviceSetup& s = device_setup(device);
+  DeviceGuard guard(device);
+  SegmentArgs a = args;
+  void* params[] = {&a};
+  launch(segment_apply_kernel, static_cast<int>(std::min<int64_t>(a.units, s.segment_grid)), as_stream(stream),
+         "cudaLaunchKernelExC (segment_apply_kernel)", params);
+  return 1;
 }
 
 }  // namespace fastclip::cuda

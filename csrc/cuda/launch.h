@@ -33,6 +33,7 @@ struct DeviceSetup {
   int norm_grid = 0;    // blocks of a norm launch: resident blocks per SM * SMs (cooperative: all at once)
   int scale_grid = 0;
   int clamp_grid = 0;
+  int segment_grid = 0;  // blocks of the segmented kernels
   int norm_registers = 0;  // per thread, of the compiled norm kernel (32 KB-table variant)
   bool cooperative = false;   // the device can launch cooperative grids
   bool large_params = false;  // 32 KB of kernel parameters (CUDA >= 12.1, compute capability >= 7.0)
@@ -61,5 +62,34 @@ struct ClampBounds {
   double lo64, hi64;
 };
 int clamp(int device, uintptr_t stream, const UnitColumns& table, int64_t units, const ClampBounds& bounds);
+
+// One segmented call (csrc/common/segments.h): the segment table
+// (csrc/common/segment_table.h, in device memory) and where the kernels
+// read and write, all device addresses (null: not wanted).  Passed to the
+// kernels by value.
+struct SegmentArgs {
+  const int64_t* table = nullptr;
+  int64_t rows = 0, units = 0, segments = 0, filled = 0;  // filled: segments with units
+  double* unit_parts = nullptr;         // scratch: a partial per unit (grads) ...
+  double* unit_weight_parts = nullptr;  // ... and per unit (weights)
+  unsigned* segment_counter = nullptr;  // zeros, one per segment; each segment's finisher resets its own
+  unsigned* done_counter = nullptr;     // zero; reset by the total's finisher
+  double* powers = nullptr;             // per segment: sum of |g|^p or max |g| (float64)
+  double* weight_powers = nullptr;      // per segment, the weights' (AGC)
+  unsigned long long* counts = nullptr; // [2]: elements that are inf or NaN, that are zero
+  const double* max_norms = nullptr;    // kClipNorm: 1 or `segments` values
+  int64_t max_norms_len = 0;
+  double clip_factor = 0.0, eps = 0.0;  // kAgc
+  void* norms = nullptr;                // per segment, in dtype norms_code
+  double* coefs = nullptr;              // per segment
+  void* total = nullptr;                // 0-dim, in dtype total_code
+  int32_t norms_code = 0, total_code = 0;
+  int32_t mode = 0;                     // CoefficientMode
+  int32_t kind = kL2;
+  bool finish = false;                  // segment_reduce also computes coefficients and norms (and total)
+};
+int segment_reduce(int device, uintptr_t stream, const SegmentArgs& args);
+int segment_finish(int device, uintptr_t stream, const SegmentArgs& args);
+int segment_apply(int device, uintptr_t stream, const SegmentArgs& args);
 
 }  // namespace fastclip::cuda

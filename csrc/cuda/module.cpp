@@ -13,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -76,6 +77,7 @@ PYBIND11_MODULE(_cuda, m) {
     d["norm_grid"] = s.norm_grid;
     d["scale_grid"] = s.scale_grid;
     d["clamp_grid"] = s.clamp_grid;
+    d["segment_grid"] = s.segment_grid;
     d["norm_registers"] = s.norm_registers;
     d["cooperative"] = s.cooperative;
     d["large_params"] = s.large_params;
@@ -131,6 +133,60 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("hi32"), py::arg("lo16"), py::arg("hi16"), py::arg("lo_bf16"), py::arg("hi_bf16"), py::arg("lo64"),
       py::arg("hi64"), "clip_grad_value_ with bounds already rounded to each dtype; stores only what changes.");
 
+  m.def(
+      "segments",
+      [](int device, uintptr_t stream, const std::string& step, uintptr_t table, int64_t rows, int64_t units,
+         int64_t segments, int64_t filled, uintptr_t unit_parts, uintptr_t unit_weight_parts,
+         uintptr_t segment_counter, uintptr_t done_counter, uintptr_t powers, uintptr_t weight_powers,
+         uintptr_t counts, uintptr_t max_norms, int64_t max_norms_len, double clip_factor, double eps,
+         uintptr_t norms, int norms_code, uintptr_t coefs, uintptr_t total, int total_code, int mode, int kind,
+         bool finish) {
+        if (!valid_norm_kind(kind)) throw py::value_error("fastclip._cuda: norm kind must be 1, 2 or 3");
+        if (mode < kNoCoefficient || mode > kAgc) throw py::value_error("fastclip._cuda: unknown coefficient mode");
+        if (norms_code < 0 || norms_code > 3 || total_code < 0 || total_code > 3)
+          throw py::value_error("fastclip._cuda: bad dtype code");
+        SegmentArgs a;
+        a.table = reinterpret_cast<const int64_t*>(table);
+        a.rows = rows;
+        a.units = units;
+        a.segments = segments;
+        a.filled = filled;
+        a.unit_parts = reinterpret_cast<double*>(unit_parts);
+        a.unit_weight_parts = reinterpret_cast<double*>(unit_weight_parts);
+        a.segment_counter = reinterpret_cast<unsigned*>(segment_counter);
+        a.done_counter = reinterpret_cast<unsigned*>(done_counter);
+        a.powers = reinterpret_cast<double*>(powers);
+        a.weight_powers = reinterpret_cast<double*>(weight_powers);
+        a.counts = reinterpret_cast<unsigned long long*>(counts);
+        a.max_norms = reinterpret_cast<const double*>(max_norms);
+        a.max_norms_len = max_norms_len;
+        a.clip_factor = clip_factor;
+        a.eps = eps;
+        a.norms = address(norms);
+        a.norms_code = norms_code;
+        a.coefs = reinterpret_cast<double*>(coefs);
+        a.total = address(total);
+        a.total_code = total_code;
+        a.mode = mode;
+        a.kind = kind;
+        a.finish = finish;
+        return guarded([&] {
+          if (step == "reduce") return segment_reduce(device, stream, a);
+          if (step == "finish") return segment_finish(device, stream, a);
+          if (step == "apply") return segment_apply(device, stream, a);
+          throw std::invalid_argument("fastclip._cuda.segments: step must be reduce, finish or apply");
+        });
+      },
+      py::arg("device"), py::arg("stream"), py::arg("step"), py::arg("table"), py::arg("rows"), py::arg("units"),
+      py::arg("segments"), py::arg("filled"), py::arg("unit_parts") = 0, py::arg("unit_weight_parts") = 0,
+      py::arg("segment_counter") = 0, py::arg("done_counter") = 0, py::arg("powers") = 0,
+      py::arg("weight_powers") = 0, py::arg("counts") = 0, py::arg("max_norms") = 0, py::arg("max_norms_len") = 0,
+      py::arg("clip_factor") = 0.0, py::arg("eps") = 0.0, py::arg("norms") = 0, py::arg("norms_code") = 0,
+      py::arg("coefs") = 0, py::arg("total") = 0, py::arg("total_code") = 0, py::arg("mode") = 0,
+      py::arg("kind") = 2, py::arg("finish") = false,
+      "A segmented primitive (step: reduce, finish or apply) over a segment table in device memory "
+      "(csrc/common/segment_table.h); every array a device address (0: not wanted).  Returns the launches.");
+
   // ---- the kernels' host-side code, for tests without a GPU
 
   m.def(
@@ -178,7 +234,7 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("total"), py::arg("result_code"), py::arg("max_norm"),
       "The coefficient the kernels compute (the same function, compiled for the host).");
 
-  m.attr("unit_elems") = kUnitElems;
+  m.attr("unit_elems") = kUnitElems;  // also the segmented kernels' unit
   m.attr("threads") = kThreads;
   m.attr("small_rows") = kSmallRows;
   m.attr("large_rows") = kLargeRows;

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .._work import DTYPE_CODES, EXT_IMPORT_ERROR, GradList, _ext
-from .base import FusedBackend, status_dict
+from .base import Coefficient, FusedBackend, SegmentCall, SegmentOutputs, status_dict
 
 if _ext is not None and os.environ.get("FASTCLIP_CPU_ISA"):
     if not _ext.select_isa(os.environ["FASTCLIP_CPU_ISA"]):
@@ -83,8 +83,47 @@ class CpuBackend(FusedBackend):
         _ext.clamp(grads.table, clip_value, torch.get_num_threads())
         grads.mark_modified()
 
+    # ------------------------------------------------------------ segmented primitives
+
+    def segments(
+        self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient, apply: bool
+    ) -> None:
+        self._run(call, kind, 1 | 2 | (4 if apply else 0), out, coefficient)
+
+    def segment_reduce(self, call: SegmentCall, kind: int, out: SegmentOutputs) -> None:
+        self._run(call, kind, 1, out, None)
+
+    def segment_finish(self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient) -> None:
+        self._run(call, kind, 2, out, coefficient)
+
+    def segment_apply(self, call: SegmentCall, coefs: torch.Tensor) -> None:
+        self._run(call, 2, 4, SegmentOutputs(powers=None, coefs=coefs), None)
+
+    def _run(self, call, kind, steps, out, coefficient) -> None:
+        c = coefficient or Coefficient("none")
+        scaled = _ext.segments(
+            call.table, kind, steps, torch.get_num_threads(),
+            powers=_address(out.powers), weight_powers=_address(out.weight_powers), counts=_address(out.counts),
+            mode=c.code, max_norms=_address(c.max_norms), max_norms_len=0 if c.max_norms is None else c.max_norms.numel(),
+            clip_factor=c.clip_factor, eps=c.eps,
+            norms=_address(out.norms), norms_code=0 if out.norms is None else DTYPE_CODES[out.norms.dtype],
+            coefs=_address(out.coefs),
+            total=_address(out.total), total_code=0 if out.total is None else DTYPE_CODES[out.total.dtype],
+        )  # fmt: skip
+        if scaled:
+            call.grads.mark_modified()
+
+    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
+        _ext.clamp_range(grads.table, lo, hi, torch.get_num_threads())
+        grads.mark_modified()
+
     def clip_details(self, grads: GradList, kind: int, max_norm: float) -> tuple[float, float]:
         total = _ext.norm(grads.table, kind, torch.get_num_threads())
         code = DTYPE_CODES[grads.result_dtype]
         coef_total = total if code == DTYPE_CODES[torch.float64] else _ext.round_to_dtype(total, 0)
         return coef_total, _ext.clip_coefficient(total, code, max_norm)
+
+
+def _address(t: torch.Tensor | None) -> int:
+    """A contiguous CPU tensor's address for the kernels (0: none)."""
+    return 0 if t is None else t.data_ptr()

@@ -30,21 +30,12 @@ import os
 
 import torch
 
+from .._ext import CUDA_IMPORT_ERROR
+from .._ext import cuda as _cuda
+from .._ext import cuda_emu as _cuda_emu
 from .._work import DTYPE_CODES, GradList, _ext
-from .base import status_dict
-from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds, current_stream
-
-try:
-    from .. import _cuda
-
-    CUDA_IMPORT_ERROR = ""
-except ImportError as exc:  # built without nvcc, or for another Python
-    _cuda = None
-    CUDA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-try:
-    from .. import _cuda_emu
-except ImportError:  # not built (it needs Linux's ucontext)
-    _cuda_emu = None
+from .base import Coefficient, SegmentCall, SegmentOutputs, status_dict
+from .gpu_common import NO_TABLE_REASON, DeviceTables, GpuBackend, clamp_bounds, current_stream, segment_plan
 
 _OVERLAP_CACHE_SIZE = 16
 
@@ -68,6 +59,7 @@ class CudaBackend(GpuBackend):
         self.last_launches = 0  # kernel launches of the last operation (tests, benchmarks)
         self._setups: dict = {}  # (emulating, device index) -> (launch shape, or None and the reason)
         self._overlap: collections.OrderedDict = collections.OrderedDict()
+        self._segment_tables = DeviceTables(_OVERLAP_CACHE_SIZE)  # the segmented kernels read theirs from memory
 
     # ------------------------------------------------------------ status
 
@@ -156,6 +148,69 @@ class CudaBackend(GpuBackend):
 
         self._clamp_around(grads, clip_value, launch)
 
+    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
+        self.last_launches = 0
+        table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
+        if units:
+            self.last_launches = self._m.clamp(
+                grads.device.index or 0, current_stream(grads.device), table, rows, units,
+                **clamp_bounds(lo, hi), lo64=lo, hi64=hi,
+            )  # fmt: skip
+        for i in grads.strided_indices():
+            grads.tensors[i].clamp_(lo, hi)
+        grads.mark_modified()
+
+    # ------------------------------------------------------------ segmented primitives
+
+    def segments(
+        self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient, apply: bool
+    ) -> None:
+        self.last_launches = self._segment_step(call, "reduce", kind, out, coefficient)
+        if apply:
+            launches = self.last_launches
+            self.segment_apply(call, out.coefs)
+            self.last_launches += launches
+
+    def segment_reduce(self, call: SegmentCall, kind: int, out: SegmentOutputs) -> None:
+        self.last_launches = self._segment_step(call, "reduce", kind, out, None)
+
+    def segment_finish(self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient) -> None:
+        self.last_launches = self._segment_step(call, "finish", kind, out, coefficient)
+
+    def segment_apply(self, call: SegmentCall, coefs: torch.Tensor) -> None:
+        self.last_launches = self._segment_step(call, "apply", 2, SegmentOutputs(powers=None, coefs=coefs), None)
+        call.grads.mark_modified()
+
+    def _segment_step(self, call, step: str, kind: int, out: SegmentOutputs, coefficient) -> int:
+        """One segmented launch (step: reduce, finish or apply); returns the launches."""
+        device = call.grads.device
+        plan = segment_plan(call, self._m.unit_elems)
+        if plan["units"] == 0 and step != "finish":  # only empty grads: the outputs keep their initial values
+            if out.total is not None and step == "reduce":
+                out.total.zero_()
+            return 0
+        table = self._segment_tables.get(device, plan["bytes"], (emulating(), self._m.unit_elems))
+        stream = current_stream(device)
+        ws = self._workspace(device, stream)
+        weights = out.weight_powers is not None
+        ws.ensure_segments(plan["units"], plan["segments"], weights)
+        c = coefficient or Coefficient("none")
+        finishing = coefficient is not None
+        return self._m.segments(
+            device.index or 0, stream, step, table.data_ptr(), plan["rows"], plan["units"], plan["segments"],
+            plan["filled"],
+            unit_parts=ws.unit_parts.data_ptr(), unit_weight_parts=ws.unit_weight_parts.data_ptr() if weights else 0,
+            segment_counter=ws.segment_counter.data_ptr(), done_counter=ws.counter.data_ptr(),
+            powers=_address(out.powers), weight_powers=_address(out.weight_powers), counts=_address(out.counts),
+            max_norms=_address(c.max_norms), max_norms_len=0 if c.max_norms is None else c.max_norms.numel(),
+            clip_factor=c.clip_factor, eps=c.eps,
+            norms=_address(out.norms) if finishing else 0,
+            norms_code=0 if out.norms is None else DTYPE_CODES[out.norms.dtype],
+            coefs=_address(out.coefs), total=_address(out.total) if finishing else 0,
+            total_code=0 if out.total is None else DTYPE_CODES[out.total.dtype],
+            mode=c.code, kind=kind, finish=finishing,
+        )  # fmt: skip
+
     # ------------------------------------------------------------ internals
 
     def _norm(self, grads: GradList, kind: int, max_norm: float, scale: bool = False):
@@ -213,3 +268,7 @@ class CudaBackend(GpuBackend):
 
     def _workspace_partials(self, device: torch.device) -> int:
         return self.setup(device)["norm_grid"]
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

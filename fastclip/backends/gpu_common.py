@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -22,6 +23,7 @@ class GpuBackend(FusedBackend):
 
     _available_in = object()  # no answer yet
     _available = False
+    needs_dense = True
 
     def __init__(self):
         self._workspaces: dict = {}
@@ -116,12 +118,88 @@ class Workspace:
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # reset by the last program
         self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
         self.coef = self.results[0]
+        # The segmented kernels': a partial per unit (grads, weights), a counter per segment
+        # (reset by each segment's finisher) and one for the segments done.
+        self.unit_parts = torch.zeros(0, dtype=torch.float64, device=device)
+        self.unit_weight_parts = torch.zeros(0, dtype=torch.float64, device=device)
+        self.segment_counter = torch.zeros(0, dtype=torch.int32, device=device)
         self.retired: list = []  # outgrown buffers: a captured CUDA graph may still write them
 
     def ensure_partials(self, n: int) -> None:
         if self.partials.numel() < n:
             self.retired.append(self.partials)
             self.partials = torch.zeros(n, dtype=torch.float64, device=self.partials.device)
+
+    def ensure_segments(self, units: int, segments: int, weights: bool) -> None:
+        """Room for `units` unit partials (and weight partials) and `segments` counters."""
+        for name, n, dtype in (
+            ("unit_parts", units, torch.float64),
+            ("unit_weight_parts", units if weights else 0, torch.float64),
+            ("segment_counter", segments, torch.int32),
+        ):
+            buf = getattr(self, name)
+            if buf.numel() < n:
+                self.retired.append(buf)
+                setattr(self, name, torch.zeros(max(n, 2 * buf.numel()), dtype=dtype, device=buf.device))
+
+
+class DeviceTables:
+    """Tables (int64 bytes built in C++) on the device, cached by their bytes:
+    a training loop whose grads keep their addresses copies nothing after the
+    first step.  A new table goes through pinned memory with a non-blocking
+    copy (no sync) and stays cached, so a CUDA graph that captured the copy
+    can replay it (tables made during a capture are never evicted)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, device: torch.device, table_bytes: bytes, extra=()) -> torch.Tensor:
+        """The table as an int64 tensor on `device` (`extra`: more of the cache key)."""
+        key = (device, extra, table_bytes)
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit[0]
+        table, host = to_device(table_bytes, device)
+        self._tables[key] = (table, host, capturing(device))  # the pinned source stays alive for graph replay
+        evictable = [k for k, entry in self._tables.items() if not entry[2]]
+        if len(evictable) > self.size:
+            del self._tables[evictable[0]]  # the least recently used
+        return table
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+def to_device(table_bytes: bytes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(int64 table on `device`, its pinned host source to keep alive, or None):
+    a non-blocking copy through pinned memory, ordered on the current stream."""
+    host = torch.frombuffer(bytearray(table_bytes), dtype=torch.int64) if table_bytes else torch.zeros(8, dtype=torch.int64)
+    if device.type != "cuda":
+        return host, None
+    host = host.pin_memory()
+    return host.to(device, non_blocking=True), host
+
+
+def capturing(device: torch.device) -> bool:
+    """Is a CUDA graph being captured on the current stream (of a CUDA device)?"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def segment_plan(call, unit: int) -> dict:
+    """The segment table of a SegmentCall (csrc/common/segment_table.h) and
+    what launches need to know of it."""
+    table_bytes, rows, units, segments, filled, aligned, mask, weight_mask = call.table.segment_table(unit)
+    return dict(
+        bytes=table_bytes, rows=rows, units=units, segments=segments, filled=filled, aligned=bool(aligned),
+        flags={f"HAS_{n}": bool(mask >> DTYPE_CODES[d] & 1) for n, d in FLAG_DTYPES},
+        weight_flags={f"W_{n}": bool(weight_mask >> DTYPE_CODES[d] & 1) for n, d in FLAG_DTYPES},
+        search_steps=max(rows - 1, 0).bit_length(),
+    )  # fmt: skip
+
+
+FLAG_DTYPES = (("F32", torch.float32), ("F64", torch.float64), ("F16", torch.float16), ("BF16", torch.bfloat16))
 
 
 def torch_scale(t: torch.Tensor, coef: torch.Tensor) -> None:
@@ -153,11 +231,13 @@ def clamp_to_nan(grads: GradList, clip_value: float) -> bool:
     return True
 
 
-def clamp_bounds(clip_value: float) -> dict:
-    """(-clip_value, clip_value) as torch converts them to each 16/32-bit
-    grad dtype (as the CPU kernels do): lo32, hi32, lo16, hi16, lo_bf16, hi_bf16."""
+def clamp_bounds(clip_value: float, hi: float | None = None) -> dict:
+    """The bounds (-clip_value, clip_value), or (clip_value, hi) when hi is
+    given, as torch converts them to each 16/32-bit grad dtype (as the CPU
+    kernels do): lo32, hi32, lo16, hi16, lo_bf16, hi_bf16."""
+    lo, hi = (-clip_value, clip_value) if hi is None else (clip_value, hi)
     bounds = {}
     for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
-        bounds["lo" + name] = _ext.round_to_dtype(-clip_value, DTYPE_CODES[dtype])  # exact in float32
-        bounds["hi" + name] = _ext.round_to_dtype(clip_value, DTYPE_CODES[dtype])
+        bounds["lo" + name] = _ext.round_to_dtype(lo, DTYPE_CODES[dtype])  # exact in float32
+        bounds["hi" + name] = _ext.round_to_dtype(hi, DTYPE_CODES[dtype])
     return bounds

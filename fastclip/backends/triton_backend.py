@@ -32,7 +32,8 @@ import torch
 
 from .._work import DTYPE_CODES, GradList, _ext
 from .base import status_dict
-from .gpu_common import NO_TABLE_REASON, GpuBackend, clamp_bounds
+from .base import Coefficient, SegmentCall, SegmentOutputs
+from .gpu_common import FLAG_DTYPES, NO_TABLE_REASON, DeviceTables, GpuBackend, capturing, clamp_bounds, segment_plan, to_device
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ GPU_CONFIG = TritonConfig(block=4096, iters=2, num_warps=8, programs_per_sm=2)
 INTERPRETER_CONFIG = TritonConfig(block=256, iters=2, num_warps=1, programs_per_sm=4)
 
 _PLAN_CACHE_SIZE = 16
+_FINISH_BLOCK = 1024  # partials a segment's finisher folds per step
 
 
 def _bits(x: float) -> int:
@@ -99,6 +101,7 @@ class TritonBackend(GpuBackend):
         super().__init__()
         self._kernels = None
         self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._segment_tables = DeviceTables(_PLAN_CACHE_SIZE)
         self._max_programs: dict = {}
 
     # ------------------------------------------------------------ status
@@ -154,6 +157,112 @@ class TritonBackend(GpuBackend):
 
         self._clamp_around(grads, clip_value, launch)
 
+    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
+        def launch():
+            plan = self._plan(grads)
+            if plan.units:
+                self._launch(
+                    self._k().clamp_kernel, grads, plan,
+                    **{f"{k}_bits": _bits32(v) for k, v in clamp_bounds(lo, hi).items()},
+                    lo64_bits=_bits(lo), hi64_bits=_bits(hi),
+                )  # fmt: skip
+
+        launch()
+        for i in grads.strided_indices():
+            grads.tensors[i].clamp_(lo, hi)
+        grads.mark_modified()
+
+    # ------------------------------------------------------------ segmented primitives
+
+    def segments(
+        self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient, apply: bool
+    ) -> None:
+        self._segment_reduce(call, kind, out, coefficient)
+        if apply:
+            self.segment_apply(call, out.coefs)
+
+    def segment_reduce(self, call: SegmentCall, kind: int, out: SegmentOutputs) -> None:
+        self._segment_reduce(call, kind, out, None)
+
+    def _segment_reduce(self, call, kind, out, coefficient) -> None:
+        """The reduce launch; with a coefficient, each segment's finisher also computes it."""
+        plan, table = self._segment_table(call)
+        device = call.grads.device
+        if plan["units"] == 0:  # only empty grads: the outputs keep their zeros (and coefficients of 1)
+            if out.total is not None:
+                out.total.zero_()
+            return
+        ws = self._workspace(device)
+        weights = out.weight_powers is not None
+        ws.ensure_segments(plan["units"], plan["segments"], weights)
+        c = coefficient or Coefficient("none")
+        dummy = out.powers
+        self._launch_on(
+            self._k().segment_reduce_kernel, device, plan["units"],
+            table=table, n_rows=plan["rows"], n_units=plan["units"], n_segments=plan["segments"],
+            filled=plan["filled"], unit_parts=ws.unit_parts,
+            unit_weight_parts=ws.unit_weight_parts if weights else ws.unit_parts,
+            segment_counter=ws.segment_counter, done_counter=ws.counter,
+            powers=out.powers, weight_powers=out.weight_powers if weights else dummy,
+            counts=out.counts if out.counts is not None else ws.counter,
+            max_norms=c.max_norms if c.max_norms is not None else dummy,
+            max_norms_len=1 if c.max_norms is None else c.max_norms.numel(),
+            clip_factor_bits=_bits(c.clip_factor), eps_bits=_bits(c.eps),
+            norms=out.norms if out.norms is not None else dummy, coefs=out.coefs if out.coefs is not None else dummy,
+            total=out.total if out.total is not None else dummy,
+            MODE=c.code, KIND=kind, WEIGHTS=weights, COUNTS=out.counts is not None,
+            FINISH=coefficient is not None, NORMS=coefficient is not None and out.norms is not None,
+            TOTAL=coefficient is not None and out.total is not None,
+            SEARCH_STEPS=plan["search_steps"], BLOCK=self._config().block, ITERS=self._config().iters,
+            FINISH_BLOCK=_FINISH_BLOCK, ALIGNED=plan["aligned"], **plan["flags"], **plan["weight_flags"],
+        )  # fmt: skip
+
+    def segment_finish(self, call: SegmentCall, kind: int, out: SegmentOutputs, coefficient: Coefficient) -> None:
+        plan, table = self._segment_table(call)
+        device = call.grads.device
+        if plan["segments"] == 0:
+            return
+        dummy = out.powers
+        c = coefficient
+        self._launch_on(
+            self._k().segment_finish_kernel, device, plan["segments"],
+            table=table, n_rows=plan["rows"], n_segments=plan["segments"], powers=out.powers,
+            weight_powers=out.weight_powers if out.weight_powers is not None else dummy,
+            max_norms=c.max_norms if c.max_norms is not None else dummy,
+            max_norms_len=1 if c.max_norms is None else c.max_norms.numel(),
+            clip_factor_bits=_bits(c.clip_factor), eps_bits=_bits(c.eps),
+            norms=out.norms if out.norms is not None else dummy, coefs=out.coefs if out.coefs is not None else dummy,
+            total=out.total if out.total is not None else dummy,
+            MODE=c.code, KIND=kind, WEIGHTS=out.weight_powers is not None, NORMS=out.norms is not None,
+            TOTAL=out.total is not None, FINISH_BLOCK=_FINISH_BLOCK,
+        )  # fmt: skip
+
+    def segment_apply(self, call: SegmentCall, coefs: torch.Tensor) -> None:
+        plan, table = self._segment_table(call)
+        if plan["units"]:
+            self._launch_on(
+                self._k().segment_apply_kernel, call.grads.device, plan["units"],
+                table=table, n_rows=plan["rows"], n_units=plan["units"], coefs=coefs,
+                SEARCH_STEPS=plan["search_steps"], BLOCK=self._config().block, ITERS=self._config().iters,
+                ALIGNED=plan["aligned"], **plan["flags"],
+            )  # fmt: skip
+        call.grads.mark_modified()
+
+    def _segment_table(self, call: SegmentCall):
+        plan = segment_plan(call, self._config().unit)
+        return plan, self._segment_tables.get(call.grads.device, plan["bytes"], (self._config().unit,))
+
+    def _launch_on(self, kernel, device: torch.device, items: int, **args) -> None:
+        """kernel on a persistent grid of at most `items` programs, on `device`."""
+        grid = (max(1, min(items, self._grid_cap(device))),)
+        if device.type != "cuda":
+            kernel[grid](**args)
+        elif device.index == torch.cuda.current_device():
+            kernel[grid](**args, num_warps=self._config().num_warps)
+        else:
+            with torch.cuda.device(device):  # triton launches on the current device
+                kernel[grid](**args, num_warps=self._config().num_warps)
+
     # ------------------------------------------------------------ internals
 
     def _norm(self, grads: GradList, kind: int, max_norm: float):
@@ -202,25 +311,18 @@ class TritonBackend(GpuBackend):
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        host = (
-            torch.frombuffer(bytearray(table_bytes), dtype=torch.int64) if rows else torch.zeros(4, dtype=torch.int64)
-        )
-        if grads.device.type == "cuda":
-            host = host.pin_memory()
-            table = host.to(grads.device, non_blocking=True)  # stream-ordered, no sync
-        else:
-            table, host = host, None
+        table, host = to_device(table_bytes, grads.device)
         plan = _Plan(
             table=table,
             host_table=host,
             rows=rows,
             units=units,
             aligned=bool(aligned),
-            flags={f"HAS_{n}": bool(dtype_mask >> DTYPE_CODES[d] & 1) for n, d in _FLAG_DTYPES},
+            flags={f"HAS_{n}": bool(dtype_mask >> DTYPE_CODES[d] & 1) for n, d in FLAG_DTYPES},
             search_steps=max(rows - 1, 0).bit_length(),
             overlap=_ext.tensors_overlap(grads.table),
         )
-        plan.captured = grads.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        plan.captured = capturing(grads.device)
         self._plans[key] = plan
         evictable = [k for k, p in self._plans.items() if not p.captured]
         if len(evictable) > _PLAN_CACHE_SIZE:
@@ -240,19 +342,10 @@ class TritonBackend(GpuBackend):
 
     def _launch(self, kernel, grads: GradList, plan: _Plan, **args) -> None:
         config = self._config()
-        grid = (min(plan.units, self._grid_cap(grads.device)),)
-        common = dict(
+        self._launch_on(
+            kernel, grads.device, plan.units,
             table=plan.table, n_rows=plan.rows, n_units=plan.units,
             SEARCH_STEPS=plan.search_steps, BLOCK=config.block, ITERS=config.iters, ALIGNED=plan.aligned,
-            **plan.flags,
+            **plan.flags, **args,
         )  # fmt: skip
-        if grads.device.type != "cuda":
-            kernel[grid](**common, **args)
-        elif grads.device.index == torch.cuda.current_device():
-            kernel[grid](**common, **args, num_warps=config.num_warps)
-        else:
-            with torch.cuda.device(grads.device):  # triton launches on the current device
-                kernel[grid](**common, **args, num_warps=config.num_warps)
 
-
-_FLAG_DTYPES = (("F32", torch.float32), ("F64", torch.float64), ("F16", torch.float16), ("BF16", torch.bfloat16))

@@ -1,0 +1,17 @@
+"""Clipping methods beyond torch's four functions, one file each, all made of
+the same segmented primitives (fastclip/methods/_segmented.py)."""
+
+from .agc import adaptive_clip_grad_
+from .norm_groups import clip_grad_norm_groups_
+from .per_tensor import clip_grad_norm_per_tensor_
+from .stats import GradStats, grad_stats
+from .value_range import clip_grad_range_
+
+__all__ = [
+    "GradStats",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_groups_",
+    "clip_grad_norm_per_tensor_",
+    "clip_grad_range_",
+    "grad_stats",
+]

@@ -1,0 +1,151 @@
+"""What the segmented methods share: reading grads from parameters, per-item
+arguments (one max_norm per parameter or per group), picking a backend, and
+running the three primitives (reduce per segment, coefficient, apply) on it.
+
+A method's own file checks its arguments the way the function it mirrors
+does, says how its grads fall into segments and which coefficient applies,
+and calls run(); whatever no fused backend takes goes to the method's
+plain-torch path instead, before anything is modified.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _dispatch
+from .._ext import cpu as _ext
+from .._work import GradList, as_list, collect
+from ..backends.base import Coefficient, FusedBackend, SegmentCall, SegmentOutputs
+
+F64 = torch.float64
+
+
+def grads_of(parameters) -> tuple[list, list, list]:
+    """(parameters as a list, their non-None grads, the position of each grad's
+    parameter); torch's AttributeError for something that is not a tensor."""
+    params = as_list(parameters)
+    grads, positions = [], []
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is not None:
+            grads.append(g)
+            positions.append(i)
+    return params, grads, positions
+
+
+def norms_dtype(grads) -> torch.dtype:
+    """What per-segment norms come back in: float64 if a grad is float64, else float32."""
+    return F64 if any(g.dtype == F64 for g in grads) else torch.float32
+
+
+def per_item(value, count: int, what: str, items: str):
+    """A number for every item, or one value per item: (float, None) or
+    (None, 1-D float64 tensor or list of floats).  Clear errors otherwise."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return None, value.reshape(1)
+        if value.dim() != 1 or value.numel() != count:
+            raise ValueError(
+                f"{what} must be a number or hold one value per {items}: got a tensor of shape "
+                f"{tuple(value.shape)} for {count} {items}s"
+            )
+        return None, value
+    try:
+        values = [float(v) for v in value]
+    except TypeError:
+        raise TypeError(f"{what} must be a number, a sequence or a 1-D tensor, not {type(value).__name__}") from None
+    if len(values) != count:
+        raise ValueError(f"{what} must be a number or hold one value per {items}: got {len(values)} for {count} {items}s")
+    return None, values
+
+
+def values_for(single, many, positions, device) -> torch.Tensor:
+    """The float64 tensor of the values per segment the kernels read, on
+    `device`, without a host sync: one value, or those at `positions`."""
+    if single is not None:
+        return torch.full((1,), single, dtype=F64, device=device)
+    if isinstance(many, torch.Tensor):
+        index = torch.as_tensor(positions, dtype=torch.long).to(many.device, non_blocking=True)
+        return many.index_select(0, index).to(device=device, dtype=F64)
+    picked = torch.tensor([many[i] for i in positions], dtype=F64)
+    if device.type == "cuda":
+        return picked.pin_memory().to(device, non_blocking=True)
+    return picked.to(device)
+
+
+def plan(name: str, grads: list) -> tuple[FusedBackend | None, GradList | None]:
+    """(fused backend, GradList) for these grads, or (None, None): torch's path."""
+    if name == "torch" or not grads:
+        return None, None
+    _grads, work, why = collect(grads, False)
+    fused = _dispatch.select(name, work, why)
+    return (fused, work) if fused is not None else (None, None)
+
+
+def overlapping(work: GradList) -> bool:
+    """Do some grads share memory (the same grad twice, aliasing views)?"""
+    return _ext.tensors_overlap(work.table)
+
+
+def run(
+    fused: FusedBackend,
+    work: GradList,
+    kind: int,
+    num_segments: int,
+    coefficient: Coefficient,
+    *,
+    first_segment=None,
+    slice_len=None,
+    weights=None,
+    norms_dtype=None,
+    counts=False,
+    total_dtype=None,
+    apply=True,
+    nonfinite_error=None,
+    across=None,
+) -> SegmentOutputs:
+    """The primitives over `work` (segments as in SegmentCall), results on its device.
+
+    nonfinite_error: if set, the norms are checked before anything is written
+    (a host sync, as torch's error_if_nonfinite has) and this RuntimeError is
+    raised if one is not finite.  across(out): reduces out.powers (and the
+    rest) over ranks between the reduction and the coefficient.  Grads that
+    are views go to GPU backends as contiguous copies, written back."""
+    views = []
+    if fused.needs_dense and work.strided_indices():
+        dense = work.with_dense_copies()
+        views = [(work.tensors[i], dense.tensors[i]) for i in work.strided_indices()]
+        work = dense
+    call = SegmentCall(work, num_segments, first_segment, slice_len, weights)
+    device = work.device
+    out = SegmentOutputs(
+        powers=torch.zeros(num_segments, dtype=F64, device=device),  # segments without elements: 0
+        weight_powers=torch.zeros(num_segments, dtype=F64, device=device) if weights is not None else None,
+        counts=torch.zeros(2, dtype=torch.int64, device=device) if counts else None,
+        norms=torch.zeros(num_segments, dtype=norms_dtype, device=device) if norms_dtype is not None else None,
+        coefs=torch.ones(num_segments, dtype=F64, device=device) if coefficient.mode != "none" else None,
+        total=torch.empty((), dtype=total_dtype, device=device) if total_dtype is not None else None,
+    )
+    if across is not None:
+        fused.segment_reduce(call, kind, out)
+        across(out)
+        fused.segment_finish(call, kind, out, coefficient)
+        deferred = True
+    elif nonfinite_error is not None:
+        fused.segments(call, kind, out, coefficient, apply=False)
+        deferred = True
+    else:
+        fused.segments(call, kind, out, coefficient, apply=apply)
+        deferred = False
+    if nonfinite_error is not None and not bool(torch.isfinite(out.norms).all()):
+        raise RuntimeError(nonfinite_error)
+    if apply and deferred:
+        fused.segment_apply(call, out.coefs)
+    if apply:
+        for view, copy in views:
+            view.copy_(copy)
+    return out

@@ -1,0 +1,143 @@
+"""adaptive_clip_grad_: adaptive gradient clipping (AGC, Brock et al. 2021, NFNets).
+
+timm's semantics and defaults (`timm.utils.agc.adaptive_clip_grad`): the
+units of a parameter are its slices along dim 0 (the whole tensor when it
+has at most one dimension); a unit with grad G and weight W has
+max_norm = clip_factor * max(‖W‖, eps), and is scaled by
+max_norm / max(‖G‖, 1e-6) when ‖G‖ is not below max_norm.  Every unit is a
+segment: one read of the weights and the grads together, one pass that
+writes only the units that clip.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _dispatch, _distributed
+from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
+from . import _segmented as seg
+
+# torch's errors for timm's inf-norm of an empty unit (its text, missing space included)
+_EMPTY_INF = "linalg.vector_norm cannot compute the inf norm on an empty tensor because the operation does not have an identity"
+_EMPTY_DIM_INF = (
+    "linalg.vector_norm cannot compute the inf norm on the dimension {}because this dimension is empty and "
+    "the operation does not have an identity"
+)
+
+
+def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend=None, process_group=None):
+    """AGC in place, as ``timm.utils.adaptive_clip_grad`` (same arguments and defaults).
+
+    Fused on every backend for norm types 1, 2 and inf: fp32 and fp64 norms
+    accumulate in float64, fp16 and bf16 in float32, and the unit's
+    coefficient is timm's formula in float32 (float64 for float64 tensors)
+    from those norms.  DTensor grads: a unit split across ranks (a parameter
+    sharded along a dim other than 0) has its norms reduced over them;
+    ``process_group``: the parameters are this rank's shards along dims other
+    than 0 (every rank holds every unit's part), reduced likewise.
+    """
+    name = _dispatch.resolve_name(backend)
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
+    norm_type_f = float(norm_type)
+    kind = FUSED_NORM_KINDS.get(norm_type_f)
+    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    if process_group is not None or _distributed.has_dtensor([g for _, g in pairs]):
+        return _distributed.agc(pairs, float(clip_factor), float(eps), norm_type_f, name, process_group)
+    grads = [g for _, g in pairs]
+    fused, work = seg.plan(name, grads) if kind is not None and numbers_ok else (None, None)
+    if fused is None or not all(_fusable(w, g) for w, g in pairs) or seg.overlapping(work):
+        return _torch_path(pairs, clip_factor, eps, norm_type)
+    if kind == LINF:
+        _check_no_empty_unit(pairs)
+    weights, grads_in, written = [], [], []
+    for w, g in pairs:
+        if _layout_ok(w, g):
+            weights.append(w)
+            grads_in.append(g)
+        else:  # views and mismatched layouts: contiguous copies, read in order, written back
+            wc, gc = w.contiguous(), g.contiguous()
+            weights.append(wc)
+            grads_in.append(gc)
+            written.append((g, gc))
+    if written:
+        fused, work = seg.plan(name, grads_in)
+    first, lens, count = _segments(grads_in)
+    seg.run(
+        fused, work, kind, count, Coefficient("agc", clip_factor=float(clip_factor), eps=float(eps)),
+        first_segment=first, slice_len=lens, weights=weights,
+    )  # fmt: skip
+    for g, gc in written:
+        if gc is not g:
+            g.copy_(gc)
+    return None
+
+
+def _segments(grads) -> tuple[list, list, int]:
+    """Per grad, its first unit's segment id and its slice length (0: whole); the number of units."""
+    first, lens, count = [], [], 0
+    for g in grads:
+        first.append(count)
+        if g.dim() <= 1 or g.shape[0] <= 1:  # one unit (or none: a dim 0 of size 0)
+            lens.append(0)
+            count += 1
+        else:
+            lens.append(g.numel() // g.shape[0])
+            count += g.shape[0]
+    return first, lens, count
+
+
+def _fusable(w: torch.Tensor, g: torch.Tensor) -> bool:
+    """Can the kernels read this pair at all (plain tensors of one shape)?"""
+    return type(w) is torch.Tensor and type(g) is torch.Tensor and w.shape == g.shape and w.device == g.device
+
+
+def _layout_ok(w: torch.Tensor, g: torch.Tensor) -> bool:
+    """Read in place: both contiguous, or with equal strides and every dim-0
+    slice one dense block (channels_last convolution weights, say)."""
+    if w.is_contiguous() and g.is_contiguous():
+        return True
+    if w.stride() != g.stride() or g.dim() < 2 or g.numel() == 0:
+        return False
+    inner = g.numel() // g.shape[0]
+    if g.stride(0) != inner:
+        return False
+    rest = sorted((s, n) for s, n in zip(g.stride()[1:], g.shape[1:]) if n != 1)
+    expected = 1
+    for s, n in rest:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _check_no_empty_unit(pairs) -> None:
+    """timm's inf-norm of an empty unit raises torch's error (the weight's first)."""
+    for w, _g in pairs:
+        if w.dim() <= 1 and w.numel() == 0:
+            raise RuntimeError(_EMPTY_INF)
+        if w.dim() >= 2 and w.shape[0] > 0 and w.numel() == 0:
+            raise RuntimeError(_EMPTY_DIM_INF.format(next(d for d in range(1, w.dim()) if w.shape[d] == 0)))
+
+
+def unitwise_norm(x: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """timm's unitwise_norm: the whole tensor's norm for ndim <= 1, else the
+    norm over dims 1.. (kept as size 1)."""
+    if x.ndim <= 1:
+        return x.norm(norm_type)
+    return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _torch_path(pairs, clip_factor, eps, norm_type) -> None:
+    """timm's adaptive_clip_grad, every new grad computed before any is written."""
+    new = []
+    for w, g in pairs:
+        max_norm = unitwise_norm(w, norm_type).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g.detach(), norm_type)
+        clipped = g.detach() * (max_norm / grad_norm.clamp(min=1e-6))
+        new.append(torch.where(grad_norm < max_norm, g.detach(), clipped))
+    for (_w, g), n in zip(pairs, new):
+        g.detach().copy_(n)
+    return None

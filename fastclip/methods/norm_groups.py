@@ -1,0 +1,103 @@
+"""clip_grad_norm_groups_: one norm per group of parameters, all groups in one pass.
+
+Megatron clips its main model and its MTP head with separate norms
+(`param.grad_norm_group`); torch needs one clip_grad_norm_ call per group.
+Here each group is a segment: one read of every grad for all group norms,
+one pass that scales the groups whose coefficient is not 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch, _distributed
+from .._errors import empty_inf_norm_message, nonfinite_message
+from .._work import as_list
+from ..backends import torch_ref
+from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
+from . import _segmented as seg
+
+
+def clip_grad_norm_groups_(
+    groups, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` on each group of parameters, in one pass.
+
+    ``groups``: a sequence of iterables of parameters, or a dict name ->
+    iterable (in its order); groups must be disjoint.  ``max_norm``: a number,
+    or one value per group (a sequence or a 1-D tensor).  Returns the 1-D
+    tensor of the group norms before clipping (float32, or float64 when a grad
+    is float64; an empty group's norm is 0).  ``error_if_nonfinite``: any
+    group with a non-finite norm raises torch's error before any grad is
+    touched (torch, called group by group, would have clipped the groups
+    before it).  DTensor grads and ``process_group``: as in clip_grad_norm_.
+    """
+    name = _dispatch.resolve_name(backend)
+    members = _groups(groups)
+    norm_type = float(norm_type)
+    single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
+    grads, group_of = [], []
+    for k, params in enumerate(members):
+        for p in params:
+            if p.grad is not None:
+                grads.append(p.grad)
+                group_of.append(k)
+    dtype = seg.norms_dtype(grads)
+    if process_group is not None or _distributed.has_dtensor(grads):
+        return _distributed.per_segment_norms(
+            grads, "groups", norm_type, name, process_group, clip=(single, many, list(range(len(members))),
+                                                                   error_if_nonfinite),
+            segment_of=group_of, num_segments=len(members),
+        )  # fmt: skip
+    kind = FUSED_NORM_KINDS.get(norm_type)
+    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    if fused is None or seg.overlapping(work):
+        return _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype)
+    if kind == LINF and work.has_empty():
+        raise RuntimeError(empty_inf_norm_message(None))
+    positions = list(range(len(members)))
+    coefficient = Coefficient("clip_norm", seg.values_for(single, many, positions, work.device))
+    out = seg.run(
+        fused, work, kind, len(members), coefficient, first_segment=group_of, norms_dtype=dtype,
+        nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+    )  # fmt: skip
+    return out.norms
+
+
+def _groups(groups) -> list[list]:
+    """The groups as lists of parameters, in order; an error if one parameter
+    is in two groups."""
+    if isinstance(groups, torch.Tensor):
+        raise TypeError("groups must be a sequence of iterables of parameters (or a dict of them), not a tensor")
+    items = list(groups.values()) if isinstance(groups, dict) else list(groups)
+    names = list(groups.keys()) if isinstance(groups, dict) else list(range(len(items)))
+    members = [as_list(g) for g in items]
+    seen: dict = {}
+    for name, params in zip(names, members):
+        for p in params:
+            first = seen.setdefault(id(p), name)
+            if first != name:
+                raise ValueError(f"groups must be disjoint: a parameter is in group {first!r} and in group {name!r}")
+    return members
+
+
+def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:
+    """torch's clip_grad_norm_ on each group, its errors raised before any grad is touched."""
+    by_group = [[] for _ in members]
+    for g, k in zip(grads, group_of):
+        by_group[k].append(g)
+    norms = [torch_ref.get_total_norm(gs, norm_type) for gs in by_group]
+    if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
+        raise RuntimeError(nonfinite_message(norm_type))
+    for k, (gs, n) in enumerate(zip(by_group, norms)):
+        if not gs:
+            continue
+        if single is not None:
+            coef = torch.clamp(single / (n + 1e-6), max=1.0)
+        else:
+            m = many[k]
+            m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
+            coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
+        torch_ref.scale_grads(gs, coef)
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]) if norms else torch.empty(0, dtype=dtype)

@@ -1,0 +1,76 @@
+"""clip_grad_norm_per_tensor_: every grad clipped by its own norm.
+
+For each parameter with a grad, independently, what
+`torch.nn.utils.clip_grad_norm_([p], max_norm, norm_type)` does (Keras'
+`clipnorm`, TF's `clip_by_norm`, AutoClip's per-parameter mode), with
+fastclip's accuracy: one segment per grad, one read of every grad for all
+norms, one pass that scales only the grads whose coefficient is not 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch, _distributed
+from .._errors import empty_inf_norm_message, nonfinite_message
+from ..backends import torch_ref
+from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
+from . import _segmented as seg
+
+
+def clip_grad_norm_per_tensor_(
+    parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
+) -> torch.Tensor:
+    """Clip each gradient by its own norm, in place.
+
+    For each parameter with a grad: coefficient ``clamp(max_norm / (n_i + 1e-6),
+    max=1)`` from its norm ``n_i``, as ``torch.nn.utils.clip_grad_norm_([p], ...)``.
+    ``max_norm``: a number, or one value per parameter passed (a sequence or
+    a 1-D tensor; those of parameters without a grad are not used).  Returns
+    the 1-D tensor of the norms before clipping, one per grad, in order:
+    float32, or float64 when a grad is float64.  ``error_if_nonfinite``: a
+    non-finite norm raises torch's error before any grad is touched.
+    DTensor grads and ``process_group`` (grads that are this rank's shards):
+    each grad's norm is its whole norm, reduced over the ranks.
+    """
+    name = _dispatch.resolve_name(backend)
+    params, grads, positions = seg.grads_of(parameters)
+    norm_type = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
+    single, many = seg.per_item(max_norm, len(params), "max_norm", "parameter")
+    dtype = seg.norms_dtype(grads)
+    if process_group is not None or _distributed.has_dtensor(grads):
+        return _distributed.per_segment_norms(
+            grads, "per_tensor", norm_type, name, process_group, clip=(single, many, positions, error_if_nonfinite)
+        )
+    kind = FUSED_NORM_KINDS.get(norm_type)
+    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    if fused is None or seg.overlapping(work):  # duplicates: torch's one-after-the-other semantics
+        return _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype)
+    if kind == LINF and work.has_empty():
+        raise RuntimeError(empty_inf_norm_message(None))
+    coefficient = Coefficient("clip_norm", seg.values_for(single, many, positions, work.device))
+    out = seg.run(
+        fused, work, kind, len(grads), coefficient, norms_dtype=dtype,
+        nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+    )  # fmt: skip
+    return out.norms
+
+
+def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:
+    """torch's clip_grad_norm_([p]) for each grad in turn, its errors raised
+    before any grad is touched."""
+    if not grads:
+        return torch.empty(0, dtype=dtype)
+    norms = [torch_ref.get_total_norm([g], norm_type) for g in grads]
+    if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
+        raise RuntimeError(nonfinite_message(norm_type))
+    for i, (g, n) in enumerate(zip(grads, norms)):
+        if single is not None:
+            coef = torch.clamp(single / (n + 1e-6), max=1.0)
+        else:  # the same rounding: reciprocal, then the max_norm in the norm's dtype
+            m = many[positions[i]]
+            m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
+            coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
+        torch_ref.scale_grads([g], coef)
+    device = grads[0].device
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms])

@@ -1,0 +1,67 @@
+"""grad_stats: the gradient statistics training scripts log, in one read.
+
+The total norm (as get_total_norm returns it), every grad's norm (Lightning's
+`grad_norm`, apex's per_tensor), and the counts of non-finite values and of
+zeros (Megatron's `count_zeros`, optax's `num_not_finite`): one segment per
+grad, one pass over the grads, nothing written, no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _dispatch, _distributed
+from .._errors import empty_inf_norm_message
+from .._work import promoted_dtype
+from ..backends import torch_ref
+from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
+from . import _segmented as seg
+
+
+class GradStats(NamedTuple):
+    """What grad_stats returns: device tensors, read whenever convenient."""
+
+    total_norm: torch.Tensor  # 0-dim, as get_total_norm returns it (the grads' promoted dtype)
+    per_tensor_norms: torch.Tensor  # 1-D, one per grad: float32, or float64 when a grad is float64
+    num_nonfinite: torch.Tensor  # 0-dim int64: elements that are inf or NaN
+    num_zeros: torch.Tensor  # 0-dim int64: elements that are zero (either sign)
+
+
+def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -> GradStats:
+    """Statistics of the gradients of ``parameters``, in one read, nothing written.
+
+    ``norm_type``: the norms' order (1, 2 and inf fused; others by torch).
+    DTensor grads and ``process_group``: every statistic of the whole grads,
+    reduced over the ranks (the counts summed, each shard counted once).
+    """
+    name = _dispatch.resolve_name(backend)
+    _params, grads, _positions = seg.grads_of(parameters)
+    norm_type = float(norm_type)
+    if process_group is not None or _distributed.has_dtensor(grads):
+        return GradStats(*_distributed.stats(grads, norm_type, name, process_group))
+    kind = FUSED_NORM_KINDS.get(norm_type)
+    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    if fused is None:
+        return _torch_path(grads, norm_type)
+    if kind == LINF and work.has_empty():
+        raise RuntimeError(empty_inf_norm_message(None))
+    out = seg.run(
+        fused, work, kind, len(grads), Coefficient("none"), norms_dtype=seg.norms_dtype(grads), counts=True,
+        total_dtype=promoted_dtype(work.dtypes), apply=False,
+    )  # fmt: skip
+    return GradStats(out.total, out.norms, out.counts[0], out.counts[1])
+
+
+def _torch_path(grads, norm_type) -> GradStats:
+    total = torch_ref.get_total_norm(grads, norm_type)
+    dtype = seg.norms_dtype(grads)
+    if not grads:
+        zero = torch.zeros((), dtype=torch.int64)
+        return GradStats(total, torch.empty(0, dtype=dtype), zero, zero.clone())
+    device = grads[0].device
+    norms = torch.stack([torch_ref.get_total_norm([g], norm_type).to(device=device, dtype=dtype) for g in grads])
+    nonfinite = sum((~torch.isfinite(g)).sum().to(device) for g in grads)
+    zeros = sum((g == 0).sum().to(device) for g in grads)
+    return GradStats(total, norms, nonfinite, zeros)

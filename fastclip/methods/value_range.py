@@ -1,0 +1,59 @@
+"""clip_grad_range_: every grad clamped to [min_value, max_value].
+
+Keras/TF's `clip_by_value` with its asymmetric bounds; torch's
+clip_grad_value_ is symmetric only.  Every grad becomes
+`grad.clamp_(min_value, max_value)`, bit for bit (NaN elements, signed
+zeros, min_value > max_value as torch.clamp has them), in one pass that
+writes only the elements that change.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .. import _dispatch, _distributed
+from .._errors import check_clamp_bounds
+from . import _segmented as seg
+
+_NO_BOUND = "torch.clamp: At least one of 'min' or 'max' must not be None"
+
+
+def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None) -> None:
+    """Clamp every gradient to ``[min_value, max_value]`` in place, as
+    ``grad.clamp_(min_value, max_value)`` does; either bound may be None, not
+    both (torch's error, nothing touched).  A bound that does not fit a
+    grad's dtype raises torch's error before any grad is touched.  DTensor
+    grads are clamped shard by shard (Partial ones by torch)."""
+    if min_value is None and max_value is None:
+        raise RuntimeError(_NO_BOUND)
+    name = _dispatch.resolve_name(backend)
+    _params, grads, _positions = seg.grads_of(parameters)
+    bounds = [b for b in (min_value, max_value) if b is not None]
+    plain = all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds)
+    if not plain or any(math.isnan(float(b)) for b in bounds):  # tensors, NaN: torch's own op
+        return _torch_path(grads, min_value, max_value)
+    lo = -math.inf if min_value is None else float(min_value)
+    hi = math.inf if max_value is None else float(max_value)
+    dtensors = _distributed.has_dtensor(grads)
+    if dtensors:
+        if _distributed.has_partial(grads):  # unreduced values: clamping is not linear
+            return _torch_path(grads, min_value, max_value)
+        grads = [_distributed.local_tensor(g) for g in grads]
+    fused, work = seg.plan(name, grads)
+    if fused is None:
+        return _torch_path(grads, min_value, max_value)
+    check_clamp_bounds(bounds, work.tensors)  # torch's overflow error, before any write
+    fused.clamp_range(work, lo, hi)
+    return None
+
+
+def _torch_path(grads, min_value, max_value) -> None:
+    """torch's clamp on every grad, all computed before any grad is written
+    (so that torch's errors leave every grad untouched)."""
+    clamped = [g.clone().clamp_(min_value, max_value) for g in grads]
+    for g, c in zip(grads, clamped):
+        g.copy_(c)
+    return None
