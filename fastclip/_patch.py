@@ -6,7 +6,10 @@ Only module attributes are replaced: in `torch.nn.utils`, clip_grad_norm_,
 clip_grad_norm, clip_grad_value_, get_total_norm and clip_grads_with_norm_;
 in `torch.nn.utils.clip_grad`, its public clip_grad_norm_, clip_grad_norm and
 clip_grad_value_ (torch's own clip_grad_norm_ calls private helpers there,
-which stay torch's).  Code that looked a function up before the
+which stay torch's); and, when timm is loaded, timm's adaptive_clip_grad in
+`timm.utils`, `timm.utils.agc` and `timm.utils.clip_grad` (which imports it
+by name), so `dispatch_clip_grad(..., mode='agc')` and timm's train.py
+`--clip-mode agc` use fastclip's AGC (import timm before patching).  Code that looked a function up before the
 patch (`from torch.nn.utils import clip_grad_norm_` at import time) keeps
 torch's; patch before importing such code.  torch's own functions stay
 reachable as fastclip's fallback (fastclip/backends/torch_ref.py holds them),
@@ -16,11 +19,13 @@ so a patched process still hands unusual calls to the real torch code.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
 from . import _api
+from .methods import agc as _agc
 
 # module -> the attributes fastclip replaces there
 _CLIP_GRAD_NAMES = ("clip_grad_norm_", "clip_grad_norm", "clip_grad_value_")
@@ -32,14 +37,35 @@ _originals: dict = {}  # (module, attribute) -> what was there before fastclip's
 _kept = False  # patch() was called: a patched() block must not undo it on exit
 
 
+# timm's AGC, where timm is loaded
+_TIMM_MODULES = ("timm.utils", "timm.utils.agc", "timm.utils.clip_grad")
+
+
+def _timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
+    """What patch() puts in place of timm.utils.adaptive_clip_grad (its signature): fastclip's AGC."""
+    return _agc.adaptive_clip_grad_(parameters, clip_factor, eps, norm_type)
+
+
+def _targets() -> dict:
+    """module -> the attributes fastclip replaces there (timm's, if loaded)."""
+    targets = dict(_TARGETS)
+    for name in _TIMM_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "adaptive_clip_grad"):
+            targets[module] = ("adaptive_clip_grad",)
+    return targets
+
+
 def _ours(attribute: str):
+    if attribute == "adaptive_clip_grad":
+        return _timm_adaptive_clip_grad
     return getattr(_api, attribute)
 
 
 def _apply() -> list:
     """Point every target at fastclip; returns the (module, attribute) pairs changed."""
     changed = []
-    for module, attributes in _TARGETS.items():
+    for module, attributes in _targets().items():
         for attribute in attributes:
             current = getattr(module, attribute, None)
             if current is None or current is _ours(attribute):
@@ -83,7 +109,7 @@ def is_patched() -> bool:
     """Do torch.nn.utils' clipping functions point at fastclip?"""
     return all(
         getattr(module, attribute, None) is _ours(attribute)
-        for module, attributes in _TARGETS.items()
+        for module, attributes in _targets().items()
         for attribute in attributes
         if hasattr(module, attribute)
     )

@@ -59,6 +59,8 @@ def clone_params(params):
     out = []
     for p in params:
         q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        if p.grad is not None and p.grad.dtype != p.dtype and hasattr(q, "grad_dtype"):
+            q.grad_dtype = None  # torch >= 2.10 checks a grad's dtype against its parameter's
         q.grad = clone_grad(p.grad)
         out.append(q)
     return out

@@ -586,7 +586,7 @@ static void clamp_f64(void* data, int64_t n, int64_t stride, double lo, double h
   }
 }
 
-// clip_value >= 0 (lo == -hi, and hi is not -0.0) on fp16 / bf16: these
+// clip_value >= 0 (lo is -hi, bit for bit, and hi is not -0.0) on fp16 / bf16: these
 // order like their magnitude bits, so whether |x| > hi is a 16-bit integer
 // compare and the clamped value is hi with x's sign, with no widening to
 // float.  NaN lanes (magnitude bits above inf's) stay as they are.
@@ -616,7 +616,8 @@ static void clamp_h16(void* data, int64_t n, int64_t stride, double lo_d, double
   const float lo = static_cast<float>(lo_d), hi = static_cast<float>(hi_d);
   const bool nan_bound = lo != lo || hi != hi;
   int64_t i = 0;
-  if (stride == 1 && !nan_bound && lo == -hi && float_bits(hi) >> 31 == 0) {
+  // (bits: with lo = +0.0 and hi = +0.0 the sign of x must not survive)
+  if (stride == 1 && !nan_bound && float_bits(lo) == (float_bits(hi) ^ 0x80000000u) && float_bits(hi) >> 31 == 0) {
     i = clamp_h16_symmetric<BF16>(p, n, H::from_float(hi));
   } else if (stride == 1 && !nan_bound) {
     const vf vlo = splat<vf>(lo), vhi = splat<vf>(hi);

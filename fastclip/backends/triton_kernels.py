@@ -103,6 +103,16 @@ def _narrow(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_rounded(ptr, v):
+    """The float64 v stored as ptr's dtype, rounded as c10 rounds a double
+    (fp16/bf16 through float32)."""
+    if ptr.dtype.element_ty == tl.float64:
+        tl.store(ptr, v)
+    else:
+        tl.store(ptr, _narrow(v.to(tl.float32), ptr.dtype.element_ty))
+
+
+@triton.jit
 def _nonfinite(x):
     """inf or NaN, by the exponent bits (x float32 or float64)."""
     if x.dtype == tl.float64:
@@ -373,7 +383,7 @@ def _finish_segment(
         weight_norm = _norm_from_power(weight_power, KIND)
         tl.store(coefs + s, _agc_coefficient(norm, weight_norm, wide, clip_factor, eps))
     if NORMS:
-        tl.store(norms + s, _segment_norm(norm, wide).to(norms.dtype.element_ty))
+        _store_rounded(norms + s, _segment_norm(norm, wide))
 
 
 @triton.jit
@@ -454,10 +464,7 @@ def norm_kernel(
         max_norm = _float64_of(max_norm_bits)
         # torch's coefficient, in the norm's dtype (float32 for fp16/bf16:
         # fastclip clips with the float32 total; see README).
-        if RESULT_F64:
-            tl.store(total_out, total)
-        else:
-            tl.store(total_out, _narrow(total.to(tl.float32), total_out.dtype.element_ty))
+        _store_rounded(total_out, total)
         tl.store(results, _clip_coefficient(total, RESULT_F64, max_norm))
         tl.store(results + 1, total)
         tl.store(counter, 0)  # ready for the next call (and for CUDA-graph replay)
@@ -636,7 +643,7 @@ def segment_reduce_kernel(
                 tl.debug_barrier()
                 if tl.atomic_add(done_counter, 1, sem="acq_rel") == filled - 1:
                     whole = _fold_range(powers, 0, n_segments, KIND, FINISH_BLOCK)
-                    tl.store(total, _norm_from_power(whole, KIND).to(total.dtype.element_ty))
+                    _store_rounded(total, _norm_from_power(whole, KIND))
                     tl.store(done_counter, 0)
         u += n_programs
 
@@ -679,7 +686,7 @@ def segment_finish_kernel(
     if TOTAL:
         if pid == 0:
             whole = _fold_range(powers, 0, n_segments, KIND, FINISH_BLOCK)
-            tl.store(total, _norm_from_power(whole, KIND).to(total.dtype.element_ty))
+            _store_rounded(total, _norm_from_power(whole, KIND))
 
 
 @triton.jit

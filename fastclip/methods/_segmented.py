@@ -56,8 +56,8 @@ def per_item(value, count: int, what: str, items: str):
         return None, value
     try:
         values = [float(v) for v in value]
-    except TypeError:
-        raise TypeError(f"{what} must be a number, a sequence or a 1-D tensor, not {type(value).__name__}") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, or a sequence or 1-D tensor of numbers, not {value!r}") from None
     if len(values) != count:
         raise ValueError(f"{what} must be a number or hold one value per {items}: got {len(values)} for {count} {items}s")
     return None, values
@@ -89,6 +89,20 @@ def plan(name: str, grads: list) -> tuple[FusedBackend | None, GradList | None]:
 def overlapping(work: GradList) -> bool:
     """Do some grads share memory (the same grad twice, aliasing views)?"""
     return _ext.tensors_overlap(work.table)
+
+
+def share_storage(tensors) -> bool:
+    """Do two of `tensors` share a storage (torch's path: the same grad twice, views)?"""
+    seen = set()
+    for t in tensors:
+        try:
+            key = (t.device, t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # sparse and other grads without one storage
+            continue
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 def run(

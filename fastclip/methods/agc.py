@@ -49,7 +49,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     grads = [g for _, g in pairs]
     fused, work = seg.plan(name, grads) if kind is not None and numbers_ok else (None, None)
     if fused is None or not all(_fusable(w, g) for w, g in pairs) or seg.overlapping(work):
-        return _torch_path(pairs, clip_factor, eps, norm_type)
+        return _torch_path(pairs, clip_factor, eps, norm_type_f)
     if kind == LINF:
         _check_no_empty_unit(pairs)
     weights, grads_in, written = [], [], []

@@ -45,7 +45,8 @@ def clip_grad_norm_per_tensor_(
     kind = FUSED_NORM_KINDS.get(norm_type)
     fused, work = seg.plan(name, grads) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):  # duplicates: torch's one-after-the-other semantics
-        return _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype)
+        in_turn = seg.share_storage(grads)
+        return _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype, in_turn)
     if kind == LINF and work.has_empty():
         raise RuntimeError(empty_inf_norm_message(None))
     coefficient = Coefficient("clip_norm", seg.values_for(single, many, positions, work.device))
@@ -56,15 +57,19 @@ def clip_grad_norm_per_tensor_(
     return out.norms
 
 
-def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:
+def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype, in_turn=False) -> torch.Tensor:
     """torch's clip_grad_norm_([p]) for each grad in turn, its errors raised
-    before any grad is touched."""
+    before any grad is touched.  in_turn: grads share memory, so each norm is
+    taken after the grads before it were clipped (a duplicate is clipped twice)."""
     if not grads:
         return torch.empty(0, dtype=dtype)
     norms = [torch_ref.get_total_norm([g], norm_type) for g in grads]
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
-    for i, (g, n) in enumerate(zip(grads, norms)):
+    for i, g in enumerate(grads):
+        if in_turn:
+            norms[i] = torch_ref.get_total_norm([g], norm_type)
+        n = norms[i]
         if single is not None:
             coef = torch.clamp(single / (n + 1e-6), max=1.0)
         else:  # the same rounding: reciprocal, then the max_norm in the norm's dtype

@@ -61,7 +61,8 @@ def _torch_path(grads, norm_type) -> GradStats:
         zero = torch.zeros((), dtype=torch.int64)
         return GradStats(total, torch.empty(0, dtype=dtype), zero, zero.clone())
     device = grads[0].device
-    norms = torch.stack([torch_ref.get_total_norm([g], norm_type).to(device=device, dtype=dtype) for g in grads])
+    # each grad's own norm, as get_total_norm takes it before the norm of norms (p=0: its nonzero elements)
+    norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(device=device, dtype=dtype) for g in grads])
     nonfinite = sum((~torch.isfinite(g)).sum().to(device) for g in grads)
     zeros = sum((g == 0).sum().to(device) for g in grads)
     return GradStats(total, norms, nonfinite, zeros)

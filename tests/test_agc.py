@@ -1,0 +1,223 @@
+"""adaptive_clip_grad_ on every backend: timm's AGC (units are dim-0 slices),
+against a float64-norm reference bit for bit, and against timm itself."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import FLOAT_DTYPES, assert_bitwise_equal, clone_params, grads_of, interpreted, is_fused
+from .method_refs import agc_reference, load_timm_agc, random_params
+
+TIMM = load_timm_agc()
+needs_timm = pytest.mark.skipif(TIMM is None, reason="timm is not installed (pip install --no-deps timm)")
+
+
+def shapes_for(backend: str) -> list:
+    """Linear and conv weights, biases, a scalar, empty ones, single-row ones."""
+    if interpreted(backend):
+        return [(6, 40), (5, 3, 3, 3), (40,), (), (3, 0), (0, 4), (1, 50), (7, 300)]
+    return [(64, 300), (32, 16, 3, 3), (300,), (), (3, 0), (0, 4), (1, 500), (9, 5000), (2, 40_000)]
+
+
+def pairs_of(params):
+    return [(p.detach(), p.grad) for p in params if p.grad is not None]
+
+
+def _kept_units(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Boolean index of the units (dim-0 slices, or the whole tensor) the reference left as they were."""
+    same = (new == old) | (torch.isnan(new) & torch.isnan(old))
+    if new.dim() <= 1:
+        return torch.tensor(bool(same.all())).expand(new.shape) if new.dim() else same
+    return same.flatten(1).all(dim=1)
+
+
+def check_agc(params, backend, clip_factor=0.01, eps=1e-3, norm_type=2.0, reference=True):
+    """fastclip on copies against the float64-norm reference (fused) or timm's loop (torch path)."""
+    ours, ref = clone_params(params), clone_params(params)
+    assert fastclip.adaptive_clip_grad_(ours, clip_factor, eps, norm_type, backend=backend) is None
+    if is_fused(backend) and float(norm_type) in (1.0, 2.0, math.inf):
+        want = agc_reference(pairs_of(ref), clip_factor, eps, float(norm_type))
+        originals = [p.grad for p in params if p.grad is not None]
+        for p, w, g in zip([p for p in ours if p.grad is not None], want, originals):
+            if p.grad.dtype == torch.float64 or p.dtype == torch.float64:  # float64 sums may differ in the last bit
+                torch.testing.assert_close(p.grad, w, rtol=1e-13, atol=0)
+            elif p.grad.dtype in (torch.float16, torch.bfloat16) or p.dtype in (torch.float16, torch.bfloat16):
+                # fp16/bf16 units sum in float32: the float32 norm may be an ulp off the float64 one,
+                # and a clipped element then an ulp off; units that do not clip keep every bit
+                eps16 = max(torch.finfo(p.grad.dtype).eps, torch.finfo(p.dtype).eps)
+                torch.testing.assert_close(p.grad, w, rtol=eps16, atol=0)
+                kept = _kept_units(w, g)
+                assert_bitwise_equal(p.grad[kept], g[kept])
+            else:
+                assert_bitwise_equal(p.grad, w)
+    else:  # torch's path is timm's code
+        from fastclip.methods.agc import _torch_path
+
+        _torch_path(pairs_of(ref), clip_factor, eps, norm_type)
+        for p, q in zip(ours, ref):
+            if p.grad is not None:
+                assert_bitwise_equal(p.grad, q.grad)
+    return ours
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_units_clip_like_the_reference(backend, dtype, norm_type, seed):
+    shapes = [s for s in shapes_for(backend) if norm_type != math.inf or 0 not in s[1:] and s != (0,)]
+    params = random_params(shapes, [dtype], scale=0.05)
+    # a clip factor under which about half the units clip
+    check_agc(params, backend, clip_factor=0.03, norm_type=norm_type)
+
+
+def test_mixed_dtypes_and_a_float32_weight_with_a_bfloat16_grad(backend, seed):
+    params = random_params(shapes_for(backend), FLOAT_DTYPES, with_none=(2,))
+    p = torch.nn.Parameter(torch.randn(5, 30))
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None  # torch >= 2.10 checks a grad's dtype against its parameter's
+    p.grad = torch.randn(5, 30).to(torch.bfloat16)
+    check_agc(params + [p], backend, clip_factor=0.05)
+
+
+@pytest.mark.parametrize("clip_factor, eps", [(0.01, 1e-3), (1.0, 1e-3), (1e-6, 1.0), (0.5, 0.0), (0.0, 1e-3)])
+def test_clip_factor_and_eps(backend, clip_factor, eps, seed):
+    params = random_params(shapes_for(backend), [torch.float32], scale=0.1)
+    params[0].data[2].zero_()  # a unit whose weight norm is below eps
+    check_agc(params, backend, clip_factor=clip_factor, eps=eps)
+
+
+@needs_timm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_close_to_timm_itself(backend, dtype, seed):
+    params = random_params(shapes_for(backend), [dtype], scale=0.05)
+    ours, theirs = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(ours, 0.03, backend=backend)
+    TIMM.adaptive_clip_grad(theirs, 0.03)
+    clipped = 0
+    for p, q, orig in zip(ours, theirs, params):
+        if p.grad is None:
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+        clipped += not torch.equal(q.grad, orig.grad)
+    assert clipped > 0  # the comparison saw clipping
+
+
+@needs_timm
+@pytest.mark.parametrize("norm_type", [3.0, 0.5])
+def test_other_norm_types_are_timms(backend, norm_type, seed):
+    params = random_params(shapes_for(backend)[:4], [torch.float32], scale=0.05)
+    ours, theirs = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(ours, 0.03, norm_type=norm_type, backend=backend)
+    TIMM.adaptive_clip_grad(theirs, 0.03, norm_type=norm_type)
+    for p, q in zip(ours, theirs):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
+def test_unclipped_units_keep_their_bits(backend, seed):
+    """Only the units that clip are written: a unit far below its limit keeps
+    NaN payloads and signed zeros bit for bit."""
+    w = torch.nn.Parameter(torch.ones(4, 64))
+    g = torch.randn(4, 64) * 1e-4
+    g[1, 3], g[1, 5] = -0.0, float("nan")
+    g[2] *= 1e6  # this unit clips
+    w.grad = g.clone()
+    fastclip.adaptive_clip_grad_([w], 0.01, backend=backend)
+    for unit in (0, 3):
+        assert_bitwise_equal(w.grad[unit], g[unit])
+    assert torch.isnan(w.grad[1]).all()  # a NaN unit norm clips the whole unit to NaN, as timm's torch.where does
+    assert w.grad[2].norm().item() == pytest.approx(0.01 * 8.0, rel=1e-5)  # ‖W_2‖ = 8
+
+
+def test_channels_last_and_transposed_and_sliced(backend, seed):
+    conv_w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    conv = torch.nn.Parameter(conv_w)
+    conv.grad = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last) * 0.1
+    lin = torch.nn.Parameter(torch.randn(20, 12))
+    lin.grad = (torch.randn(12, 20) * 0.1).t()  # a transposed grad, weight contiguous
+    base = torch.randn(10, 30) * 0.1
+    sliced = torch.nn.Parameter(torch.randn(10, 10))
+    sliced.grad = base[:, ::3]
+    outside = base.clone()
+    ours = check_agc([conv, lin, sliced], backend, clip_factor=0.05)
+    assert ours[1].grad.stride() == lin.grad.stride()  # written back into the same layout
+    assert_bitwise_equal(base, outside)  # check_agc works on copies
+
+
+def test_inf_norm_of_an_empty_unit_raises_torchs_error(backend):
+    for shape, match in (((0,), "on an empty tensor"), ((3, 0), "on the dimension 1because"),
+                         ((3, 4, 0), "on the dimension 2because")):  # fmt: skip
+        params = random_params([(5,), shape], [torch.float32])
+        before = grads_of(params)
+        with pytest.raises(RuntimeError, match=match):
+            fastclip.adaptive_clip_grad_(params, norm_type="inf", backend=backend)
+        assert_bitwise_equal(params[0].grad, before[0])
+
+
+def test_a_duplicated_parameter_is_clipped_twice_like_timm(backend, seed):
+    p = random_params([(6, 30)], [torch.float32], scale=10.0)[0]
+    ref = clone_params([p])[0]
+    fastclip.adaptive_clip_grad_([p, p], 0.01, backend=backend)
+    from fastclip.methods.agc import _torch_path
+
+    _torch_path([(ref.detach(), ref.grad)], 0.01, 1e-3, 2.0)
+    _torch_path([(ref.detach(), ref.grad)], 0.01, 1e-3, 2.0)
+    torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=0)
+
+
+def test_a_single_tensor_and_a_generator(backend, seed):
+    p = random_params([(6, 30)], [torch.float32], scale=1.0)[0]
+    q = clone_params([p])[0]
+    fastclip.adaptive_clip_grad_(p, backend=backend)
+    fastclip.adaptive_clip_grad_((x for x in [q]), backend=backend)
+    assert_bitwise_equal(p.grad, q.grad)
+
+
+@needs_timm
+def test_patch_routes_timms_agc(monkeypatch, seed):
+    """fastclip.patch() points timm's adaptive_clip_grad (timm.utils,
+    timm.utils.agc, timm.utils.clip_grad) at fastclip when timm is loaded, so
+    dispatch_clip_grad(..., mode='agc') clips with it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    root = list(spec.submodule_search_locations)[0]
+    # timm's own package does not import here (torchvision): stand-in modules with its files' functions
+    agc = load_timm_agc()
+    clip_grad = types.ModuleType("timm.utils.clip_grad")
+    clip_grad.__file__ = f"{root}/utils/clip_grad.py"
+    source = open(clip_grad.__file__).read().replace("from timm.utils.agc import adaptive_clip_grad", "")
+    clip_grad.adaptive_clip_grad = agc.adaptive_clip_grad
+    exec(compile(source, clip_grad.__file__, "exec"), clip_grad.__dict__)  # noqa: S102 - timm's own file
+    utils = types.ModuleType("timm.utils")
+    utils.adaptive_clip_grad = agc.adaptive_clip_grad
+    utils.dispatch_clip_grad = clip_grad.dispatch_clip_grad
+    for name, module in (("timm", types.ModuleType("timm")), ("timm.utils", utils), ("timm.utils.agc", agc),
+                         ("timm.utils.clip_grad", clip_grad)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    import fastclip.methods.agc as ours
+
+    calls = []
+    real = ours.adaptive_clip_grad_
+    monkeypatch.setattr(ours, "adaptive_clip_grad_", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    originals = {name: sys.modules[name].adaptive_clip_grad for name in ("timm.utils", "timm.utils.agc")}
+    params = random_params([(6, 30), (30,)], [torch.float32], scale=1.0)
+    ref = clone_params(params)
+    with fastclip.patched():
+        assert fastclip.is_patched()
+        assert all(sys.modules[n].adaptive_clip_grad is not f for n, f in originals.items())
+        clip_grad.dispatch_clip_grad(params, 0.02, mode="agc")  # timm's dispatcher, unchanged
+        utils.adaptive_clip_grad(params, 0.03, 1e-2)
+    assert calls == [(0.02, 1e-3, 2.0), (0.03, 1e-2, 2.0)]
+    real(ref, 0.02)
+    real(ref, 0.03, 1e-2)
+    for p, q in zip(params, ref):
+        assert_bitwise_equal(p.grad, q.grad)
+    # unpatched: timm's own functions again
+    assert all(sys.modules[n].adaptive_clip_grad is f for n, f in originals.items())
+    assert clip_grad.adaptive_clip_grad is agc.adaptive_clip_grad

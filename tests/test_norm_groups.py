@@ -1,0 +1,134 @@
+"""clip_grad_norm_groups_ on every backend: torch's clip_grad_norm_ on each
+group, all groups in one pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import (
+    FLOAT_DTYPES,
+    assert_bitwise_equal,
+    clone_params,
+    grads_of,
+    is_fused,
+    reference_norm,
+    ulp,
+)
+from .method_refs import clip_like_torch, norms_dtype, random_params, sizes_for
+
+
+def check_groups(groups, backend, max_norm, norm_type=2.0):
+    """fastclip on copies of the groups against torch, group by group."""
+    names = list(groups) if isinstance(groups, dict) else None
+    members = list(groups.values()) if names else list(groups)
+    ours = [clone_params(g) for g in members]
+    ref = [clone_params(g) for g in members]
+    arg = dict(zip(names, ours)) if names else ours
+    norms = fastclip.clip_grad_norm_groups_(arg, max_norm, norm_type, backend=backend)
+    all_grads = [p.grad for g in members for p in g if p.grad is not None]
+    assert norms.dtype == norms_dtype(all_grads) and norms.shape == (len(members),)
+    maxes = max_norm if isinstance(max_norm, (list, tuple, torch.Tensor)) else [max_norm] * len(members)
+    for k, group in enumerate(members):
+        grads = [p.grad for p in group if p.grad is not None]
+        m = float(maxes[k])
+        if not is_fused(backend):
+            want = torch.nn.utils.clip_grad_norm_(ref[k], m, norm_type)
+            assert_bitwise_equal(norms[k], want.to(norms.dtype))
+        else:
+            exact = reference_norm(grads, norm_type) if grads else 0.0
+            torch_norm = torch.nn.utils.get_total_norm(grads, norm_type).double().item()
+            wide = any(g.dtype == torch.float64 for g in grads)
+            if math.isfinite(exact) and math.isfinite(torch_norm):
+                tol = ulp(exact, torch.float64 if wide else torch.float32)
+                assert abs(norms[k].item() - exact) <= abs(torch_norm - exact) + tol, (k, norms[k], exact)
+            if grads:
+                clip_like_torch([p.grad for p in ref[k] if p.grad is not None],
+                                norms[k].to(torch.float64 if wide else torch.float32), m)  # fmt: skip
+        for a, b in zip(ours[k], ref[k]):
+            if a.grad is not None:
+                assert_bitwise_equal(a.grad, b.grad)
+    return norms
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_groups_like_torch_group_by_group(backend, dtype, norm_type, seed):
+    sizes = [n for n in sizes_for(backend) if n or norm_type != math.inf]
+    params = random_params([(n,) for n in sizes], [dtype], scale=0.05)
+    groups = [params[:2], params[2:3], params[3:]]
+    norms = [reference_norm([p.grad for p in g], norm_type) for g in groups]
+    check_groups(groups, backend, sorted(norms)[1], norm_type)  # some groups clip, some not
+
+
+def test_dict_of_groups_mixed_dtypes_and_none_grads(backend, seed):
+    params = random_params([(5, 7), (3,), (), (40, 13), (9,), (2, 3)], FLOAT_DTYPES, with_none=(2,))
+    norms = check_groups({"main": params[:3], "mtp": params[3:5], "head": params[5:]}, backend, [1.0, 0.5, 100.0])
+    assert norms.dtype == torch.float64
+
+
+def test_max_norm_as_a_tensor_and_an_empty_group(backend, seed):
+    params = random_params([(30,), (4, 4), (7,)], [torch.float32])
+    norms = check_groups([params[:1], [], params[1:]], backend, torch.tensor([0.1, 1.0, 0.2]))
+    assert norms[1].item() == 0.0
+
+
+def test_overlapping_groups_raise_and_leave_grads(backend, seed):
+    params = random_params([(30,), (4, 4)], [torch.float32])
+    before = grads_of(params)
+    with pytest.raises(ValueError, match="groups must be disjoint"):
+        fastclip.clip_grad_norm_groups_([params, params[1:]], 0.1, backend=backend)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad", [[1.0], [1.0, 2.0, 3.0], torch.ones(3), "ab"])
+def test_wrong_max_norm_raises_and_leaves_grads(backend, bad, seed):
+    params = random_params([(30,), (4, 4)], [torch.float32])
+    before = grads_of(params)
+    with pytest.raises((ValueError, TypeError), match="max_norm"):
+        fastclip.clip_grad_norm_groups_([params[:1], params[1:]], bad, backend=backend)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+def test_error_if_nonfinite_raises_before_touching_any_group(backend, seed):
+    params = random_params([(30,), (20,), (40,)], [torch.float32], scale=10.0)
+    params[2].grad[0] = float("inf")
+    before = grads_of(params)
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        fastclip.clip_grad_norm_groups_([params[:2], params[2:]], 0.1, error_if_nonfinite=True, backend=backend)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+@pytest.mark.parametrize("norm_type", [0.5, 3.0])
+def test_other_norm_types_are_torchs(backend, norm_type, seed):
+    params = random_params([(10,), (3, 3), (5,)], [torch.float32])
+    ours, ref = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_groups_([ours[:1], ours[1:]], 0.7, norm_type, backend=backend)
+    a = torch.nn.utils.clip_grad_norm_(ref[:1], 0.7, norm_type)
+    b = torch.nn.utils.clip_grad_norm_(ref[1:], 0.7, norm_type)
+    assert_bitwise_equal(norms, torch.stack([a, b]))
+    for p, q in zip(ours, ref):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
+def test_a_parameter_twice_in_one_group_counts_twice_like_torch(backend, seed):
+    p, q = random_params([(30,), (7,)], [torch.float32], scale=5.0)
+    check_groups([[p, p], [q]], backend, 1.0)
+
+
+def test_inf_norm_of_an_empty_grad_raises_torchs_error(backend):
+    params = random_params([(3,), (0,)], [torch.float32])
+    with pytest.raises(RuntimeError, match="cannot compute the infinity norm on an empty tensor"):
+        fastclip.clip_grad_norm_groups_([params[:1], params[1:]], 1.0, "inf", backend=backend)
+
+
+def test_no_groups(backend):
+    norms = fastclip.clip_grad_norm_groups_([], 1.0, backend=backend)
+    assert norms.shape == (0,)
