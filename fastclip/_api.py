@@ -274,3 +274,12 @@ def clip_grad_norm(
     return clip_grad_norm_(
         parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend, process_group=process_group
     )
+
+
+for _name, _fn in (
+    ("clip_grad_norm_", clip_grad_norm_),
+    ("get_total_norm", get_total_norm),
+    ("clip_grads_with_norm_", clip_grads_with_norm_),
+    ("clip_grad_value_", clip_grad_value_),
+):
+    _ops.register(_name, _fn)  # the eager code behind torch.ops.fastclip.<name>

@@ -9,6 +9,12 @@ with fullgraph=True, and at run time the op runs the same eager code as an
 uncompiled call, so results are the same bits.  What the fused path does not
 take (DTensor grads, norm types other than 1, 2, inf, a tensor max_norm) is
 left to torch's own clip_grad functions, which Dynamo traces.
+
+torch's four functions have an op each; the other methods share two generic
+ops, `fastclip::method_` (writes the grads) and `fastclip::method` (reads
+them), which take the method's name.  The eager code behind every op is
+registered here by the module that defines it (register()), so this module
+imports none of them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,20 @@ from ._work import DTYPE_CODES, as_list, promoted_dtype
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS
 
+# name -> (eager implementation, fake implementation), from register()
+_REGISTERED: dict = {}
+
+
+def register(name: str, eager, fake=None) -> None:
+    """The eager code behind the op `name` (a torch function's name, or a
+    method's for the generic ops) and, for the generic ops, its fake:
+    fake(grads, numbers, ints) -> list of empty result tensors."""
+    _REGISTERED[name] = (eager, fake)
+
+
+def _eager(name: str):
+    return _REGISTERED[name][0]
+
 
 class _Grad:
     """Stands in for a parameter: the eager API reads `.grad`."""
@@ -30,7 +50,8 @@ class _Grad:
         self.grad = grad
 
 
-def _holders(grads):
+def holders(grads):
+    """Stand-ins with a .grad for grads the eager code reads from parameters."""
     return [_Grad(g) for g in grads]
 
 
@@ -46,35 +67,75 @@ def _clip_grad_norm_op(
     grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool,
     foreach: bool | None, backend: str,
 ) -> torch.Tensor:  # fmt: skip
-    from . import _api
-
-    return _api.clip_grad_norm_(_holders(grads), max_norm, norm_type, error_if_nonfinite, foreach,
-                                backend=_backend(backend))  # fmt: skip
+    return _eager("clip_grad_norm_")(holders(grads), max_norm, norm_type, error_if_nonfinite, foreach,
+                                      backend=_backend(backend))  # fmt: skip
 
 
 @custom_op("fastclip::get_total_norm", mutates_args=())
 def _get_total_norm_op(
     tensors: list[torch.Tensor], norm_type: float, error_if_nonfinite: bool, foreach: bool | None, backend: str
 ) -> torch.Tensor:
-    from . import _api
-
-    return _api.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend=_backend(backend))
+    return _eager("get_total_norm")(tensors, norm_type, error_if_nonfinite, foreach, backend=_backend(backend))
 
 
 @custom_op("fastclip::clip_grads_with_norm_", mutates_args=("grads",))
 def _clip_grads_with_norm_op(
     grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None, backend: str
 ) -> None:
-    from . import _api
-
-    _api.clip_grads_with_norm_(_holders(grads), max_norm, total_norm, foreach, backend=_backend(backend))
+    _eager("clip_grads_with_norm_")(holders(grads), max_norm, total_norm, foreach, backend=_backend(backend))
 
 
 @custom_op("fastclip::clip_grad_value_", mutates_args=("grads",))
 def _clip_grad_value_op(grads: list[torch.Tensor], clip_value: float, foreach: bool | None, backend: str) -> None:
-    from . import _api
+    _eager("clip_grad_value_")(holders(grads), clip_value, foreach, backend=_backend(backend))
 
-    _api.clip_grad_value_(_holders(grads), clip_value, foreach, backend=_backend(backend))
+
+@custom_op("fastclip::method_", mutates_args=("grads",))
+def _method_op(
+    name: str, grads: list[torch.Tensor], weights: list[torch.Tensor], numbers: list[float], ints: list[int],
+    values: torch.Tensor | None, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """A method that writes the grads (the registered eager code, by name): its
+    one result (an empty tensor for methods that return nothing; functionalization
+    takes no list of results from an op that mutates)."""
+    return _eager(name)(grads, weights, numbers, ints, values, _backend(backend))[0]
+
+
+@custom_op("fastclip::method", mutates_args=())
+def _method_read_op(name: str, grads: list[torch.Tensor], numbers: list[float], backend: str) -> list[torch.Tensor]:
+    """A method that only reads the grads."""
+    return _eager(name)(grads, [], numbers, [], None, _backend(backend))
+
+
+@_method_op.register_fake
+def _(name, grads, weights, numbers, ints, values, backend):
+    return _REGISTERED[name][1](grads, numbers, ints)[0]
+
+
+@_method_read_op.register_fake
+def _(name, grads, numbers, backend):
+    return _REGISTERED[name][1](grads, numbers, [])
+
+
+def method_(name: str, grads, weights=(), numbers=(), ints=(), values=None, backend=None) -> torch.Tensor:
+    """Call the method `name` through the generic writing op (in traced code)."""
+    return torch.ops.fastclip.method_(name, list(grads), list(weights), [float(x) for x in numbers],
+                                      [int(i) for i in ints], values, backend or "")  # fmt: skip
+
+
+def nothing() -> list:
+    """The result of a method that returns nothing, through method_."""
+    return [torch.empty(0)]
+
+
+def method(name: str, grads, numbers=(), backend=None) -> list:
+    """Call the method `name` through the generic reading op (in traced code)."""
+    return torch.ops.fastclip.method(name, list(grads), [float(x) for x in numbers], backend or "")
+
+
+def plain(tensors) -> bool:
+    """Plain tensors of the kernels' dtypes: what the generic ops take."""
+    return _plain(tensors)
 
 
 def _fake_total(tensors: list[torch.Tensor]) -> torch.Tensor:

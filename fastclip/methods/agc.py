@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from .. import _dispatch, _distributed
+from .. import _dispatch, _distributed, _ops
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
 
@@ -38,6 +38,8 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     ``process_group``: the parameters are this rank's shards along dims other
     than 0 (every rank holds every unit's part), reduced likewise.
     """
+    if torch.compiler.is_compiling():
+        return _traced(parameters, clip_factor, eps, norm_type, backend, process_group)
     name = _dispatch.resolve_name(backend)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
@@ -141,3 +143,44 @@ def _torch_path(pairs, clip_factor, eps, norm_type) -> None:
     for (_w, g), n in zip(pairs, new):
         g.detach().copy_(n)
     return None
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _traced(parameters, clip_factor, eps, norm_type, backend, process_group):
+    """Under torch.compile: the grads and weights are read in traced code, the work is the generic op."""
+    if process_group is not None:  # collectives: run eagerly (a graph break)
+        return torch._dynamo.disable(adaptive_clip_grad_)(
+            parameters, clip_factor, eps, norm_type, backend=backend, process_group=process_group
+        )
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
+    norm_type_f = float(norm_type)
+    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
+    if not (_ops.plain(grads) and _ops.plain(weights) and numbers_ok and norm_type_f in FUSED_NORM_KINDS):
+        return _torch_path(pairs, clip_factor, eps, norm_type_f)  # timm's code, traced
+    _ops.method_("agc", grads, weights, numbers=[clip_factor, eps, norm_type_f], backend=backend)
+    return None
+
+
+class _Pair:
+    """A parameter stand-in for the eager code: detach() is the weight, .grad the grad."""
+
+    __slots__ = ("weight", "grad")
+
+    def __init__(self, weight, grad):
+        self.weight, self.grad = weight, grad
+
+    def detach(self):
+        return self.weight
+
+
+def _eager_op(grads, weights, numbers, ints, values, backend):
+    adaptive_clip_grad_([_Pair(w, g) for w, g in zip(weights, grads)], numbers[0], numbers[1], numbers[2],
+                        backend=backend)  # fmt: skip
+    return _ops.nothing()
+
+
+_ops.register("agc", _eager_op, lambda grads, numbers, ints: _ops.nothing())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _distributed
+from .. import _dispatch, _distributed, _ops
 from .._errors import empty_inf_norm_message, nonfinite_message
 from .._work import as_list
 from ..backends import torch_ref
@@ -32,6 +32,8 @@ def clip_grad_norm_groups_(
     touched (torch, called group by group, would have clipped the groups
     before it).  DTensor grads and ``process_group``: as in clip_grad_norm_.
     """
+    if torch.compiler.is_compiling():
+        return _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     name = _dispatch.resolve_name(backend)
     members = _groups(groups)
     norm_type = float(norm_type)
@@ -101,3 +103,49 @@ def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonf
         torch_ref.scale_grads(gs, coef)
     device = grads[0].device if grads else torch.device("cpu")
     return torch.stack([n.to(device=device, dtype=dtype) for n in norms]) if norms else torch.empty(0, dtype=dtype)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group):
+    """Under torch.compile: the grads are read in traced code, the work is the generic op."""
+    if process_group is not None:  # collectives: run eagerly (a graph break)
+        return torch._dynamo.disable(clip_grad_norm_groups_)(
+            groups, max_norm, norm_type, error_if_nonfinite, backend=backend, process_group=process_group
+        )
+    members = _groups(groups)
+    norm_type = float(norm_type)
+    single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
+    grads, group_of = [], []
+    for k, params in enumerate(members):
+        for p in params:
+            if p.grad is not None:
+                grads.append(p.grad)
+                group_of.append(k)
+    if not _ops.plain(grads) or norm_type not in FUSED_NORM_KINDS:  # torch's path, traced
+        return _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite,
+                           seg.norms_dtype(grads))  # fmt: skip
+    sizes = [group_of.count(k) for k in range(len(members))]
+    numbers = [norm_type, float(bool(error_if_nonfinite))]
+    values = many if isinstance(many, torch.Tensor) else None
+    numbers += [single] if single is not None else [] if values is not None else list(many)
+    return _ops.method_("groups", grads, numbers=numbers, ints=sizes, values=values, backend=backend)
+
+
+def _eager_op(grads, weights, numbers, ints, values, backend):
+    norm_type, error_if_nonfinite = numbers[0], bool(numbers[1])
+    max_norm = values if values is not None else numbers[2] if len(numbers) == 3 else numbers[2:]
+    groups, start = [], 0
+    for size in ints:
+        groups.append(_ops.holders(grads[start : start + size]))
+        start += size
+    return [clip_grad_norm_groups_(groups, max_norm, norm_type, error_if_nonfinite, backend=backend)]
+
+
+def _fake_op(grads, numbers, ints):
+    device = grads[0].device if grads else torch.device("cpu")
+    return [torch.empty(len(ints), dtype=seg.norms_dtype(grads), device=device)]
+
+
+_ops.register("groups", _eager_op, _fake_op)

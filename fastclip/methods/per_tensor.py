@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch, _distributed
+from .. import _dispatch, _distributed, _ops
 from .._errors import empty_inf_norm_message, nonfinite_message
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
@@ -33,6 +33,8 @@ def clip_grad_norm_per_tensor_(
     DTensor grads and ``process_group`` (grads that are this rank's shards):
     each grad's norm is its whole norm, reduced over the ranks.
     """
+    if torch.compiler.is_compiling():
+        return _traced(parameters, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     name = _dispatch.resolve_name(backend)
     params, grads, positions = seg.grads_of(parameters)
     norm_type = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
@@ -79,3 +81,43 @@ def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, d
         torch_ref.scale_grads([g], coef)
     device = grads[0].device
     return torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _traced(parameters, max_norm, norm_type, error_if_nonfinite, backend, process_group):
+    """Under torch.compile: the grads are read in traced code, the work is the generic op."""
+    if process_group is not None:  # collectives: run eagerly (a graph break)
+        return torch._dynamo.disable(clip_grad_norm_per_tensor_)(
+            parameters, max_norm, norm_type, error_if_nonfinite, backend=backend, process_group=process_group
+        )
+    params, grads, positions = seg.grads_of(parameters)
+    norm_type = float(norm_type)
+    single, many = seg.per_item(max_norm, len(params), "max_norm", "parameter")
+    if not _ops.plain(grads) or norm_type not in FUSED_NORM_KINDS:  # torch's path, traced
+        return _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, seg.norms_dtype(grads))
+    numbers = [norm_type, float(bool(error_if_nonfinite))]
+    values = None
+    if single is not None:
+        numbers.append(single)
+    elif isinstance(many, torch.Tensor):
+        values = many.index_select(0, torch.tensor(positions, dtype=torch.long, device=many.device))
+    else:
+        numbers += [many[i] for i in positions]
+    return _ops.method_("per_tensor", grads, numbers=numbers, values=values, backend=backend)
+
+
+def _eager_op(grads, weights, numbers, ints, values, backend):
+    norm_type, error_if_nonfinite = numbers[0], bool(numbers[1])
+    max_norm = values if values is not None else numbers[2] if len(numbers) == 3 else numbers[2:]
+    return [clip_grad_norm_per_tensor_(_ops.holders(grads), max_norm, norm_type, error_if_nonfinite, backend=backend)]
+
+
+def _fake_op(grads, numbers, ints):
+    if not grads:
+        return [torch.empty(0, dtype=torch.float32)]
+    return [grads[0].new_empty((len(grads),), dtype=seg.norms_dtype(grads))]
+
+
+_ops.register("per_tensor", _eager_op, _fake_op)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _dispatch, _distributed
+from .. import _dispatch, _distributed, _ops
 from .._errors import empty_inf_norm_message
 from .._work import promoted_dtype
 from ..backends import torch_ref
@@ -36,6 +36,8 @@ def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -
     DTensor grads and ``process_group``: every statistic of the whole grads,
     reduced over the ranks (the counts summed, each shard counted once).
     """
+    if torch.compiler.is_compiling():
+        return _traced(parameters, norm_type, backend, process_group)
     name = _dispatch.resolve_name(backend)
     _params, grads, _positions = seg.grads_of(parameters)
     norm_type = float(norm_type)
@@ -66,3 +68,39 @@ def _torch_path(grads, norm_type) -> GradStats:
     nonfinite = sum((~torch.isfinite(g)).sum().to(device) for g in grads)
     zeros = sum((g == 0).sum().to(device) for g in grads)
     return GradStats(total, norms, nonfinite, zeros)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _traced(parameters, norm_type, backend, process_group) -> GradStats:
+    """Under torch.compile: the grads are read in traced code, the work is the generic (reading) op."""
+    if process_group is not None:  # collectives: run eagerly (a graph break)
+        return torch._dynamo.disable(grad_stats)(parameters, norm_type, backend=backend, process_group=process_group)
+    _params, grads, _positions = seg.grads_of(parameters)
+    norm_type = float(norm_type)
+    if not _ops.plain(grads) or norm_type not in FUSED_NORM_KINDS:
+        return _torch_path(grads, norm_type)
+    return GradStats(*_ops.method("stats", grads, numbers=[norm_type], backend=backend))
+
+
+def _eager_op(grads, weights, numbers, ints, values, backend):
+    stats = grad_stats(_ops.holders(grads), numbers[0], backend=backend)
+    # (the counts are views of one tensor: an op's results must not alias each other)
+    return [stats.total_norm, stats.per_tensor_norms, stats.num_nonfinite.clone(), stats.num_zeros.clone()]
+
+
+def _fake_op(grads, numbers, ints):
+    if not grads:
+        return [torch.empty((), dtype=torch.get_default_dtype()), torch.empty(0, dtype=torch.float32),
+                torch.empty((), dtype=torch.int64), torch.empty((), dtype=torch.int64)]  # fmt: skip
+    g = grads[0]
+    return [
+        g.new_empty((), dtype=promoted_dtype(t.dtype for t in grads)),
+        g.new_empty((len(grads),), dtype=seg.norms_dtype(grads)),
+        g.new_empty((), dtype=torch.int64),
+        g.new_empty((), dtype=torch.int64),
+    ]
+
+
+_ops.register("stats", _eager_op, _fake_op)

@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from .. import _dispatch, _distributed
+from .. import _dispatch, _distributed, _ops
 from .._errors import check_clamp_bounds
 from . import _segmented as seg
 
@@ -29,6 +29,8 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
     grads are clamped shard by shard (Partial ones by torch)."""
     if min_value is None and max_value is None:
         raise RuntimeError(_NO_BOUND)
+    if torch.compiler.is_compiling():
+        return _traced(parameters, min_value, max_value, backend)
     name = _dispatch.resolve_name(backend)
     _params, grads, _positions = seg.grads_of(parameters)
     bounds = [b for b in (min_value, max_value) if b is not None]
@@ -57,3 +59,29 @@ def _torch_path(grads, min_value, max_value) -> None:
     for g, c in zip(grads, clamped):
         g.copy_(c)
     return None
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _traced(parameters, min_value, max_value, backend):
+    """Under torch.compile: the grads are read in traced code, the work is the generic op."""
+    _params, grads, _positions = seg.grads_of(parameters)
+    bounds = [b for b in (min_value, max_value) if b is not None]
+    numbers_ok = all(isinstance(b, numbers.Real) and not isinstance(b, bool) and not math.isnan(b) for b in bounds)
+    if not _ops.plain(grads) or not numbers_ok:  # torch's own op, traced
+        for g in grads:
+            g.clamp_(min_value, max_value)
+        return None
+    lo = -math.inf if min_value is None else float(min_value)  # (no bound and an infinite one clamp alike)
+    hi = math.inf if max_value is None else float(max_value)
+    _ops.method_("range", grads, numbers=[lo, hi], backend=backend)
+    return None
+
+
+def _eager_op(grads, weights, numbers, ints, values, backend):
+    clip_grad_range_(_ops.holders(grads), numbers[0], numbers[1], backend=backend)
+    return _ops.nothing()
+
+
+_ops.register("range", _eager_op, lambda grads, numbers, ints: _ops.nothing())
