@@ -669,6 +669,168 @@ def tensor_parallel_mlp(rank, world):
         assert_close(q.grad.full_tensor(), r.grad)
 
 
+# ---------------------------------------------------------------- the segmented methods
+# (fastclip/methods/_sharded.py): every result equals the unsharded one.
+
+SEG_SHAPES = [(9, 5), (1,), (0, 3), (33,), (6, 3, 4), (300,)]
+
+
+def _rows(full, rank, world, dim=0):
+    """This rank's part of each grad along `dim` (torch.tensor_split: uneven, maybe empty)."""
+    return [g.tensor_split(world, dim=min(dim, g.dim() - 1))[rank].clone() if g.dim() else g.clone() for g in full]
+
+
+def _unsharded_references(full, p):
+    """torch on the whole grads: per-tensor clipping, two groups, stats."""
+    per_tensor = params_with(full)
+    norms = torch.stack([torch.nn.utils.clip_grad_norm_([q], 0.7, p) for q in per_tensor])
+    grouped = params_with(full)
+    group_norms = torch.stack([torch.nn.utils.clip_grad_norm_(grouped[:3], 0.5, p),
+                               torch.nn.utils.clip_grad_norm_(grouped[3:], 2.0, p)])  # fmt: skip
+    return per_tensor, norms, grouped, group_norms
+
+
+@scenario(2, 4)
+def segmented_methods_over_a_process_group(rank, world):
+    import fastclip
+
+    group = dist.group.WORLD
+    for backend in backends():
+        for p in (2.0, 1.0, INF):
+            shapes = [s for s in SEG_SHAPES if p != INF or 0 not in s]
+            full = shared_grads(shapes, torch.float32, seed=71)
+            per_tensor, norms, grouped, group_norms = _unsharded_references(full, p)
+            parts = _rows(full, rank, world)  # every rank: a part (maybe empty) of every grad
+            mine = params_with(parts)
+            got = fastclip.clip_grad_norm_per_tensor_(mine, 0.7, p, backend=backend, process_group=group)
+            assert_close(got, norms)
+            for q, r in zip(mine, _rows([x.grad for x in per_tensor], rank, world)):
+                assert_close(q.grad, r)
+            mine = params_with(parts)
+            got = fastclip.clip_grad_norm_groups_([mine[:3], mine[3:]], [0.5, 2.0], p, backend=backend,
+                                                  process_group=group)  # fmt: skip
+            assert_close(got, group_norms)
+            for q, r in zip(mine, _rows([x.grad for x in grouped], rank, world)):
+                assert_close(q.grad, r)
+            stats = fastclip.grad_stats(params_with(parts), p, backend=backend, process_group=group)
+            assert_close(stats.total_norm, torch.nn.utils.get_total_norm(full, p))
+            assert_close(stats.per_tensor_norms, torch.stack([torch.linalg.vector_norm(g, p) for g in full]))
+            assert stats.num_zeros.item() == sum(int((g == 0).sum()) for g in full)
+
+
+@scenario(2, 4)
+def agc_over_a_process_group(rank, world):
+    """process_group=: every rank holds a part of every unit (shards along dim 1,
+    1-D tensors along dim 0): the units' norms are reduced over the group."""
+    import fastclip
+    from fastclip.methods.agc import _torch_path
+
+    for backend in backends():
+        for p in (2.0, 1.0, INF):
+            shapes = [(9, 40), (7,), (6, 8, 3), (1, 30)]
+            weights = shared_grads(shapes, torch.float32, seed=72)
+            full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=73)]
+            full[0][::2] *= 10  # every other unit of the first tensor clips
+            ref = params_with(full)
+            for q, w in zip(ref, weights):
+                q.data.copy_(w)
+            _torch_path([(q.detach(), q.grad) for q in ref], 0.02, 1e-3, p)
+            mine = params_with(_rows(full, rank, world, dim=1))
+            for q, w in zip(mine, _rows(weights, rank, world, dim=1)):
+                q.data = w
+            fastclip.adaptive_clip_grad_(mine, 0.02, 1e-3, p, backend=backend, process_group=dist.group.WORLD)
+            for q, r in zip(mine, _rows([x.grad for x in ref], rank, world, dim=1)):
+                torch.testing.assert_close(q.grad, r, rtol=1e-5, atol=1e-9)
+            clipped = [bool((x.grad != g).any(dim=-1).any()) for x, g in zip(ref[:1], full[:1])]
+            assert any(clipped)  # the comparison saw clipping
+
+
+@scenario(2, 4)
+def segmented_methods_on_dtensors(rank, world):
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], [Shard(0)], [Shard(1)], [Replicate()]]
+    for p in (2.0, INF):
+        shapes = [s for s in SEG_SHAPES if p != INF or 0 not in s]
+        pl = [x for s, x in zip(SEG_SHAPES, placements) if p != INF or 0 not in s]
+        full = shared_grads(shapes, torch.float32, seed=74)
+        per_tensor, norms, grouped, group_norms = _unsharded_references(full, p)
+        params = _dtensor_params(mesh, full, pl)
+        assert_close(fastclip.clip_grad_norm_per_tensor_(params, 0.7, p), norms)
+        for q, r in zip(params, per_tensor):
+            assert_close(q.grad.full_tensor(), r.grad)
+        params = _dtensor_params(mesh, full, pl)
+        assert_close(fastclip.clip_grad_norm_groups_([params[:3], params[3:]], [0.5, 2.0], p), group_norms)
+        for q, r in zip(params, grouped):
+            assert_close(q.grad.full_tensor(), r.grad)
+        stats = fastclip.grad_stats(_dtensor_params(mesh, full, pl), p)
+        assert_close(stats.total_norm, torch.nn.utils.get_total_norm(full, p))
+        assert stats.num_zeros.item() == sum(int((g == 0).sum()) for g in full)  # replicated ones counted once
+
+
+@scenario(2, 4)
+def agc_on_dtensors(rank, world):
+    """Shard(0) parameters hold whole units (no collective for them); Shard(1)
+    and 1-D Shard(0) ones split units over the ranks."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    import fastclip
+    from fastclip.methods.agc import _torch_path
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(9, 40), (7, 12), (30,), (6, 8, 3), (5, 5)]
+    placements = [[Shard(0)], [Shard(1)], [Shard(0)], [Shard(2)], [Replicate()]]
+    weights = shared_grads(shapes, torch.float32, seed=75)
+    full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=76)]
+    ref = params_with(full)
+    for q, w in zip(ref, weights):
+        q.data.copy_(w)
+    _torch_path([(q.detach(), q.grad) for q in ref], 0.02, 1e-3, 2.0)
+    params = []
+    for w, g, pl in zip(weights, full, placements):
+        q = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
+        q.grad = distribute_tensor(g.clone(), mesh, pl)
+        params.append(q)
+    fastclip.adaptive_clip_grad_(params, 0.02)
+    for q, r in zip(params, ref):
+        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-9)
+
+
+@scenario(4)
+def segmented_methods_on_a_2d_mesh(rank, world):
+    """HSDP/TP-like 2-D mesh: Shard(0) on one dim, Replicate or Shard(1) on the other."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    import fastclip
+    from fastclip.methods.agc import _torch_path
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    shapes = [(8, 6), (10, 4), (12,)]
+    placements = [[Shard(0), Replicate()], [Shard(0), Shard(1)], [Replicate(), Shard(0)]]
+    full = shared_grads(shapes, torch.float32, seed=77)
+    params = _dtensor_params(mesh, full, placements)
+    stats = fastclip.grad_stats(params)
+    assert_close(stats.total_norm, torch.nn.utils.get_total_norm(full))
+    assert_close(stats.per_tensor_norms, torch.stack([g.norm() for g in full]))
+    assert stats.num_zeros.item() == 0 and stats.num_nonfinite.item() == 0
+    weights = shared_grads(shapes, torch.float32, seed=78)
+    ref = params_with([g * 0.01 for g in full])
+    for q, w in zip(ref, weights):
+        q.data.copy_(w)
+    _torch_path([(q.detach(), q.grad) for q in ref], 0.02, 1e-3, 2.0)
+    params = []
+    for w, g, pl in zip(weights, full, placements):
+        q = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
+        q.grad = distribute_tensor(g * 0.01, mesh, pl)
+        params.append(q)
+    fastclip.adaptive_clip_grad_(params, 0.02)
+    for q, r in zip(params, ref):
+        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-9)
+
+
 # ---------------------------------------------------------------- driver
 
 

@@ -110,9 +110,13 @@ struct TensorTable {
         throw std::invalid_argument("tensor table: a tensor cut into slices must be dense");
       const bool sliced = len > 0 && len < numels[i];
       const int64_t last = first + (sliced ? numels[i] / len : 1) - 1;
-      if (first < low || (numels[i] > 0 && last >= num_segments) || first > num_segments)
+      if (numels[i] == 0) {  // no elements: no units, its ids matter to no one
+        if (first < 0 || first > num_segments) throw std::invalid_argument("tensor table: a segment id out of range");
+        continue;
+      }
+      if (first < low || last >= num_segments)
         throw std::invalid_argument("tensor table: segment ids must not decrease and stay below num_segments");
-      if (numels[i] > 0) low = last;
+      low = last;
     }
   }
 };

@@ -11,6 +11,7 @@ writes only the units that clip.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from .. import _dispatch, _distributed, _ops
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
+from . import _sharded
 
 # torch's errors for timm's inf-norm of an empty unit (its text, missing space included)
 _EMPTY_INF = "linalg.vector_norm cannot compute the inf norm on an empty tensor because the operation does not have an identity"
@@ -47,7 +49,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     kind = FUSED_NORM_KINDS.get(norm_type_f)
     numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     if process_group is not None or _distributed.has_dtensor([g for _, g in pairs]):
-        return _distributed.agc(pairs, float(clip_factor), float(eps), norm_type_f, name, process_group)
+        return _sharded_path(pairs, float(clip_factor), float(eps), norm_type_f, name, process_group)
     grads = [g for _, g in pairs]
     fused, work = seg.plan(name, grads) if kind is not None and numbers_ok else (None, None)
     if fused is None or not all(_fusable(w, g) for w, g in pairs) or seg.overlapping(work):
@@ -74,6 +76,23 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     for g, gc in written:
         if gc is not g:
             g.copy_(gc)
+    return None
+
+
+def _sharded_path(pairs, clip_factor, eps, p, name, process_group) -> None:
+    """AGC on sharded parameters: each unit's norms reduced over the ranks that
+    hold a part of it (methods/_sharded.py)."""
+    grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
+    _sharded.check_norm_type(p, grads, process_group)
+    if p == math.inf:
+        _check_no_empty_unit(pairs)  # global shapes (process_group: this rank's), before any collective
+    sharded = _sharded.Sharded(grads, weights, process_group, agc=True)
+    first, lens, count = sharded.agc_segments()
+    powers, wpowers, _c, failed = _sharded.reduced_powers(sharded, first, lens, count, p, name, weights=True)
+    _sharded.finish_and_apply(
+        sharded, name, first, lens, count, p, powers, wpowers, failed,
+        Coefficient("agc", clip_factor=clip_factor, eps=eps), True,
+    )  # fmt: skip
     return None
 
 

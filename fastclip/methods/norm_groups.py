@@ -16,6 +16,7 @@ from .._work import as_list
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
+from . import _sharded
 
 
 def clip_grad_norm_groups_(
@@ -46,11 +47,16 @@ def clip_grad_norm_groups_(
                 group_of.append(k)
     dtype = seg.norms_dtype(grads)
     if process_group is not None or _distributed.has_dtensor(grads):
-        return _distributed.per_segment_norms(
-            grads, "groups", norm_type, name, process_group, clip=(single, many, list(range(len(members))),
-                                                                   error_if_nonfinite),
-            segment_of=group_of, num_segments=len(members),
+        _sharded.check_norm_type(norm_type, grads, process_group)
+        sharded = _sharded.Sharded(grads, None, process_group, agc=False)
+        powers, _w, _c, failed = _sharded.reduced_powers(sharded, group_of, None, len(members), norm_type, name)
+        values = seg.values_for(single, many, list(range(len(members))), powers.device)
+        out = _sharded.finish_and_apply(
+            sharded, name, group_of, None, len(members), norm_type, powers, None, failed,
+            Coefficient("clip_norm", values), True, norms_dtype=dtype,
+            nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
         )  # fmt: skip
+        return out.norms
     kind = FUSED_NORM_KINDS.get(norm_type)
     fused, work = seg.plan(name, grads) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):

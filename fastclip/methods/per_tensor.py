@@ -16,6 +16,7 @@ from .._errors import empty_inf_norm_message, nonfinite_message
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
+from . import _sharded
 
 
 def clip_grad_norm_per_tensor_(
@@ -41,9 +42,7 @@ def clip_grad_norm_per_tensor_(
     single, many = seg.per_item(max_norm, len(params), "max_norm", "parameter")
     dtype = seg.norms_dtype(grads)
     if process_group is not None or _distributed.has_dtensor(grads):
-        return _distributed.per_segment_norms(
-            grads, "per_tensor", norm_type, name, process_group, clip=(single, many, positions, error_if_nonfinite)
-        )
+        return _sharded_path(grads, single, many, positions, norm_type, error_if_nonfinite, name, process_group)
     kind = FUSED_NORM_KINDS.get(norm_type)
     fused, work = seg.plan(name, grads) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):  # duplicates: torch's one-after-the-other semantics
@@ -55,6 +54,19 @@ def clip_grad_norm_per_tensor_(
     out = seg.run(
         fused, work, kind, len(grads), coefficient, norms_dtype=dtype,
         nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+    )  # fmt: skip
+    return out.norms
+
+
+def _sharded_path(grads, single, many, positions, norm_type, error_if_nonfinite, name, process_group):
+    """Every grad's whole norm, its shards' powers reduced over the ranks (methods/_sharded.py)."""
+    _sharded.check_norm_type(norm_type, grads, process_group)
+    sharded = _sharded.Sharded(grads, None, process_group, agc=False)
+    powers, _w, _c, failed = _sharded.reduced_powers(sharded, None, None, len(grads), norm_type, name)
+    coefficient = Coefficient("clip_norm", seg.values_for(single, many, positions, powers.device))
+    out = _sharded.finish_and_apply(
+        sharded, name, None, None, len(grads), norm_type, powers, None, failed, coefficient, True,
+        norms_dtype=seg.norms_dtype(grads), nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
     )  # fmt: skip
     return out.norms
 

@@ -18,6 +18,7 @@ from .._work import promoted_dtype
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
+from . import _sharded
 
 
 class GradStats(NamedTuple):
@@ -42,7 +43,16 @@ def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -
     _params, grads, _positions = seg.grads_of(parameters)
     norm_type = float(norm_type)
     if process_group is not None or _distributed.has_dtensor(grads):
-        return GradStats(*_distributed.stats(grads, norm_type, name, process_group))
+        _sharded.check_norm_type(norm_type, grads, process_group)
+        sharded = _sharded.Sharded(grads, None, process_group, agc=False)
+        S = len(grads)
+        powers, _w, counts, failed = _sharded.reduced_powers(sharded, None, None, S, norm_type, name, counts=True)
+        dtypes = {g.dtype for g in sharded.local}
+        out = _sharded.finish_and_apply(
+            sharded, name, None, None, S, norm_type, powers, None, failed, Coefficient("none"), False,
+            norms_dtype=seg.norms_dtype(grads), total_dtype=promoted_dtype(dtypes) if dtypes else torch.float32,
+        )  # fmt: skip
+        return GradStats(out.total, out.norms, counts[0].to(out.total.device), counts[1].to(out.total.device))
     kind = FUSED_NORM_KINDS.get(norm_type)
     fused, work = seg.plan(name, grads) if kind is not None else (None, None)
     if fused is None:
