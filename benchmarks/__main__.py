@@ -16,27 +16,32 @@ import time
 import torch
 
 from .harness import OPS, run_case
-from .layouts import billion, gpt2_small, llama_blocks, make_grads, tiny_tensors, vit_base
+from .layouts import billion, gpt2_small, llama_blocks, make_grads, resnet50, tiny_tensors, vit_base
 from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
+TORCH_OPS = ["norm-noclip", "norm-clip", "value-few", "value-most"]
+METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats"]
 SUITE = [
-    (gpt2_small, "float32", list(OPS)),
-    (gpt2_small, "bfloat16", list(OPS)),
+    (gpt2_small, "float32", TORCH_OPS + METHODS),
+    (gpt2_small, "bfloat16", TORCH_OPS),
     (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
     (llama_blocks, "bfloat16", ["norm-noclip", "norm-clip"]),
     (vit_base, "float32", ["norm-noclip", "norm-clip"]),
-    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few", "per-tensor", "stats"]),
+    (resnet50, "float32", ["agc"]),
 ]
 # On a GPU: the 1e9-element reference workload of the Triton/CUDA issues, plus
 # the host-overhead case (300 and 2000 tensors).
 SUITE_CUDA = [
-    (billion, "bfloat16", list(OPS)),
+    (billion, "bfloat16", TORCH_OPS),
     (billion, "float32", ["norm-noclip", "norm-clip"]),
     (gpt2_small, "bfloat16", ["norm-noclip", "norm-clip"]),
     (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
     (lambda: tiny_tensors(300, 64), "float32", ["norm-noclip", "norm-clip"]),
     (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+    (gpt2_small, "float32", METHODS),
+    (resnet50, "float32", ["agc"]),
 ]
 QUICK = [
     (gpt2_small, "float32", ["norm-noclip", "norm-clip"]),
@@ -48,7 +53,7 @@ QUICK = [
 QUICK_CUDA = [
     (billion, "bfloat16", ["norm-noclip", "norm-clip", "value-few"]),
     (billion, "float32", ["norm-noclip", "norm-clip"]),
-    (gpt2_small, "float32", ["norm-noclip", "norm-clip", "value-few"]),
+    (gpt2_small, "float32", ["norm-noclip", "norm-clip", "value-few"] + METHODS),
     (gpt2_small, "bfloat16", ["norm-noclip"]),
     (tiny_tensors, "float32", ["norm-noclip", "norm-clip"]),
 ]

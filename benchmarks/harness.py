@@ -25,21 +25,26 @@ from fastclip._dispatch import FUSED_BACKENDS
 from fastclip._work import collect
 
 from .layouts import Layout, make_grads
+from .methods import Baseline, Fastclip, method_stats
 
 
 @dataclass(frozen=True)
 class Op:
     name: str
     modifies: bool
-    floor: str  # "read", "read+rw" or "rw": the least traffic the operation needs
-    call: object  # (module, params, stats) -> None; module is torch.nn.utils or fastclip(+backend)
+    floor: str  # "read", "read+rw", "rw" or "read2" (grads and weights): the least traffic the operation needs
+    call: object  # (impl, params, stats) -> None; impl is methods.Baseline or methods.Fastclip
+    baseline: str = "torch"  # what the baseline row runs (its label in the tables)
 
 
-def _norm_stats(params):
+def _norm_stats(params, methods: bool = False):
     grads = [p.grad for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
     std = (norm**2 / sum(g.numel() for g in grads)) ** 0.5
-    return {"norm": norm, "std": std}
+    stats = {"norm": norm, "std": std}
+    if methods:
+        stats.update(method_stats(params))
+    return stats
 
 
 OPS = {
@@ -49,28 +54,27 @@ OPS = {
     "value-most": Op(
         "clip_grad_value_ (most change)", True, "rw", lambda m, p, s: m.clip_grad_value_(p, 1e-3 * s["std"])
     ),
-}
-
-
-class _Fastclip:
-    """fastclip's functions with a fixed backend, shaped like torch.nn.utils."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def clip_grad_norm_(self, params, max_norm):
-        return fastclip.clip_grad_norm_(params, max_norm, backend=self.backend)
-
-    def clip_grad_value_(self, params, clip_value):
-        return fastclip.clip_grad_value_(params, clip_value, backend=self.backend)
+    # the methods beyond torch (benchmarks/methods.py)
+    "per-tensor": Op("per-tensor clip (1 in 8 clips)", True, "read",
+                     lambda m, p, s: m.per_tensor(p, s["max_norms"]), "torch loop"),
+    "range-few": Op("clip_grad_range_ (few change)", True, "read",
+                    lambda m, p, s: m.value_range(p, -3 * s["std"], 4 * s["std"]), "clamp_ loop"),
+    "range-most": Op("clip_grad_range_ (most change)", True, "rw",
+                     lambda m, p, s: m.value_range(p, -1e-3 * s["std"], 2e-3 * s["std"]), "clamp_ loop"),
+    "agc": Op("AGC (1 unit in 10 clips)", True, "read2", lambda m, p, s: m.agc(p, s["clip_factor"]), "timm"),
+    "groups-noclip": Op("3 norm groups (no clip)", False, "read", lambda m, p, s: m.groups(s["groups"], 1e9),
+                        "torch per group"),
+    "stats": Op("grad_stats", False, "read", lambda m, p, s: m.stats(p), "torch foreach"),
+}  # fmt: skip
+METHOD_OPS = {"per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats"}
 
 
 def implementations(device: str) -> dict:
-    impls = {"torch": torch.nn.utils}
+    impls = {"torch": Baseline()}
     for name in fastclip.available_backends():
         # each fused backend on the device type it is for (not Triton's interpreter on CPU tensors)
         if name != "torch" and device in FUSED_BACKENDS[name].auto_device_types:
-            impls[f"fastclip:{name}"] = _Fastclip(name)
+            impls[f"fastclip:{name}"] = Fastclip(name)
     return impls
 
 
@@ -99,10 +103,10 @@ class CaseResult:
 
     def floor_seconds(self, op: Op) -> float:
         read, rw = self.median("floor:read"), self.median("floor:rw")
-        return {"read": read, "rw": rw, "read+rw": read + rw}[op.floor]
+        return {"read": read, "rw": rw, "read+rw": read + rw, "read2": 2 * read}[op.floor]
 
     def bytes_needed(self, op: Op) -> int:
-        return {"read": 1, "rw": 2, "read+rw": 3}[op.floor] * self.nbytes
+        return {"read": 1, "rw": 2, "read+rw": 3, "read2": 2}[op.floor] * self.nbytes
 
 
 EVICT_BYTES = 64 << 20  # more than the last-level cache of the machines measured
@@ -163,7 +167,7 @@ def run_case(
         params = make_grads(layout, dtype, device, seed)
     grads = [p.grad for p in params]
     backup = [g.clone() for g in grads]
-    stats = _norm_stats(params)
+    stats = _norm_stats(params, methods=op_key in METHOD_OPS)
     impls = implementations(device)
     floors = _floors(params, device)
     nbytes = sum(g.numel() * g.element_size() for g in grads)

@@ -104,7 +104,26 @@ def billion(small: int = 100, large: int = 200) -> Layout:
     return Layout("1B-300", f"{small + large} tensors, about 1e9 elements (GPU reference)", tuple(shapes))
 
 
-LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors, billion)}
+def resnet50() -> Layout:
+    """ResNet-50's convolution and linear weights (with its BatchNorm weights and
+    biases): the AGC workload of NFNet-style training."""
+    shapes = [((64, 3, 7, 7), "weight"), ((64,), "small"), ((64,), "small")]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [((width, inplanes, 1, 1), "weight"), ((width,), "small"), ((width,), "small"),
+                       ((width, width, 3, 3), "weight"), ((width,), "small"), ((width,), "small"),
+                       ((out, width, 1, 1), "weight"), ((out,), "small"), ((out,), "small")]  # fmt: skip
+            if b == 0:
+                shapes += [((out, inplanes, 1, 1), "weight"), ((out,), "small"), ((out,), "small")]
+            inplanes = out
+    shapes += [((1000, 2048), "weight"), ((1000,), "small")]
+    layout = Layout("resnet50", "", tuple(shapes))
+    return Layout("resnet50", f"ResNet-50: {len(shapes)} tensors, {layout.numel / 1e6:.1f}M elements", tuple(shapes))
+
+
+LAYOUTS = {f.__name__: f for f in (gpt2_small, llama_blocks, vit_base, tiny_tensors, billion, resnet50)}
 
 
 def fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -119,8 +138,8 @@ def fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):
-    """Parameters with random N(0, 1e-2) grads.  dtype "mixed": weights
-    bfloat16, small tensors float32."""
+    """Parameters with random weights N(0, 0.05^2) and grads N(0, 1e-2^2).
+    dtype "mixed": weights bfloat16, small tensors float32."""
     gen = torch.Generator(device).manual_seed(seed)
     params = []
     for shape, role in layout.shapes:
@@ -128,7 +147,7 @@ def make_grads(layout: Layout, dtype: str, device="cpu", seed: int = 0):
             dt = torch.bfloat16 if role == "weight" else torch.float32
         else:
             dt = getattr(torch, dtype)
-        p = torch.nn.Parameter(torch.empty(shape, dtype=dt, device=device))
+        p = torch.nn.Parameter(fill_random(torch.empty(shape, dtype=dt, device=device), gen).mul_(5.0))
         p.grad = fill_random(torch.empty(shape, dtype=dt, device=device), gen)
         params.append(p)
     return params

@@ -63,7 +63,7 @@ def summarize(r: CaseResult) -> list[dict]:
                 "layout": r.layout,
                 "dtype": r.dtype,
                 "op": op.name,
-                "impl": name,
+                "impl": op.baseline if name == "torch" else name,  # the baseline: what a user runs instead
                 "tensors": r.tensors,
                 "numel": r.numel,
                 "median_ms": t * 1e3,
@@ -134,9 +134,13 @@ def markdown(rows: list[dict], machine: dict) -> str:
         )
     out += [
         "",
-        "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write); "
+        "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write; "
+        "AGC: one read of the weights and the grads); "
         "'of floor' is the time of the fastest plain read (and in-place write) of the same bytes in the same run "
-        "divided by the operation's time."
+        "divided by the operation's time.  'vs torch' is against the baseline row of each case: torch.nn.utils "
+        "for torch's functions; for the methods, what a user runs instead (benchmarks/methods.py): a loop of "
+        "clip_grad_norm_([p]) (per-tensor), a loop of clamp_(lo, hi) (range), timm's adaptive_clip_grad (AGC), "
+        "clip_grad_norm_ per group (groups), torch's _foreach_norm with isfinite and zero counts (grad_stats)."
         + (
             " On CUDA the floors also include a device-to-device copy (half its time for one read); "
             "'host us' is the time until the call returned (before the device finished), 'launches' the "

@@ -17,9 +17,16 @@ namespace fastclip::cpu {
 // For L1/L2: the sum of |x| or x*x (accumulated in double for fp32/fp64 and in
 // float lanes for fp16/bf16).  For inf: max |x|, NaN if any element is NaN.
 using ReduceFn = double (*)(const void* data, int64_t n, int64_t stride);
-// The same value in the same pass, also adding to counts[0] the elements that
-// are inf or NaN and to counts[1] those that are zero.
+// The same value in the same pass, also adding to counts[1] the elements that
+// are zero (counts[0], the non-finite ones, is count_nonfinite's: called only
+// for runs whose value is not finite).
 using StatsFn = double (*)(const void* data, int64_t n, int64_t stride, int64_t* counts);
+using CountFn = int64_t (*)(const void* data, int64_t n, int64_t stride);
+// The same over `rows` consecutive dense runs of `len` elements (AGC's small
+// dim-0 slices), one value per row into out[]: per-call costs paid once.
+using ReduceRowsFn = void (*)(const void* data, int64_t rows, int64_t len, double* out);
+// Row r times coefs[r], skipping rows whose coefficient is exactly 1.
+using ScaleRowsFn = void (*)(void* data, int64_t rows, int64_t len, const double* coefs);
 // x = x * coef, computed in the grad's opmath type (float, or double for fp64).
 using ScaleFn = void (*)(void* data, int64_t n, int64_t stride, double coef);
 // x = min(max(x, lo), hi) with torch's NaN rules; lo/hi are already values of
@@ -33,6 +40,9 @@ struct RowKernels {
   const char* isa;
   ReduceFn reduce[3][kNumDTypes];  // [NormKind - 1][DType]
   StatsFn stats[3][kNumDTypes];
+  CountFn count_nonfinite[kNumDTypes];  // elements that are inf or NaN
+  ReduceRowsFn reduce_rows[3][kNumDTypes];
+  ScaleRowsFn scale_rows[kNumDTypes];
   ScaleFn scale[kNumDTypes];
   ClampFn clamp[kNumDTypes];
   TouchReadFn touch_read;

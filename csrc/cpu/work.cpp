@@ -49,9 +49,20 @@ Work::Work(const TensorTable& table) {
     const TensorSpec& t = tensors_[i];
     total_bytes_ += t.numel * element_size(t.dtype);
     const int64_t len = table.slice_of(i), first = table.segment_of(i);
+    if (len < t.numel && len <= kUnitElems / 2) {  // small slices: several whole ones per unit
+      const int64_t per = kUnitElems / len, slices = t.numel / len;
+      for (int64_t k = 0; k < slices; k += per) {
+        const int32_t pieces = static_cast<int32_t>(std::min(per, slices - k));
+        units_.push_back(Unit{static_cast<int32_t>(i), pieces, k * len, (k + pieces) * len, first + k, len,
+                              num_partials_});
+        num_partials_ += pieces;
+      }
+      continue;
+    }
     for (int64_t k = 0, units = units_of_tensor(t.numel, len, kUnitElems); k < units; ++k) {
       const UnitSpan span = unit_span(k, len, kUnitElems);
-      units_.push_back(Unit{static_cast<int32_t>(i), span.start, span.start + span.count, first + span.slice});
+      units_.push_back(Unit{static_cast<int32_t>(i), 1, span.start, span.start + span.count, first + span.slice,
+                            span.count, num_partials_++});
     }
   }
 }
@@ -146,40 +157,77 @@ double Work::norm(NormKind kind, int nthreads) const {
 void Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) const {
   const RowKernels& k = row_kernels();
   const int ki = static_cast<int>(kind) - 1;
-  const size_t n = units_.size();
+  const size_t n = static_cast<size_t>(num_partials_);
   const bool weights = out.weight_powers != nullptr, counting = out.counts != nullptr;
   std::vector<double> grad(n), weight(weights ? n : 0);
-  std::vector<int64_t> counts(counting ? 2 * n : 0);
+  std::vector<int64_t> counts(counting ? 2 * units_.size() : 0);
   parallel_items(num_units(), threads_for(nthreads, false), false, [&](int64_t u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
-    Fold fold(kind);
     int64_t* c = counting ? &counts[2 * static_cast<size_t>(u)] : nullptr;
-    for_each_run(unit, [&](const TensorSpec& t, char* p, int64_t m, int64_t s) {
-      const int d = static_cast<int>(t.dtype);
-      fold.add(counting ? k.stats[ki][d](p, m, s, c) : k.reduce[ki][d](p, m, s));
+    const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
+    if (unit.pieces > 1 && !counting) {  // many short dense rows: one call for them all
+      const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
+      k.reduce_rows[ki][d](t.data + unit.begin * element_size(t.dtype), unit.pieces, unit.piece,
+                           &grad[static_cast<size_t>(unit.partial)]);
+      if (weights)
+        k.reduce_rows[ki][wd](t.weight + unit.begin * element_size(t.weight_dtype), unit.pieces, unit.piece,
+                              &weight[static_cast<size_t>(unit.partial)]);
+      return;
+    }    int64_t slot = unit.partial;
+    for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
+      Fold fold(kind);
+      for_each_run(Unit{unit.tensor, 1, begin, end, 0, end - begin, 0},
+                   [&](const TensorSpec& rt, char* p, int64_t m, int64_t s) {
+                     const int d = static_cast<int>(rt.dtype);
+                     const double r = counting ? k.stats[ki][d](p, m, s, c) : k.reduce[ki][d](p, m, s);
+                     if (counting && !std::isfinite(r)) c[0] += k.count_nonfinite[d](p, m, s);  // runs that hold one
+                     fold.add(r);
+                   });
+      grad[static_cast<size_t>(slot)] = fold.value();
+      if (weights) {  // weights are dense, element for element with their grad
+        const int64_t es = element_size(t.weight_dtype);
+        weight[static_cast<size_t>(slot)] =
+            k.reduce[ki][static_cast<int>(t.weight_dtype)](t.weight + begin * es, end - begin, 1);
+      }
+      ++slot;
     });
-    grad[static_cast<size_t>(u)] = fold.value();
-    if (weights) {  // weights are dense, element for element with their grad
-      const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
-      const int64_t es = element_size(t.weight_dtype);
-      weight[static_cast<size_t>(u)] =
-          k.reduce[ki][static_cast<int>(t.weight_dtype)](t.weight + unit.begin * es, unit.end - unit.begin, 1);
-    }
   });
-  // Each segment's units are one range, in unit order: fold them in that order.
-  size_t u = 0;
-  for (int64_t s = 0; s < num_segments_; ++s) {
+  // Partials come in segment order (units in order, pieces in order): fold
+  // each segment's run of them, in that order.
+  std::vector<double> grad_sum(static_cast<size_t>(num_segments_)), weight_sum(weights ? grad_sum.size() : 0);
+  std::vector<uint8_t> seen(grad_sum.size(), 0);
+  {
     Fold g(kind), w(kind);
-    for (; u < n && units_[u].segment == s; ++u) {
-      g.add(grad[u]);
-      if (weights) w.add(weight[u]);
+    int64_t current = -1;
+    auto flush = [&] {
+      if (current < 0) return;
+      grad_sum[static_cast<size_t>(current)] = g.value();
+      if (weights) weight_sum[static_cast<size_t>(current)] = w.value();
+      seen[static_cast<size_t>(current)] = 1;
+    };
+    for (const Unit& unit : units_) {
+      int64_t slot = unit.partial;
+      for_each_piece(unit, [&](int64_t, int64_t, int64_t segment) {
+        if (segment != current) {
+          flush();
+          current = segment;
+          g = Fold(kind);
+          w = Fold(kind);
+        }
+        g.add(grad[static_cast<size_t>(slot)]);
+        if (weights) w.add(weight[static_cast<size_t>(slot)]);
+        ++slot;
+      });
     }
-    if (out.powers != nullptr) out.powers[s] = g.value();
-    if (weights) out.weight_powers[s] = w.value();
+    flush();
+  }
+  for (int64_t s = 0; s < num_segments_; ++s) {  // segments without units: 0
+    if (out.powers != nullptr) out.powers[s] = seen[static_cast<size_t>(s)] ? grad_sum[static_cast<size_t>(s)] : 0.0;
+    if (weights) out.weight_powers[s] = seen[static_cast<size_t>(s)] ? weight_sum[static_cast<size_t>(s)] : 0.0;
   }
   if (counting) {
     int64_t nonfinite = 0, zeros = 0;
-    for (size_t i = 0; i < n; ++i) nonfinite += counts[2 * i], zeros += counts[2 * i + 1];
+    for (size_t i = 0; i < units_.size(); ++i) nonfinite += counts[2 * i], zeros += counts[2 * i + 1];
     out.counts[0] = nonfinite;
     out.counts[1] = zeros;
   }
@@ -188,14 +236,25 @@ void Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) 
 bool Work::scale_segments(const double* coefs, int nthreads) const {
   const RowKernels& k = row_kernels();
   bool any = false;
-  for (const Unit& unit : units_) any = any || coefs[unit.segment] != 1.0;
+  for (const Unit& unit : units_) {
+    for_each_piece(unit, [&](int64_t, int64_t, int64_t segment) { any = any || coefs[segment] != 1.0; });
+  }
   if (!any) return false;
   parallel_items(num_units(), threads_for(nthreads, true), true, [&](int64_t u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
-    const double coef = coefs[unit.segment];
-    if (coef == 1.0) return;  // x * 1 == x: nothing to write
-    for_each_run(unit, [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
-      k.scale[static_cast<int>(t.dtype)](p, n, s, coef);
+    if (unit.pieces > 1) {  // many short dense rows: one call for them all
+      const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
+      k.scale_rows[static_cast<int>(t.dtype)](t.data + unit.begin * element_size(t.dtype), unit.pieces, unit.piece,
+                                              coefs + unit.segment);
+      return;
+    }
+    for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t segment) {
+      const double coef = coefs[segment];
+      if (coef == 1.0) return;  // x * 1 == x: nothing to write
+      for_each_run(Unit{unit.tensor, 1, begin, end, 0, end - begin, 0},
+                   [&](const TensorSpec& t, char* p, int64_t n, int64_t s) {
+                     k.scale[static_cast<int>(t.dtype)](p, n, s, coef);
+                   });
     });
   });
   return true;

@@ -30,10 +30,17 @@ struct TensorSpec {
   DType weight_dtype;
 };
 
+// A unit is a range of one tensor.  Usually it lies in one segment; a unit of
+// a tensor cut into small slices (AGC's rows) holds `pieces` whole slices of
+// `piece` elements, slice k being segment `segment + k`: per-call costs are
+// paid per unit, not per slice.
 struct Unit {
   int32_t tensor;
+  int32_t pieces;      // whole slices in the unit (1 for a unit inside one segment)
   int64_t begin, end;  // element range in the tensor's logical (row-major) order
-  int64_t segment;
+  int64_t segment;     // of the first piece
+  int64_t piece;       // elements per piece (end - begin when pieces == 1)
+  int64_t partial;     // index of the unit's first partial result (one per piece)
 };
 
 // What reduce_segments gives, per segment (each array num_segments() long;
@@ -77,8 +84,18 @@ class Work {
   template <class F>
   void for_each_run(const Unit& unit, const F& f) const;
 
+  // Calls f(first element, end, segment) for each piece of a unit.
+  template <class F>
+  static void for_each_piece(const Unit& unit, const F& f) {
+    for (int32_t k = 0; k < unit.pieces; ++k) {
+      const int64_t b = unit.begin + k * unit.piece;
+      f(b, unit.pieces == 1 ? unit.end : b + unit.piece, unit.segment + k);
+    }
+  }
+
   std::vector<TensorSpec> tensors_;
   std::vector<Unit> units_;
+  int64_t num_partials_ = 0;  // pieces of all units
   std::vector<uint8_t> wide_;
   int64_t num_segments_ = 1;
   int64_t total_bytes_ = 0;

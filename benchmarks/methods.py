@@ -1,0 +1,119 @@
+"""The methods beyond torch's four, as benchmark operations: what fastclip
+runs, and what a user runs instead (the baseline each is compared with).
+
+  per-tensor    clip_grad_norm_per_tensor_  vs a loop of torch's clip_grad_norm_([p], m_p)
+  range-*       clip_grad_range_            vs a loop of grad.clamp_(lo, hi)
+  agc           adaptive_clip_grad_         vs timm.utils.adaptive_clip_grad
+  groups        clip_grad_norm_groups_      vs torch's clip_grad_norm_ on each of 3 groups
+  stats         grad_stats                  vs torch's _foreach_norm, total, isfinite and zero counts
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+import fastclip
+
+# Who does the work: the baseline, or fastclip with a backend (harness.implementations).
+
+
+class Baseline:
+    """What a user runs without fastclip: torch.nn.utils and loops, timm's AGC."""
+
+    def __init__(self):
+        self._timm = None
+
+    # torch's four
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def clip_grad_value_(self, params, clip_value):
+        return torch.nn.utils.clip_grad_value_(params, clip_value)
+
+    # the methods
+    def per_tensor(self, params, max_norms):
+        return [torch.nn.utils.clip_grad_norm_([p], m) for p, m in zip(params, max_norms)]
+
+    def value_range(self, params, lo, hi):
+        for p in params:
+            p.grad.clamp_(lo, hi)
+
+    def agc(self, params, clip_factor):
+        timm = self.timm()
+        if timm is None:
+            raise RuntimeError("timm is not installed (pip install --no-deps timm)")
+        timm.adaptive_clip_grad(params, clip_factor)
+
+    def groups(self, groups, max_norm):
+        return [torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups]
+
+    def stats(self, params):
+        grads = [p.grad for p in params]
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        nonfinite = sum((~torch.isfinite(g)).sum() for g in grads)
+        zeros = sum((g == 0).sum() for g in grads)
+        return total, norms, nonfinite, zeros
+
+    def timm(self):
+        """timm's utils/agc.py, loaded by file (timm itself needs torchvision), or None."""
+        if self._timm is None:
+            spec = importlib.util.find_spec("timm")
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+            module_spec = importlib.util.spec_from_file_location("_timm_agc_bench", path)
+            self._timm = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(self._timm)
+        return self._timm
+
+
+class Fastclip:
+    """fastclip's functions with a fixed backend, shaped like Baseline."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def clip_grad_norm_(self, params, max_norm):
+        return fastclip.clip_grad_norm_(params, max_norm, backend=self.backend)
+
+    def clip_grad_value_(self, params, clip_value):
+        return fastclip.clip_grad_value_(params, clip_value, backend=self.backend)
+
+    def per_tensor(self, params, max_norms):
+        return fastclip.clip_grad_norm_per_tensor_(params, max_norms, backend=self.backend)
+
+    def value_range(self, params, lo, hi):
+        return fastclip.clip_grad_range_(params, lo, hi, backend=self.backend)
+
+    def agc(self, params, clip_factor):
+        return fastclip.adaptive_clip_grad_(params, clip_factor, backend=self.backend)
+
+    def groups(self, groups, max_norm):
+        return fastclip.clip_grad_norm_groups_(groups, max_norm, backend=self.backend)
+
+    def stats(self, params):
+        return fastclip.grad_stats(params, backend=self.backend)
+
+
+def method_stats(params) -> dict:
+    """What the method cases need to know of the grads: every grad's norm, a
+    per-tensor max norm under which one tensor in eight clips, three groups,
+    and an AGC clip factor under which about one unit in ten clips."""
+    grads = [p.grad for p in params]
+    norms = [torch.linalg.vector_norm(g.float()).item() for g in grads]
+    max_norms = [n * (0.5 if i % 8 == 7 else 2.0) for i, n in enumerate(norms)]
+    third = max(1, len(params) // 3)
+    groups = [params[:third], params[third : 2 * third], params[2 * third :]]
+    ratios = []
+    for p in params:
+        w, g = p.detach().float(), p.grad.float()
+        if g.dim() <= 1 or g.shape[0] <= 1:
+            ratios.append((g.norm() / w.norm().clamp(min=1e-3)).reshape(1))
+        else:
+            ratios.append(g.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp(min=1e-3))
+    clip_factor = torch.quantile(torch.cat(ratios)[:1_000_000].cpu(), 0.9).item()
+    return {"max_norms": max_norms, "groups": groups, "clip_factor": clip_factor}
