@@ -1,5 +1,6 @@
 """python -m tests.gpu_smoke: every GPU kernel once per dtype and norm type,
-on odd sizes, against torch, in one short process: what `.ci/gpu quick`
+on odd sizes, against torch (torch's four functions, then every segmented
+method), in one short process: what `.ci/gpu quick`
 runs under compute-sanitizer (memcheck), where a pytest session would take
 too long.  Exits 1 on a wrong result, 0 otherwise; prints one line per check.
 
@@ -76,6 +77,49 @@ def check(backend: str, gen) -> list[str]:
     return failures
 
 
+def check_methods(backend: str, gen) -> list[str]:
+    """The segmented methods once each per dtype, against plain torch (loose
+    tolerances: fastclip's norms are more accurate than torch's in fp16/bf16)."""
+    from fastclip.methods.agc import _torch_path as timm_agc
+
+    failures = []
+    for dtype in DTYPES:
+        grads = _grads(dtype, gen)
+        shapes = [(37, 41), (5, 3, 3, 3), (1, 300)]
+        weights = [torch.randn(s, generator=gen, device=gen.device).to(dtype) for s in shapes]
+        mats = [torch.randn(s, generator=gen, device=gen.device).mul(1e-2).to(dtype) for s in shapes]
+        tol = dict(rtol=2e-2, atol=1e-6) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-4, atol=1e-9)
+        results = {}
+        ours, ref = _params(grads), _params(grads)
+        norms = fastclip.clip_grad_norm_per_tensor_(ours, 0.01, backend=backend)
+        want = torch.stack([torch.nn.utils.clip_grad_norm_([q], 0.01) for q in ref]).to(norms.dtype)
+        results["per_tensor"] = torch.allclose(norms.double(), want.double(), **tol) and all(
+            torch.allclose(a.grad.double(), b.grad.double(), **tol) for a, b in zip(ours, ref)
+        )
+        ours, ref = _params(grads), _params(grads)
+        got = fastclip.clip_grad_norm_groups_([ours[:4], ours[4:]], [0.02, 0.005], backend=backend)
+        want = torch.stack([torch.nn.utils.clip_grad_norm_(ref[:4], 0.02), torch.nn.utils.clip_grad_norm_(ref[4:], 0.005)])
+        results["groups"] = torch.allclose(got.double(), want.double(), **tol)
+        ours, ref = _params(grads), _params(grads)
+        fastclip.clip_grad_range_(ours, -0.01, 0.005, backend=backend)
+        results["range"] = all(torch.equal(a.grad, b.grad.clamp(-0.01, 0.005)) for a, b in zip(ours, ref))
+        stats = fastclip.grad_stats(_params(grads), backend=backend)
+        results["stats"] = bool(stats.num_zeros.item() == sum(int((g == 0).sum()) for g in grads)) and abs(
+            stats.total_norm.double().item() - torch.nn.utils.get_total_norm([g.double() for g in grads]).item()
+        ) <= 2e-2 * max(stats.total_norm.double().item(), 1e-30)
+        ours, ref = _params(mats), _params(mats)
+        for a, b, w in zip(ours, ref, weights):
+            a.data, b.data = w.clone(), w.clone()
+        fastclip.adaptive_clip_grad_(ours, 0.005, backend=backend)
+        timm_agc([(b.detach(), b.grad) for b in ref], 0.005, 1e-3, 2.0)
+        results["agc"] = all(torch.allclose(a.grad.double(), b.grad.double(), **tol) for a, b in zip(ours, ref))
+        for name, ok in results.items():
+            print(f"{backend:6} {str(dtype):15} {name}: {'ok' if ok else 'WRONG'}")
+            if not ok:
+                failures.append(f"{backend} {dtype} {name}")
+    return failures
+
+
 def main(argv: list[str]) -> int:
     device = "cpu" if argv[1:] == ["--device", "cpu"] else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -89,6 +133,7 @@ def main(argv: list[str]) -> int:
             failures.append(f"{backend} unavailable")
             continue
         failures += check(backend, gen)
+        failures += check_methods(backend, gen)
     if device == "cuda":
         torch.cuda.synchronize()
     print("FAILED: " + "; ".join(failures) if failures else "all ok")

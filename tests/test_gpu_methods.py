@@ -1,0 +1,130 @@
+"""CUDA-only checks of the segmented methods on the GPU backends (skipped
+without a GPU; their results against torch on CUDA tensors also run through
+the per-method test files, whose fixture puts the GPU backends' tensors on
+the GPU): no host sync, CUDA-graph capture and replay, run-to-run identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import assert_bitwise_equal
+from .method_refs import random_params
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in fastclip.available_backends()]
+
+
+@pytest.fixture(params=GPU_BACKENDS or [pytest.param("none", marks=pytest.mark.skip("no GPU backend available"))])
+def gpu_backend(request):
+    return request.param
+
+
+def _on_cuda(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().cuda())
+        q.grad = p.grad.cuda()
+        out.append(q)
+    return out
+
+
+SHAPES = [(64, 300), (32, 16, 3, 3), (300,), (), (1, 500), (9, 5000), (2, 40_000), (0, 4)]
+
+
+def _calls(params, backend):
+    groups = [params[:3], params[3:]]
+    return [
+        lambda: fastclip.clip_grad_norm_per_tensor_(params, 0.5, backend=backend),
+        lambda: fastclip.clip_grad_norm_per_tensor_(params, torch.full((len(params),), 0.3, device="cuda"),
+                                                    backend=backend),  # fmt: skip
+        lambda: fastclip.clip_grad_norm_groups_(groups, [0.5, 0.1], backend=backend),
+        lambda: fastclip.clip_grad_range_(params, -0.01, 0.02, backend=backend),
+        lambda: fastclip.adaptive_clip_grad_(params, 0.02, backend=backend),
+        lambda: fastclip.grad_stats(params, backend=backend),
+    ]
+
+
+def test_no_host_device_sync(gpu_backend, seed):
+    params = _on_cuda(random_params(SHAPES, [torch.float32, torch.bfloat16]))
+    calls = _calls(params, gpu_backend)
+    for call in calls:
+        call()  # compile and cache the tables first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_capture_and_replay(gpu_backend, seed):
+    params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32], scale=0.05))
+    static = [p.grad for p in params]
+
+    def step():
+        norms = fastclip.clip_grad_norm_per_tensor_(params, 0.3, backend=gpu_backend)
+        fastclip.adaptive_clip_grad_(params, 0.02, backend=gpu_backend)
+        stats = fastclip.grad_stats(params, backend=gpu_backend)
+        return norms, stats.total_norm
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on the capture stream (compile, tables, workspaces)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_norms, captured_total = step()
+    for _ in range(3):
+        fresh = [torch.randn_like(g) * 0.05 for g in static]
+        eager = _on_cuda([_cpu_param(p, f) for p, f in zip(params, fresh)])
+        for g, f in zip(static, fresh):
+            g.copy_(f)
+        graph.replay()
+        want_norms = fastclip.clip_grad_norm_per_tensor_(eager, 0.3, backend=gpu_backend)
+        fastclip.adaptive_clip_grad_(eager, 0.02, backend=gpu_backend)
+        want_total = fastclip.grad_stats(eager, backend=gpu_backend).total_norm
+        torch.cuda.synchronize()
+        assert_bitwise_equal(captured_norms, want_norms)
+        assert_bitwise_equal(captured_total, want_total)
+        for g, q in zip(static, eager):
+            assert_bitwise_equal(g, q.grad)
+
+
+def _cpu_param(p, grad):
+    q = torch.nn.Parameter(p.detach().cpu())
+    q.grad = grad.cpu()
+    return q
+
+
+def test_bit_identical_run_to_run(gpu_backend, seed):
+    params = _on_cuda(random_params(SHAPES, [torch.float32]))
+    first = fastclip.grad_stats(params, backend=gpu_backend)
+    for _ in range(4):
+        again = fastclip.grad_stats(params, backend=gpu_backend)
+        for a, b in zip(first, again):
+            assert_bitwise_equal(a, b)
+
+
+def test_every_method_against_the_cpu_backend(gpu_backend, seed):
+    """The GPU backends and the CPU backend give the same results within their accumulation rounding."""
+    cpu_params = random_params(SHAPES, [torch.float32, torch.float64], scale=0.05)
+    gpu_params = _on_cuda(cpu_params)
+    for name, (a, b) in {
+        "per_tensor": (fastclip.clip_grad_norm_per_tensor_(cpu_params, 0.5, backend="cpu"),
+                       fastclip.clip_grad_norm_per_tensor_(gpu_params, 0.5, backend=gpu_backend)),
+        "stats": (fastclip.grad_stats(cpu_params, backend="cpu").per_tensor_norms,
+                  fastclip.grad_stats(gpu_params, backend=gpu_backend).per_tensor_norms),
+    }.items():  # fmt: skip
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=0, msg=name)
+    fastclip.adaptive_clip_grad_(cpu_params, 0.02, backend="cpu")
+    fastclip.adaptive_clip_grad_(gpu_params, 0.02, backend=gpu_backend)
+    for p, q in zip(cpu_params, gpu_params):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-5, atol=1e-9)
