@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from .harness import OPS, _floors, _norm_stats, implementations
-from .layouts import gpt2_small, make_grads, tiny_tensors
+from .layouts import gpt2_small, make_grads, resnet50, tiny_tensors
 
 CASES = [
     (gpt2_small, "float32", "norm-noclip"),
@@ -25,6 +25,14 @@ CASES = [
     (gpt2_small, "bfloat16", "norm-noclip"),
     (gpt2_small, "bfloat16", "norm-clip"),
     (tiny_tensors, "float32", "norm-noclip"),
+    # the methods beyond torch's four (benchmarks/methods.py: each against what a user runs instead)
+    (gpt2_small, "float32", "per-tensor"),
+    (gpt2_small, "float32", "range-few"),
+    (gpt2_small, "float32", "range-most"),
+    (gpt2_small, "float32", "agc"),
+    (gpt2_small, "float32", "groups-noclip"),
+    (gpt2_small, "float32", "stats"),
+    (resnet50, "float32", "agc"),
 ]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PAIRS = [(d, impl) for d in DEVICES for impl in [*implementations(d), "floor"]]
@@ -33,7 +41,7 @@ PAIRS = [(d, impl) for d in DEVICES for impl in [*implementations(d), "floor"]]
 @functools.lru_cache(maxsize=2)
 def _grads(make, dtype, device):
     params = make_grads(make(), dtype, device)
-    return params, [p.grad.clone() for p in params], _norm_stats(params)
+    return params, [p.grad.clone() for p in params], _norm_stats(params, methods=True)
 
 
 def _synced(fn, device):
@@ -54,7 +62,7 @@ def test_clip(benchmark, case, device, impl):
     op = OPS[op_key]
     params, backup, stats = _grads(make, dtype, device)
     grads = [p.grad for p in params]
-    benchmark.group = f"{device} {make.__name__} {dtype} {op.name}"
+    benchmark.group = f"{device} {make.__name__} {dtype} {op.name} (baseline: {op.baseline})"
     benchmark.extra_info.update(numel=sum(g.numel() for g in grads), tensors=len(grads))
 
     def restore():
@@ -62,7 +70,7 @@ def test_clip(benchmark, case, device, impl):
 
     if impl == "floor":  # the least traffic the operation needs, fastest way known
         floors = _floors(params, device)
-        kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"]}[op.floor]
+        kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"], "read2": ["read", "read"]}[op.floor]
         plain = {k: [f for f in floors[k].values() if not isinstance(f, tuple)] for k in kinds}
         fns = [min(plain[k], key=lambda f: _time_once(_synced(f, device))) for k in kinds]
         benchmark.pedantic(_synced(lambda: [f() for f in fns], device), rounds=_rounds(grads), warmup_rounds=1)

@@ -1,4 +1,4 @@
-"""The contract of ../shared/docs/torch-contract.md, against every backend.
+"""The contract of docs/torch-contract.md, against every backend.
 
 Each test runs fastclip and torch.nn.utils on copies of the same grads.  On
 the fused path fastclip's norm must be at least as accurate as torch's and

@@ -1,4 +1,6 @@
-// The device-side table of the GPU backends (Triton now, CUDA C++ later).
+// The table of torch's operations on the GPU backends: the Triton kernels read it
+// from device memory; the CUDA kernels take its rows as kernel parameters
+// (csrc/cuda/kernel_table.h).  The segmented methods use csrc/common/segment_table.h.
 //
 // All dense, non-empty tensors of a TensorTable, viewed as one virtual
 // concatenation, are cut into work units of `unit` elements; a unit never

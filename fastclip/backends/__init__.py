@@ -1,1 +1,2 @@
-"""fastclip's backends: "cpu" (fused C++), "triton" and "cuda" (reserved), "torch" (the reference)."""
+"""fastclip's backends: "cpu" (fused C++), "triton" (Triton kernels), "cuda" (CUDA C++ kernels),
+"torch" (torch.nn.utils itself, the reference)."""

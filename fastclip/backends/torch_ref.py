@@ -37,7 +37,7 @@ def _use_foreach(foreach, tensors, device) -> bool:
 
 
 # The two functions below follow the steps of torch >= 2.6 as written down in
-# ../shared/docs/torch-contract.md, section 2.1.
+# docs/torch-contract.md, section 2.1.
 def _compat_get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     norm_type = float(norm_type)
