@@ -300,9 +300,9 @@ template <int P, bool kCompensated, class T, class Load, class Counts>
 static double sum16(const T* p, int64_t n, int64_t stride, Load load, Counts& counts) {
   constexpr int kVecs = 16 / D;
   int64_t i = 0;
-  double lanes[16] = {}, errors[16] = {};
+  vd acc[kVecs] = {}, err[kVecs] = {};  // (stored to the arrays below only at the end: no zeroing of memory
+  double lanes[16], errors[16];         // per call, which showed for many tiny runs)
   if (stride == 1) {
-    vd acc[kVecs] = {}, err[kVecs] = {};
     i = for_blocks<16>(p, n, [&](const T* q) {
       if constexpr (!std::is_same<Counts, NoCounts>::value) {
         // counted as stored (fp32: 8 lanes a vector, not 4 as doubles)
@@ -319,10 +319,10 @@ static double sum16(const T* p, int64_t n, int64_t stride, Load load, Counts& co
         }
       }
     });
-    for (int k = 0; k < kVecs; ++k) {
-      storeu(lanes + k * D, acc[k]);
-      storeu(errors + k * D, err[k]);
-    }
+  }
+  for (int k = 0; k < kVecs; ++k) {
+    storeu(lanes + k * D, acc[k]);
+    if constexpr (kCompensated) storeu(errors + k * D, err[k]);
   }
   if constexpr (kCompensated) {
     CompensatedSum total;
@@ -481,12 +481,12 @@ static double max_f64(const void* data, int64_t n, int64_t stride, Counts& count
 // stats variant (the same sum, plus the counts of non-finite values and zeros).
 // F is one of the reductions above, LaneMask the mask type its vectors count in.
 template <double (*F)(const void*, int64_t, int64_t, NoCounts&)>
-static double plain(const void* data, int64_t n, int64_t stride) {
+[[gnu::flatten]] static double plain(const void* data, int64_t n, int64_t stride) {
   NoCounts none;
   return F(data, n, stride, none);
 }
 template <class LaneMask, double (*F)(const void*, int64_t, int64_t, LaneCounts<LaneMask>&)>
-static double counted(const void* data, int64_t n, int64_t stride, int64_t* counts) {
+[[gnu::flatten]] static double counted(const void* data, int64_t n, int64_t stride, int64_t* counts) {
   LaneCounts<LaneMask> c;
   const double r = F(data, n, stride, c);
   c.store(counts);

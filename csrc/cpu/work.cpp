@@ -26,30 +26,42 @@ Work::Work(const TensorTable& table) {
   table.validate();
   const size_t n = table.size();
   if (n > static_cast<size_t>(INT32_MAX)) throw std::invalid_argument("tensor table: too many tensors");
+  const bool segmented = table.segmented(), weights = table.has_weights();
   tensors_.reserve(n);
-  num_segments_ = table.segmented() ? table.num_segments : 1;
+  num_segments_ = segmented ? table.num_segments : 1;
   wide_.assign(static_cast<size_t>(num_segments_), 0);
   int64_t nunits = 0;
   for (size_t i = 0; i < n; ++i) {
     const int32_t layout = table.layout[i];
-    char* weight = table.has_weights() ? reinterpret_cast<char*>(static_cast<uintptr_t>(table.weight_ptrs[i])) : nullptr;
-    const DType weight_dtype = static_cast<DType>(table.has_weights() ? table.weight_dtypes[i] : table.dtypes[i]);
+    const DType dtype = static_cast<DType>(table.dtypes[i]);
+    const DType weight_dtype = weights ? static_cast<DType>(table.weight_dtypes[i]) : dtype;
     tensors_.push_back(TensorSpec{reinterpret_cast<char*>(static_cast<uintptr_t>(table.ptrs[i])), table.numels[i],
-                                  static_cast<DType>(table.dtypes[i]),
-                                  layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)], weight,
+                                  dtype, layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)],
+                                  weights ? reinterpret_cast<char*>(static_cast<uintptr_t>(table.weight_ptrs[i])) : nullptr,
                                   weight_dtype});
-    nunits += units_of_tensor(table.numels[i], table.slice_of(i), kUnitElems);
-    // A segment with a float64 grad or weight works in float64 (its slices too).
-    if (table.numels[i] > 0 && (table.dtypes[i] == 1 || weight_dtype == DType::kFloat64)) {
-      for (int64_t k = 0; k < table.slices_of(i); ++k) wide_[static_cast<size_t>(table.segment_of(i) + k)] = 1;
+    nunits += (table.numels[i] + kUnitElems - 1) / kUnitElems;
+    if (segmented && table.numels[i] > 0) {
+      const int64_t slices = table.slices_of(i);
+      nunits += slices;  // (at most one more unit per slice)
+      // A segment with a float64 grad or weight works in float64 (its slices too).
+      if (dtype == DType::kFloat64 || weight_dtype == DType::kFloat64) {
+        for (int64_t k = 0; k < slices; ++k) wide_[static_cast<size_t>(table.segment_of(i) + k)] = 1;
+      }
+    } else if (dtype == DType::kFloat64 && table.numels[i] > 0) {
+      wide_[0] = 1;
     }
   }
   units_.reserve(static_cast<size_t>(nunits));
   for (size_t i = 0; i < n; ++i) {
     const TensorSpec& t = tensors_[i];
     total_bytes_ += t.numel * element_size(t.dtype);
-    const int64_t len = table.slice_of(i), first = table.segment_of(i);
-    if (len < t.numel && len <= kUnitElems / 2) {  // small slices: several whole ones per unit
+    const int64_t len = segmented ? table.slice_of(i) : t.numel, first = segmented ? table.first_segment[i] : 0;
+    if (len >= t.numel) {  // one segment (the usual case: no division per unit)
+      for (int64_t b = 0; b < t.numel; b += kUnitElems) {
+        const int64_t e = std::min(b + kUnitElems, t.numel);
+        units_.push_back(Unit{static_cast<int32_t>(i), 1, b, e, first, e - b, num_partials_++});
+      }
+    } else if (len <= kUnitElems / 2) {  // small slices: several whole ones per unit
       const int64_t per = kUnitElems / len, slices = t.numel / len;
       for (int64_t k = 0; k < slices; k += per) {
         const int32_t pieces = static_cast<int32_t>(std::min(per, slices - k));
@@ -57,12 +69,12 @@ Work::Work(const TensorTable& table) {
                               num_partials_});
         num_partials_ += pieces;
       }
-      continue;
-    }
-    for (int64_t k = 0, units = units_of_tensor(t.numel, len, kUnitElems); k < units; ++k) {
-      const UnitSpan span = unit_span(k, len, kUnitElems);
-      units_.push_back(Unit{static_cast<int32_t>(i), 1, span.start, span.start + span.count, first + span.slice,
-                            span.count, num_partials_++});
+    } else {  // large slices: each cut into units
+      for (int64_t k = 0, units = units_of_tensor(t.numel, len, kUnitElems); k < units; ++k) {
+        const UnitSpan span = unit_span(k, len, kUnitElems);
+        units_.push_back(Unit{static_cast<int32_t>(i), 1, span.start, span.start + span.count, first + span.slice,
+                              span.count, num_partials_++});
+      }
     }
   }
 }
