@@ -5,7 +5,7 @@
 # wheel; a bare `torch` requirement would pull several GB of CUDA packages),
 # then fastclip built in editable mode with its test, benchmark, triton and
 # integration (Lightning) extras (without a GPU the tests run the Triton
-# kernels in its interpreter).
+# kernels in its interpreter), and timm without its dependencies.
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -25,6 +25,9 @@ $(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test,bench,triton,integration]'
+	# timm's AGC is the reference of adaptive_clip_grad_: without its dependencies (a plain
+	# install would swap in a CUDA torch); the tests load its utils/agc.py by file
+	$(PY) -m pip install --quiet --no-deps timm
 	touch $@
 
 # The whole suite with the newest triton (the venv's), then the Triton cases
