@@ -771,26 +771,19 @@ def segmented_methods_on_dtensors(rank, world):
         assert stats.num_zeros.item() == sum(int((g == 0).sum()) for g in full)  # replicated ones counted once
 
 
-@scenario(2, 4)
-def agc_on_dtensors(rank, world):
-    """Shard(0) parameters hold whole units (no collective for them); Shard(1)
-    and 1-D Shard(0) ones split units over the ranks."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+def _check_dtensor_agc(mesh, weights, grads, placements):
+    """fastclip's AGC on DTensor parameters against timm's code on the whole ones."""
+    from torch.distributed.tensor import distribute_tensor
 
     import fastclip
     from fastclip.methods.agc import _torch_path
 
-    mesh = init_device_mesh("cpu", (world,))
-    shapes = [(9, 40), (7, 12), (30,), (6, 8, 3), (5, 5)]
-    placements = [[Shard(0)], [Shard(1)], [Shard(0)], [Shard(2)], [Replicate()]]
-    weights = shared_grads(shapes, torch.float32, seed=75)
-    full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=76)]
-    ref = params_with(full)
+    ref = params_with(grads)
     for q, w in zip(ref, weights):
         q.data.copy_(w)
     _torch_path([(q.detach(), q.grad) for q in ref], 0.02, 1e-3, 2.0)
     params = []
-    for w, g, pl in zip(weights, full, placements):
+    for w, g, pl in zip(weights, grads, placements):
         q = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
         q.grad = distribute_tensor(g.clone(), mesh, pl)
         params.append(q)
@@ -799,13 +792,26 @@ def agc_on_dtensors(rank, world):
         torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-9)
 
 
+@scenario(2, 4)
+def agc_on_dtensors(rank, world):
+    """Shard(0) parameters hold whole units (no collective for them); Shard(1)
+    and 1-D Shard(0) ones split units over the ranks."""
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(9, 40), (7, 12), (30,), (6, 8, 3), (5, 5)]
+    placements = [[Shard(0)], [Shard(1)], [Shard(0)], [Shard(2)], [Replicate()]]
+    weights = shared_grads(shapes, torch.float32, seed=75)
+    full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=76)]
+    _check_dtensor_agc(mesh, weights, full, placements)
+
+
 @scenario(4)
 def segmented_methods_on_a_2d_mesh(rank, world):
     """HSDP/TP-like 2-D mesh: Shard(0) on one dim, Replicate or Shard(1) on the other."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
 
     import fastclip
-    from fastclip.methods.agc import _torch_path
 
     mesh = init_device_mesh("cpu", (2, 2))
     shapes = [(8, 6), (10, 4), (12,)]
@@ -816,19 +822,7 @@ def segmented_methods_on_a_2d_mesh(rank, world):
     assert_close(stats.total_norm, torch.nn.utils.get_total_norm(full))
     assert_close(stats.per_tensor_norms, torch.stack([g.norm() for g in full]))
     assert stats.num_zeros.item() == 0 and stats.num_nonfinite.item() == 0
-    weights = shared_grads(shapes, torch.float32, seed=78)
-    ref = params_with([g * 0.01 for g in full])
-    for q, w in zip(ref, weights):
-        q.data.copy_(w)
-    _torch_path([(q.detach(), q.grad) for q in ref], 0.02, 1e-3, 2.0)
-    params = []
-    for w, g, pl in zip(weights, full, placements):
-        q = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
-        q.grad = distribute_tensor(g * 0.01, mesh, pl)
-        params.append(q)
-    fastclip.adaptive_clip_grad_(params, 0.02)
-    for q, r in zip(params, ref):
-        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-9)
+    _check_dtensor_agc(mesh, shared_grads(shapes, torch.float32, seed=78), [g * 0.01 for g in full], placements)
 
 
 # ---------------------------------------------------------------- driver

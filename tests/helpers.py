@@ -221,3 +221,18 @@ def count_calls(monkeypatch, obj, *methods) -> dict:
 
         monkeypatch.setattr(obj, method, counted)
     return counts
+
+
+def assert_no_host_sync(calls) -> None:
+    """Each call once to warm up (compile, tables), then all of them again
+    under torch.cuda.set_sync_debug_mode("error"): none may wait for the device."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

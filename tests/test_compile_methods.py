@@ -9,34 +9,13 @@ import inspect
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
-
 import fastclip
 from fastclip import _ops
 
 from .helpers import FUSED, assert_bitwise_equal, clone_params, interpreted
 from .method_refs import random_params
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _compiled(fn, backend="aot_eager"):
-    counter = CompileCounterWithBackend(backend)
-    return torch.compile(fn, backend=counter, fullgraph=True), counter
-
-
-def _ops_in(counter) -> list[str]:
-    return [
-        str(node.target)
-        for graph in counter.graphs
-        for node in graph.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("fastclip.")
-    ]
+from .test_compile import _compiled, _fresh_dynamo  # noqa: F401 - the autouse fixture too
+from .test_compile import _fastclip_ops as _ops_in
 
 
 def _params(backend):

@@ -10,7 +10,7 @@ import torch
 
 import fastclip
 
-from .helpers import assert_bitwise_equal
+from .helpers import assert_bitwise_equal, assert_no_host_sync
 from .method_refs import random_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -50,17 +50,7 @@ def _calls(params, backend):
 
 def test_no_host_device_sync(gpu_backend, seed):
     params = _on_cuda(random_params(SHAPES, [torch.float32, torch.bfloat16]))
-    calls = _calls(params, gpu_backend)
-    for call in calls:
-        call()  # compile and cache the tables first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for call in calls:
-            call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(_calls(params, gpu_backend))
 
 
 def test_cuda_graph_capture_and_replay(gpu_backend, seed):

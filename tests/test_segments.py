@@ -18,6 +18,7 @@ from fastclip._work import DTYPE_CODES, collect
 from fastclip.backends.base import SegmentCall
 
 from .helpers import assert_bitwise_equal, interpreted
+from .test_cpu_kernels import _mem_available_gib
 
 pytestmark = pytest.mark.skipif(ext.cpu is None, reason="fastclip._cpu is not built")
 cpu = ext.cpu
@@ -280,17 +281,6 @@ def test_cuda_segment_kernels_beyond_2_to_the_31(dtype, sliced, seed):
     coefs = torch.tensor([0.5], dtype=f64)
     m.segments(0, 0, "apply", table.data_ptr(), 1, 1, 1, 1, coefs=coefs.data_ptr())
     assert_bitwise_equal(tail, expected)
-
-
-def _mem_available_gib() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
 
 
 @pytest.mark.bigmem

@@ -215,7 +215,7 @@ def test_offsets_beyond_2_to_the_31_elements(dtype, seed):
     coef = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
     kernels.scale_kernel[(1,)](**shape, coef_ptr=coef)
     assert torch.equal(tail, expected)
-    bounds = {k + "_bits": triton_backend._bits32(v) for k, v in gpu_common.clamp_bounds(0.1).items()}
+    bounds = {k + "_bits": triton_backend._bits32(v) for k, v in gpu_common.clamp_bounds(-0.1, 0.1).items()}
     kernels.clamp_kernel[(1,)](**shape, **bounds,
                                lo64_bits=triton_backend._bits(-0.1), hi64_bits=triton_backend._bits(0.1))  # fmt: skip
     assert torch.equal(tail, expected.clamp_min(-0.1).clamp_max(0.1))

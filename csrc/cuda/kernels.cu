@@ -836,38 +836,36 @@ int clamp(int device, uintptr_t stream, const UnitColumns& c, int64_t units, con
                                 : clamp_with<kLargeRows>(plan, as_stream(stream), c, bounds);
 }
 
-int segment_reduce(int device, uintptr_t stream, const SegmentArgs& args) {
-  if (args.units == 0) return 0;
+namespace {
+
+// One launch of a segmented kernel over `items` (units or segments): at most
+// one block per item, at most the device's grid; 0 launches when there are none.
+int launch_segments(void (*kernel)(SegmentArgs), const char* what, int device, uintptr_t stream,
+                    const SegmentArgs& args, int64_t items) {
+  if (items == 0) return 0;
   const DeviceSetup& s = device_setup(device);
   DeviceGuard guard(device);
   SegmentArgs a = args;
   void* params[] = {&a};
-  launch(segment_reduce_kernel, static_cast<int>(std::min<int64_t>(a.units, s.segment_grid)), as_stream(stream),
-         "cudaLaunchKernelExC (segment_reduce_kernel)", params);
+  launch(kernel, static_cast<int>(std::min<int64_t>(items, s.segment_grid)), as_stream(stream), what, params);
   return 1;
+}
+
+}  // namespace
+
+int segment_reduce(int device, uintptr_t stream, const SegmentArgs& args) {
+  return launch_segments(segment_reduce_kernel, "cudaLaunchKernelExC (segment_reduce_kernel)", device, stream, args,
+                         args.units);
 }
 
 int segment_finish(int device, uintptr_t stream, const SegmentArgs& args) {
-  if (args.segments == 0) return 0;
-  const DeviceSetup& s = device_setup(device);
-  DeviceGuard guard(device);
-  SegmentArgs a = args;
-  void* params[] = {&a};
-  const int64_t blocks = (a.segments + kThreads - 1) / kThreads;
-  launch(segment_finish_kernel, static_cast<int>(std::min<int64_t>(blocks, s.segment_grid)), as_stream(stream),
-         "cudaLaunchKernelExC (segment_finish_kernel)", params);
-  return 1;
+  return launch_segments(segment_finish_kernel, "cudaLaunchKernelExC (segment_finish_kernel)", device, stream, args,
+                         (args.segments + kThreads - 1) / kThreads);
 }
 
 int segment_apply(int device, uintptr_t stream, const SegmentArgs& args) {
-  if (args.units == 0) return 0;
-  const DeviceSetup& s = device_setup(device);
-  DeviceGuard guard(device);
-  SegmentArgs a = args;
-  void* params[] = {&a};
-  launch(segment_apply_kernel, static_cast<int>(std::min<int64_t>(a.units, s.segment_grid)), as_stream(stream),
-         "cudaLaunchKernelExC (segment_apply_kernel)", params);
-  return 1;
+  return launch_segments(segment_apply_kernel, "cudaLaunchKernelExC (segment_apply_kernel)", device, stream, args,
+                         args.units);
 }
 
 }  // namespace fastclip::cuda

@@ -135,20 +135,7 @@ class CudaBackend(GpuBackend):
         self.last_launches += launches
         return total, False
 
-    def clamp(self, grads: GradList, clip_value: float) -> None:
-        self.last_launches = 0
-
-        def launch():
-            table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
-            if units:
-                self.last_launches = self._m.clamp(
-                    grads.device.index or 0, current_stream(grads.device), table, rows, units,
-                    **clamp_bounds(clip_value), lo64=-clip_value, hi64=clip_value,
-                )  # fmt: skip
-
-        self._clamp_around(grads, clip_value, launch)
-
-    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
+    def _clamp(self, grads: GradList, lo: float, hi: float) -> None:
         self.last_launches = 0
         table, rows, units, _aligned, _mask = grads.table.unit_table(self._m.unit_elems)
         if units:
@@ -156,9 +143,6 @@ class CudaBackend(GpuBackend):
                 grads.device.index or 0, current_stream(grads.device), table, rows, units,
                 **clamp_bounds(lo, hi), lo64=lo, hi64=hi,
             )  # fmt: skip
-        for i in grads.strided_indices():
-            grads.tensors[i].clamp_(lo, hi)
-        grads.mark_modified()
 
     # ------------------------------------------------------------ segmented primitives
 

@@ -18,8 +18,8 @@ class GpuBackend(FusedBackend):
     """What the GPU backends share.  `available` is asked on every "auto"
     call: the answer is remembered per value of availability_mode() (the
     interpreter or emulator setting).  A subclass provides _norm (total norm
-    and coefficient on the device, without touching the grads), _scale, and
-    the number of partials its norm kernel writes."""
+    and coefficient on the device, without touching the grads), _scale,
+    _clamp, and the number of partials its norm kernel writes."""
 
     _available_in = object()  # no answer yet
     _available = False
@@ -73,16 +73,20 @@ class GpuBackend(FusedBackend):
                 torch_scale(grads.tensors[i], coef)
         grads.mark_modified()
 
-    @staticmethod
-    def _clamp_around(grads: GradList, clip_value: float, launch) -> None:
-        """clip_grad_value_: `launch()` runs the clamp kernel over the dense
-        grads, torch ops clamp the views; a NaN clip_value is torch's."""
-        if clamp_to_nan(grads, clip_value):
-            return
-        launch()
+    def clamp(self, grads: GradList, clip_value: float) -> None:
+        """clip_grad_value_: clamp_range(-clip_value, clip_value); a NaN clip_value is torch's."""
+        if not clamp_to_nan(grads, clip_value):
+            self.clamp_range(grads, -clip_value, clip_value)
+
+    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
+        """The clamp kernel over the dense grads; torch ops clamp the views alike."""
+        self._clamp(grads, lo, hi)
         for i in grads.strided_indices():
-            grads.tensors[i].clamp_min_(-clip_value).clamp_max_(clip_value)
+            grads.tensors[i].clamp_(lo, hi)
         grads.mark_modified()
+
+    def _clamp(self, grads: GradList, lo: float, hi: float) -> None:
+        raise NotImplementedError
 
     def _norm(self, grads: GradList, kind: int, max_norm: float):
         raise NotImplementedError
@@ -231,11 +235,9 @@ def clamp_to_nan(grads: GradList, clip_value: float) -> bool:
     return True
 
 
-def clamp_bounds(clip_value: float, hi: float | None = None) -> dict:
-    """The bounds (-clip_value, clip_value), or (clip_value, hi) when hi is
-    given, as torch converts them to each 16/32-bit grad dtype (as the CPU
-    kernels do): lo32, hi32, lo16, hi16, lo_bf16, hi_bf16."""
-    lo, hi = (-clip_value, clip_value) if hi is None else (clip_value, hi)
+def clamp_bounds(lo: float, hi: float) -> dict:
+    """The bounds (lo, hi) as torch converts them to each 16/32-bit grad
+    dtype (as the CPU kernels do): lo32, hi32, lo16, hi16, lo_bf16, hi_bf16."""
     bounds = {}
     for dtype, name in ((torch.float32, "32"), (torch.float16, "16"), (torch.bfloat16, "_bf16")):
         bounds["lo" + name] = _ext.round_to_dtype(lo, DTYPE_CODES[dtype])  # exact in float32

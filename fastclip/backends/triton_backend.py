@@ -145,32 +145,14 @@ class TritonBackend(GpuBackend):
         self._scale(grads, coef)
         return total, False
 
-    def clamp(self, grads: GradList, clip_value: float) -> None:
-        def launch():
-            plan = self._plan(grads)
-            if plan.units:
-                self._launch(
-                    self._k().clamp_kernel, grads, plan,
-                    **{f"{k}_bits": _bits32(v) for k, v in clamp_bounds(clip_value).items()},
-                    lo64_bits=_bits(-clip_value), hi64_bits=_bits(clip_value),
-                )  # fmt: skip
-
-        self._clamp_around(grads, clip_value, launch)
-
-    def clamp_range(self, grads: GradList, lo: float, hi: float) -> None:
-        def launch():
-            plan = self._plan(grads)
-            if plan.units:
-                self._launch(
-                    self._k().clamp_kernel, grads, plan,
-                    **{f"{k}_bits": _bits32(v) for k, v in clamp_bounds(lo, hi).items()},
-                    lo64_bits=_bits(lo), hi64_bits=_bits(hi),
-                )  # fmt: skip
-
-        launch()
-        for i in grads.strided_indices():
-            grads.tensors[i].clamp_(lo, hi)
-        grads.mark_modified()
+    def _clamp(self, grads: GradList, lo: float, hi: float) -> None:
+        plan = self._plan(grads)
+        if plan.units:
+            self._launch(
+                self._k().clamp_kernel, grads, plan,
+                **{f"{k}_bits": _bits32(v) for k, v in clamp_bounds(lo, hi).items()},
+                lo64_bits=_bits(lo), hi64_bits=_bits(hi),
+            )  # fmt: skip
 
     # ------------------------------------------------------------ segmented primitives
 

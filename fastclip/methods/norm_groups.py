@@ -39,12 +39,7 @@ def clip_grad_norm_groups_(
     members = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
-    grads, group_of = [], []
-    for k, params in enumerate(members):
-        for p in params:
-            if p.grad is not None:
-                grads.append(p.grad)
-                group_of.append(k)
+    grads, group_of = _grads_by_group(members)
     dtype = seg.norms_dtype(grads)
     if process_group is not None or _distributed.has_dtensor(grads):
         _sharded.check_norm_type(norm_type, grads, process_group)
@@ -70,6 +65,17 @@ def clip_grad_norm_groups_(
         nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
     )  # fmt: skip
     return out.norms
+
+
+def _grads_by_group(members) -> tuple[list, list]:
+    """(the grads of all groups in order, each grad's group)."""
+    grads, group_of = [], []
+    for k, params in enumerate(members):
+        for p in params:
+            if p.grad is not None:
+                grads.append(p.grad)
+                group_of.append(k)
+    return grads, group_of
 
 
 def _groups(groups) -> list[list]:
@@ -123,12 +129,7 @@ def _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_gr
     members = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
-    grads, group_of = [], []
-    for k, params in enumerate(members):
-        for p in params:
-            if p.grad is not None:
-                grads.append(p.grad)
-                group_of.append(k)
+    grads, group_of = _grads_by_group(members)
     if not _ops.plain(grads) or norm_type not in FUSED_NORM_KINDS:  # torch's path, traced
         return _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite,
                            seg.norms_dtype(grads))  # fmt: skip
