@@ -12,6 +12,7 @@ from ._errors import BackendError
 from ._patch import is_patched, patch, patched, unpatch
 from .methods import (
     GradStats,
+    ZClip,
     adaptive_clip_grad_,
     clip_grad_norm_groups_,
     clip_grad_norm_per_tensor_,
@@ -25,6 +26,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendError",
     "GradStats",
+    "ZClip",
     "adaptive_clip_grad_",
     "available_backends",
     "backend_info",

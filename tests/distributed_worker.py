@@ -874,3 +874,47 @@ if __name__ == "__main__":  # python -m tests.distributed_worker WORLD: run them
                 outcomes = json.load(f)
             for name, outcome in outcomes.items():
                 print(r, name, "ok" if outcome == "ok" else "\n" + outcome)
+
+
+def _zclip_sequence(step, shapes):
+    """Step `step`'s whole grads, the same on every rank; a spike at steps 6 and 11."""
+    scale = 40.0 if step in (6, 11) else 1.0
+    return [g * scale for g in shared_grads(shapes, torch.float32, seed=80 + step)]
+
+
+@scenario(2)
+def zclip_over_a_process_group_and_on_dtensors(rank, world):
+    """ZClip on shards (rows of every grad over process_group=, or DTensors)
+    keeps the statistics of ZClip on the whole grads, on every rank."""
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    shapes = [(9, 40), (7,), (6, 8, 3), (1, 30)]
+    mesh = init_device_mesh("cpu", (world,))
+    placements = [[Shard(0)], [Replicate()], [Shard(1)], [Shard(0)]]
+    for backend in backends():
+        settings = {"warmup_steps": 3, "max_grad_norm": None}  # only spikes clip
+        whole = fastclip.ZClip(**settings, backend="torch")
+        ours = fastclip.ZClip(**settings, backend=backend, process_group=dist.group.WORLD)
+        ours_dt = fastclip.ZClip(**settings, backend=backend)
+        clipped = []
+        for step in range(14):
+            full = _zclip_sequence(step, shapes)
+            ref = params_with(full)
+            want = whole.step(ref)
+            clipped.append(bool(whole.last_clipped))
+            mine = params_with(_rows(full, rank, world))
+            assert_close(ours.step(mine), want)
+            for q, r in zip(mine, _rows([x.grad for x in ref], rank, world)):
+                assert_close(q.grad, r)
+            dts = _dtensor_params(mesh, full, placements)
+            got = ours_dt.step(dts)
+            assert type(got) is torch.Tensor  # the statistics are plain tensors on every rank
+            assert_close(got, want)
+            for q, r in zip(dts, ref):
+                assert_close(q.grad.full_tensor(), r.grad)
+        assert [i for i, c in enumerate(clipped) if c] == [6, 11]
+        for stat in ("mean", "var"):  # float64 statistics of float32 norms: their rounding
+            for clip in (ours, ours_dt):
+                torch.testing.assert_close(getattr(clip, stat), getattr(whole, stat), rtol=1e-5, atol=0)

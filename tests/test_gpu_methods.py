@@ -118,3 +118,58 @@ def test_every_method_against_the_cpu_backend(gpu_backend, seed):
     fastclip.adaptive_clip_grad_(gpu_params, 0.02, backend=gpu_backend)
     for p, q in zip(cpu_params, gpu_params):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- stateful clippers
+
+
+def _fresh_grads(static, scale):
+    for g in static:
+        g.copy_(torch.randn_like(g) * scale)
+
+
+def test_zclip_never_waits_for_the_device(gpu_backend, seed):
+    """Warm-up, the step that sets mean and variance, and the steps after: no host sync."""
+    params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32, torch.bfloat16]))
+    fastclip.ZClip(warmup_steps=1, backend=gpu_backend).step(params)  # compile the kernels first
+    clip = fastclip.ZClip(warmup_steps=3, backend=gpu_backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(8):
+            _fresh_grads([p.grad for p in params], 30.0 if step == 6 else 1.0)
+            clip.step(params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(clip.last_clipped) is True  # the spike and max_grad_norm clipped
+
+
+def test_zclip_step_in_a_cuda_graph(gpu_backend, seed):
+    """A captured ZClip step replays like eager steps of a twin ZClip, statistics included."""
+    params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32], scale=0.05))
+    static = [p.grad for p in params]
+    twin_params = _on_cuda([_cpu_param(p, p.grad) for p in params])
+    clip, twin = (fastclip.ZClip(warmup_steps=2, max_grad_norm=None, backend=gpu_backend) for _ in range(2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up and initialization, eagerly
+            clip.step(params)
+            twin.step(twin_params)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = clip.step(params)  # recorded, not run: the statistics are those of the eager steps
+    for step in range(4):
+        fresh = [torch.randn_like(g) * (0.05 if step != 2 else 5.0) for g in static]
+        for g, q, f in zip(static, twin_params, fresh):
+            g.copy_(f)
+            q.grad.copy_(f)
+        graph.replay()
+        want = twin.step(twin_params)
+        torch.cuda.synchronize()
+        assert_bitwise_equal(captured, want)
+        assert_bitwise_equal(clip.mean, twin.mean)
+        assert_bitwise_equal(clip.var, twin.var)
+        for g, q in zip(static, twin_params):
+            assert_bitwise_equal(g, q.grad)

@@ -6,9 +6,11 @@ from .norm_groups import clip_grad_norm_groups_
 from .per_tensor import clip_grad_norm_per_tensor_
 from .stats import GradStats, grad_stats
 from .value_range import clip_grad_range_
+from .zclip import ZClip
 
 __all__ = [
     "GradStats",
+    "ZClip",
     "adaptive_clip_grad_",
     "clip_grad_norm_groups_",
     "clip_grad_norm_per_tensor_",

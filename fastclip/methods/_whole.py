@@ -1,0 +1,72 @@
+"""The grads of one step viewed as one vector: its 2-norm, then a scale by a
+coefficient that stays on the device.  What the stateful clippers (ZClip,
+QuantileClip's global mode) and the training-step functions share.
+
+Plain grads on one device go straight to a fused backend's norm and scale
+(one read; one read and write only where the coefficient is not exactly 1).
+DTensor grads and grads sharded over a `process_group` go through the public
+functions, which reduce over ranks; each rank then scales its own shards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _api, _distributed, _ops
+from .._work import as_list
+from ..backends.base import NORM_KINDS
+from . import _segmented as seg
+
+L2 = NORM_KINDS[2.0]
+
+
+class WholeNorm:
+    """One step's grads: norm(), clip(max_norm), scale(coef)."""
+
+    def __init__(self, grads: list, name: str, process_group=None):
+        self.grads = grads
+        self.name = name
+        self.process_group = process_group
+        sharded = process_group is not None or _distributed.has_dtensor(grads)
+        self.fused, self.work = (None, None) if sharded else seg.plan(name, grads)
+
+    @property
+    def device(self) -> torch.device:
+        if not self.grads:
+            return torch.device("cpu")
+        return _distributed.local_tensor(self.grads[0]).device
+
+    def norm(self) -> torch.Tensor:
+        """The total 2-norm, a plain 0-dim tensor (torch's dtype: the grads' promoted one)."""
+        if self.fused is not None:
+            return self.fused.norm(self.work, L2)
+        total = _api.get_total_norm(self.grads, 2.0, backend=self.name, process_group=self.process_group)
+        return _distributed.full_value(total)
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """torch's clip_grad_norm_(grads, max_norm); returns the norm before clipping."""
+        if self.fused is not None:
+            return self.fused.clip_norm(self.work, L2, float(max_norm), False)[0]
+        total = _api.clip_grad_norm_(
+            _ops.holders(self.grads), max_norm, backend=self.name, process_group=self.process_group
+        )
+        return _distributed.full_value(total)
+
+    def scale(self, coef: torch.Tensor) -> None:
+        """Every grad times the 0-dim `coef` (float32 for 16/32-bit grads, as
+        torch multiplies by a Python float); nothing written where it is exactly 1."""
+        if self.fused is not None and self.fused.scale(self.work, coef):
+            return
+        if self.grads:
+            _api._scale_grads(self.grads, coef, None, self.name)
+
+
+def params_of(model_or_parameters) -> list:
+    """A module's parameters, or the given iterable (or single tensor) as a list."""
+    if isinstance(model_or_parameters, torch.nn.Module):
+        return list(model_or_parameters.parameters())
+    return as_list(model_or_parameters)
+
+
+def grads_of(params: list) -> list:
+    return [p.grad for p in params if p.grad is not None]

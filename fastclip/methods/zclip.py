@@ -1,0 +1,227 @@
+"""ZClip (Kumar et al. 2025; package `zclip` 1.0.0) with its statistics on the device.
+
+zclip keeps an EMA of the total grad norm's mean and variance in Python
+floats and calls `.item()` every step.  Here the same float64 arithmetic,
+operation for operation, runs as tensor ops on the grads' device, so a step
+never waits for the device: the norm is one fused read, the coefficient is
+computed where the norm is, and the grads are scaled only where it is not 1
+(the fused scale reads the coefficient on the device).
+
+zclip's step, which this follows:
+  warm-up (the first `warmup_steps` steps, at least one): record the norm and
+    clip with torch's clip_grad_norm_(max_grad_norm) if that is set; the step
+    that fills the record sets mean and variance from it.
+  afterwards: std = sqrt(var), z = (norm - mean) / (std + eps);
+    zscore mode: a spike is z > z_thresh, clipped to
+      (mean + z_thresh * std / (z / z_thresh)) * clip_factor  (adaptive_scaling)
+      or mean                                                  ("mean");
+    percentile mode: a spike is norm > mean + z_thresh * std, clipped to that;
+    the limit is min(spike ? that : norm, max_grad_norm); grads are scaled by
+    limit / (norm + 1e-6) when norm > limit;
+    mean <- alpha mean + (1 - alpha) x, var <- alpha var + (1 - alpha) (x - mean)^2
+    with x the clipped value on a spike, else the norm (no update on a spike
+    with skip_update_on_spike).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import resolve_name
+from ._whole import WholeNorm, grads_of, params_of
+
+F64 = torch.float64
+_CONFIG = (
+    "alpha", "z_thresh", "max_grad_norm", "eps", "warmup_steps", "mode", "clip_option", "clip_factor",
+    "skip_update_on_spike",
+)  # fmt: skip
+
+
+class ZClip:
+    """Adaptive gradient clipping by z-score of the total grad norm, a drop-in
+    for ``zclip.ZClip`` (same arguments, defaults and results).
+
+    ``step(model_or_parameters)`` after ``backward()`` and before the optimizer
+    step clips the grads in place and returns the total norm before clipping
+    as a 0-dim tensor on the grads' device (zclip returns a float; ``float()``
+    of ours equals it within the rounding of the norm).  Nothing waits for the
+    device.  ``mean``, ``var``, ``last_norm``, ``last_coef``, ``last_clipped``
+    are device tensors; ``state_dict()``/``load_state_dict()`` resume exactly.
+    ``process_group=``/DTensor grads: the norm is that of the whole, as in
+    :func:`fastclip.clip_grad_norm_`, and every rank keeps the same statistics.
+    """
+
+    def __init__(
+        self,
+        alpha=0.97,
+        z_thresh=2.5,
+        max_grad_norm=1.0,
+        eps=1e-6,
+        warmup_steps=25,
+        mode="zscore",
+        clip_option="adaptive_scaling",
+        clip_factor=1.0,
+        skip_update_on_spike=False,
+        *,
+        backend=None,
+        process_group=None,
+    ):
+        self.alpha = alpha
+        self.z_thresh = z_thresh
+        self.max_grad_norm = max_grad_norm
+        self.eps = eps
+        self.warmup_steps = warmup_steps
+        self.mode = mode.lower()
+        self.clip_factor = clip_factor
+        self.skip_update_on_spike = skip_update_on_spike
+        if self.mode == "zscore":  # zclip's checks and messages
+            if clip_option not in ["mean", "adaptive_scaling"]:
+                raise AssertionError("For zscore mode, clip_option must be either 'mean' or 'adaptive_scaling'.")
+            self.clip_option = clip_option.lower()
+        elif self.mode == "percentile":
+            self.clip_option = None
+        else:
+            raise ValueError("mode must be either 'zscore' or 'percentile'.")
+        self.backend = backend
+        self.process_group = process_group
+        self._steps = 0  # norms recorded in warm-up (counted on the host: no sync)
+        self._record = None  # float64 [warm-up length]: the warm-up norms
+        self._mean = self._var = None  # float64 0-dim, once initialized
+        self.last_norm = self.last_coef = self.last_clipped = None
+
+    # ------------------------------------------------------------ zclip's attributes
+
+    @property
+    def initialized(self) -> bool:
+        return self._mean is not None
+
+    @property
+    def mean(self):
+        """The EMA of the norm (float64 0-dim tensor), None during warm-up."""
+        return self._mean
+
+    @property
+    def var(self):
+        """The EMA of the norm's variance (float64 0-dim tensor), None during warm-up."""
+        return self._var
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The norms recorded so far in warm-up (float64 1-D tensor; empty after)."""
+        if self._record is None or self.initialized:
+            return torch.empty(0, dtype=F64)
+        return self._record[: self._steps]
+
+    # ------------------------------------------------------------ the step
+
+    def step(self, model_or_parameters) -> torch.Tensor:
+        """Clip the grads in place; returns their total norm before clipping."""
+        grads = grads_of(params_of(model_or_parameters))
+        whole = WholeNorm(grads, resolve_name(self.backend), self.process_group)
+        if not self.initialized:
+            return self._warm_up(whole)
+        total = whole.norm()
+        norm = total.to(F64)
+        if self._mean.device != norm.device:  # loaded elsewhere: follow the grads
+            self._mean, self._var = self._mean.to(norm.device), self._var.to(norm.device)
+        threshold, spike = self._threshold(norm)
+        limit = torch.where(spike, threshold, norm)
+        if self.max_grad_norm is not None:  # Python's min(limit, max_grad_norm)
+            limit = torch.where(limit > self.max_grad_norm, torch.full_like(limit, self.max_grad_norm), limit)
+        clipped = norm > limit
+        coef = torch.where(clipped, limit / (norm + 1e-6), torch.ones_like(norm))
+        whole.scale(coef)
+        self._update(torch.where(spike, threshold, norm), spike)
+        self.last_norm, self.last_coef, self.last_clipped = total, coef, clipped
+        return total
+
+    def _threshold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the clipping value where the norm is a spike, whether it is)."""
+        mean, std = self._mean, torch.sqrt(self._var)
+        if self.mode == "percentile":
+            threshold = mean + self.z_thresh * std
+            return threshold, norm > threshold
+        z = (norm - mean) / (std + self.eps)
+        if self.clip_option == "adaptive_scaling":
+            eta = z / self.z_thresh  # a larger outlier gets a lower threshold
+            threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
+        else:
+            threshold = mean
+        return threshold, z > self.z_thresh
+
+    def _update(self, x: torch.Tensor, spike: torch.Tensor) -> None:
+        """The EMA step (the variance with the updated mean), as zclip's _update_ema."""
+        mean = self.alpha * self._mean + (1 - self.alpha) * x
+        var = self.alpha * self._var + (1 - self.alpha) * ((x - mean) * (x - mean))
+        if self.skip_update_on_spike:
+            mean = torch.where(spike, self._mean, mean)
+            var = torch.where(spike, self._var, var)
+        self._mean.copy_(mean)  # in place: a captured CUDA graph keeps updating the same memory
+        self._var.copy_(var)
+
+    def _warm_up(self, whole: WholeNorm) -> torch.Tensor:
+        if self.max_grad_norm is not None:
+            total = whole.clip(self.max_grad_norm)
+        else:
+            total = whole.norm()
+        norm = total.to(F64)
+        length = max(int(self.warmup_steps), 1)  # zclip initializes once len(buffer) >= warmup_steps
+        if self._record is None or len(self._record) != length:
+            self._record = torch.zeros(length, dtype=F64, device=norm.device)
+        self._record = self._record.to(norm.device)  # loaded elsewhere: follow the grads
+        self._record[self._steps] = norm
+        self._steps += 1
+        if self._steps >= length:
+            self._initialize(self._record[: self._steps])
+        ones = torch.ones_like(norm)
+        coef = (
+            torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(F64) if self.max_grad_norm is not None else ones
+        )
+        self.last_norm, self.last_coef, self.last_clipped = total, coef, coef < 1.0
+        return total
+
+    def _initialize(self, norms: torch.Tensor) -> None:
+        """mean and var of the warm-up norms, summed left to right as Python's sum() does."""
+        n = len(norms)
+        total = norms[0].clone()
+        for i in range(1, n):
+            total = total + norms[i]
+        mean = total / n
+        squares = (norms - mean) * (norms - mean)
+        total = squares[0].clone()
+        for i in range(1, n):
+            total = total + squares[i]
+        self._mean, self._var = mean, total / n
+        self._steps = 0
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The settings and the statistics (tensors as they are: torch.save keeps every bit)."""
+        return {
+            **{k: getattr(self, k) for k in _CONFIG},
+            "steps": self._steps,
+            "buffer": None if self._record is None else self._record.clone(),
+            "mean": None if self._mean is None else self._mean.clone(),
+            "var": None if self._var is None else self._var.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue from a state_dict(): the next step gives the same bits as it
+        would have without the interruption."""
+        for k in _CONFIG:
+            setattr(self, k, state_dict[k])
+        self._steps = int(state_dict["steps"])
+        self._record, self._mean, self._var = (
+            None if state_dict[k] is None else state_dict[k].detach().to(F64).clone() for k in ("buffer", "mean", "var")
+        )
+        if self._mean is not None:  # statistics follow the grads' device at the next step
+            self._record = None
+
+    def stats(self) -> dict:
+        """The last step's total norm, coefficient (float64) and whether it clipped, as device tensors."""
+        return {"norm": self.last_norm, "coef": self.last_coef, "clipped": self.last_clipped}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _CONFIG)
+        return f"fastclip.ZClip({settings})"

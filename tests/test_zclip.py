@@ -1,0 +1,174 @@
+"""fastclip.ZClip against zclip.ZClip 1.0.0 (the package itself) on every backend.
+
+With zclip's norm replaced by fastclip's (and its warm-up clip_grad_norm_ by
+fastclip's), both see the same norms, so every grad, every returned norm and
+the mean and variance must agree bit for bit, step by step: the statistics
+are the same float64 arithmetic, run as tensor ops on the device.  Unpatched,
+they agree within the rounding of the norm (zclip sums per-parameter float32
+norms; fastclip's norm is fastclip's).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import assert_bitwise_equal, interpreted
+
+zclip = pytest.importorskip("zclip", reason="zclip is not installed (pip install zclip==1.0.0)")
+
+SETTINGS = [
+    {},
+    {"mode": "percentile"},
+    {"clip_option": "mean"},
+    {"skip_update_on_spike": True},
+    {"max_grad_norm": None, "warmup_steps": 3},
+    {"warmup_steps": 0, "clip_factor": 0.7, "alpha": 0.9},
+    {"mode": "percentile", "z_thresh": 1.0, "max_grad_norm": 5.0, "warmup_steps": 1},
+    {"clip_option": "mean", "skip_update_on_spike": True, "max_grad_norm": 0.5, "eps": 1e-3},
+]
+
+
+def shapes_for(backend):
+    if interpreted(backend):
+        return [(7, 5), (9,), (), (0, 3), (40,)]
+    return [(64, 33), (33,), (), (0, 3), (5, 1000), (3000,)]
+
+
+def make_pair(shapes, dtypes):
+    """Two modules with the same parameters."""
+    params = [torch.zeros(s, dtype=dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+    a = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in params])
+    b = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in params])
+    return a, b
+
+
+def set_grads(step, modules, seed, spike_every=11, inf_at=None):
+    """The same random grads on every module; every `spike_every`-th step 30x larger."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    scale = 30.0 if step % spike_every == spike_every - 1 else 1.0
+    params = list(modules[0].parameters())
+    for i, p in enumerate(params):
+        grad = (torch.randn(p.shape, dtype=torch.float64, generator=g) * 0.1 * scale).to(p.dtype).to(p.device)
+        if inf_at == step and i == 0 and grad.numel():
+            grad.view(-1)[0] = math.inf
+        for m in modules:
+            list(m.parameters())[i].grad = grad.clone()
+
+
+def patched_reference(monkeypatch, backend, **settings):
+    """zclip.ZClip whose norm and warm-up clip are fastclip's (same backend)."""
+    ref = zclip.ZClip(**settings)
+
+    def norm(model):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return float(fastclip.get_total_norm(grads, backend=backend)) if grads else 0.0
+
+    monkeypatch.setattr(ref, "_compute_grad_norm", norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", functools.partial(fastclip.clip_grad_norm_, backend=backend))
+    return ref
+
+
+def assert_same_state(ours, ref):
+    assert ours.initialized == ref.initialized
+    if ref.initialized:
+        assert float(ours.mean) == ref.mean or (math.isnan(ref.mean) and math.isnan(float(ours.mean)))
+        assert float(ours.var) == ref.var or (math.isnan(ref.var) and math.isnan(float(ours.var)))
+    else:
+        assert ours.buffer.tolist() == ref.buffer
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+def test_same_bits_as_zclip_step_by_step(backend, settings, seed, monkeypatch):
+    ref = patched_reference(monkeypatch, backend, **settings)
+    ours = fastclip.ZClip(**settings, backend=backend)
+    a, b = make_pair(shapes_for(backend), [torch.float32, torch.bfloat16, torch.float64])
+    for step in range(40 if not interpreted(backend) else 16):
+        set_grads(step, (a, b), seed, spike_every=7 if interpreted(backend) else 11, inf_at=30)
+        want = ref.step(a)
+        got = ours.step(b)
+        assert isinstance(got, torch.Tensor) and got.dim() == 0
+        assert float(got) == want or (math.isnan(want) and math.isnan(float(got)))
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(q.grad, p.grad)
+        assert_same_state(ours, ref)
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:4], ids=["defaults", "percentile", "mean", "skip"])
+def test_close_to_unpatched_zclip(fused, settings, seed):
+    """The real zclip, float32 grads: the norms differ in rounding only."""
+    if interpreted(fused):
+        pytest.skip("long sequence: native backends")
+    ref, ours = zclip.ZClip(**settings), fastclip.ZClip(**settings, backend=fused)
+    a, b = make_pair([(128, 64), (64,), (10, 300)], [torch.float32])
+    for step in range(60):
+        set_grads(step, (a, b), seed)
+        want, got = ref.step(a), ours.step(b)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+    assert float(ours.mean) == pytest.approx(ref.mean, rel=1e-5)
+    assert float(ours.var) == pytest.approx(ref.var, rel=1e-4)
+
+
+@pytest.mark.parametrize("stop_at", [2, 12], ids=["in-warm-up", "after"])
+def test_state_dict_resumes_bit_exactly(backend, stop_at, seed):
+    settings = {"warmup_steps": 5, "skip_update_on_spike": True}
+    whole, first = fastclip.ZClip(**settings, backend=backend), fastclip.ZClip(**settings, backend=backend)
+    a, b = make_pair(shapes_for(backend), [torch.float32])
+    for step in range(stop_at):
+        set_grads(step, (a, b), seed, spike_every=4)
+        whole.step(a), first.step(b)
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    resumed = fastclip.ZClip(backend=backend)  # other settings: the state dict brings them
+    resumed.load_state_dict(torch.load(saved))
+    assert resumed.warmup_steps == 5 and resumed.skip_update_on_spike
+    for step in range(stop_at, stop_at + 10):
+        set_grads(step, (a, b), seed, spike_every=4)
+        assert_bitwise_equal(resumed.step(b), whole.step(a))
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(q.grad, p.grad)
+    assert_bitwise_equal(resumed.mean, whole.mean)
+    assert_bitwise_equal(resumed.var, whole.var)
+
+
+def test_statistics_are_device_tensors(backend):
+    clip = fastclip.ZClip(warmup_steps=2, max_grad_norm=None, backend=backend)
+    p = torch.nn.Parameter(torch.zeros(10))
+    for step, scale in enumerate([1.0, 1.1, 1.0, 1000.0]):
+        p.grad = torch.full((10,), scale)
+        total = clip.step([p])
+        stats = clip.stats()
+        assert stats["norm"] is total and stats["coef"].dtype == torch.float64
+        assert stats["clipped"].dtype == torch.bool and stats["clipped"].device == total.device
+    assert bool(stats["clipped"]) and float(stats["coef"]) < 1e-2
+    assert float(p.grad.norm()) == pytest.approx(float(stats["coef"]) * float(total), rel=1e-6)
+
+
+def test_no_grads_gives_a_zero_norm(backend):
+    clip = fastclip.ZClip(warmup_steps=1, backend=backend)
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert float(clip.step([p])) == 0.0 == zclip.ZClip(warmup_steps=1).step(torch.nn.ParameterList([p]))
+
+
+def test_arguments_checked_like_zclip():
+    for kwargs in ({"mode": "other"}, {"clip_option": "max"}, {"mode": "ZSCORE", "clip_option": "Mean"}):
+        theirs = ours = None
+        try:
+            zclip.ZClip(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the reference's own exception type
+            theirs = e
+        try:
+            fastclip.ZClip(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            ours = e
+        assert type(ours) is type(theirs) and str(ours) == str(theirs)
+    assert fastclip.ZClip(mode="Percentile", clip_option="ignored").clip_option is None
