@@ -12,6 +12,7 @@ from ._errors import BackendError
 from ._patch import is_patched, patch, patched, unpatch
 from .methods import (
     GradStats,
+    QuantileClip,
     ZClip,
     adaptive_clip_grad_,
     clip_grad_norm_groups_,
@@ -26,6 +27,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendError",
     "GradStats",
+    "QuantileClip",
     "ZClip",
     "adaptive_clip_grad_",
     "available_backends",

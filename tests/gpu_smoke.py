@@ -113,6 +113,19 @@ def check_methods(backend: str, gen) -> list[str]:
         fastclip.adaptive_clip_grad_(ours, 0.005, backend=backend)
         timm_agc([(b.detach(), b.grad) for b in ref], 0.005, 1e-3, 2.0)
         results["agc"] = all(torch.allclose(a.grad.double(), b.grad.double(), **tol) for a, b in zip(ours, ref))
+        results["zclip"] = results["quantile_clip"] = True
+        zc = fastclip.ZClip(warmup_steps=2, backend=backend)
+        qc, qref = fastclip.QuantileClip(ours := _params(grads), history_length=3, backend=backend), _params(grads)
+        for step in range(4):  # warm-up, initialization, two steps after; histories fill
+            scale = 50.0 if step == 3 else 1.0
+            for a, b, g in zip(ours, qref, grads):
+                a.grad, b.grad = g * scale, g * scale
+            total = zc.step(ours)  # ZClip, then QuantileClip on what it left
+            want = torch.nn.utils.get_total_norm([b.grad for b in qref])
+            results["zclip"] &= abs(total.double().item() - want.double().item()) <= 2e-2 * want.double().item()
+            qc.step()
+        results["zclip"] &= bool(zc.initialized and torch.isfinite(zc.mean).item())
+        results["quantile_clip"] = bool(torch.isfinite(qc.last_thresholds).all().item())
         for name, ok in results.items():
             print(f"{backend:6} {str(dtype):15} {name}: {'ok' if ok else 'WRONG'}")
             if not ok:

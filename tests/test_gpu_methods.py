@@ -173,3 +173,23 @@ def test_zclip_step_in_a_cuda_graph(gpu_backend, seed):
         assert_bitwise_equal(clip.var, twin.var)
         for g, q in zip(static, twin_params):
             assert_bitwise_equal(g, q.grad)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_quantile_clip_never_waits_for_the_device(gpu_backend, global_threshold, seed):
+    """Empty histories, filling, wrapped rings, a parameter without a grad: no host sync."""
+    params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32, torch.float64]))
+    fastclip.QuantileClip(params, backend=gpu_backend).step()  # compile the kernels first
+    clip = fastclip.QuantileClip(params, history_length=4, global_threshold=global_threshold, backend=gpu_backend)
+    grads = [p.grad for p in params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(7):
+            for p, g in zip(params, grads):
+                p.grad = None if step == 2 and p is params[1] else g
+            _fresh_grads(grads, 30.0 if step == 5 else 1.0)
+            clip.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(clip.last_thresholds).all()

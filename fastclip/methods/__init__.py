@@ -4,12 +4,14 @@ the same segmented primitives (fastclip/methods/_segmented.py)."""
 from .agc import adaptive_clip_grad_
 from .norm_groups import clip_grad_norm_groups_
 from .per_tensor import clip_grad_norm_per_tensor_
+from .quantile_clip import QuantileClip
 from .stats import GradStats, grad_stats
 from .value_range import clip_grad_range_
 from .zclip import ZClip
 
 __all__ = [
     "GradStats",
+    "QuantileClip",
     "ZClip",
     "adaptive_clip_grad_",
     "clip_grad_norm_groups_",

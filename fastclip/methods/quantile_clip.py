@@ -1,0 +1,413 @@
+"""QuantileClip (AutoClip, Seetharaman et al. 2020; package `autoclip` 0.2.1)
+with its histories on the device and all parameters clipped in one pass.
+
+autoclip loops over the parameters in Python: for each, torch.quantile of
+its history of norms, then torch.nn.utils.clip_grad_norm_(param, threshold),
+then the norm appended to the history (the last `history_length` kept).  An
+empty history gives threshold inf, which clips nothing.  Here:
+  - every history is a row of a ring buffer on the device (one buffer per
+    parameter group and history dtype: float32, float64 for float64 grads);
+  - the quantiles of all rows are computed together (one sort per buffer;
+    torch.quantile's linear interpolation, op for op, so the same bits);
+  - clip_grad_norm_per_tensor_ with those thresholds: one fused read gives
+    every norm, the coefficients are torch's clamp(max_norm / (norm + 1e-6),
+    max=1) (torch takes float(max_norm), a host sync autoclip pays per
+    parameter), one fused pass scales the parameters that clip;
+  - the norms are written into the rings.
+No step waits for the device.  With global_threshold=True, one history of
+the total norm and one threshold for all parameters (autoclip's global mode).
+
+The state dict has autoclip's layout (`state`: per parameter id a
+chronological `history`, or `global_history`; `param_groups`), so either
+package can load the other's.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
+
+import torch
+
+from .._dispatch import resolve_name
+from ._whole import WholeNorm
+from .per_tensor import clip_grad_norm_per_tensor_
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _history_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """autoclip's history starts float32 and hstack promotes: float64 only for float64 norms."""
+    return F64 if grad_dtype == F64 else F32
+
+
+def _to_device(values: list, dtype, device) -> torch.Tensor:
+    """A small host list as a device tensor, without waiting for the device."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(row, q) of every row of `rows` [R, n] (n >= 1), the same
+    bits: sort, rank q*(n-1) in the rows' dtype, torch.lerp between the
+    neighbours; a row holding a NaN gives NaN."""
+    n = rows.shape[1]
+    ordered = torch.sort(rows, dim=1).values
+    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # on the host, as torch rounds it
+    below, above = int(torch.floor(rank)), int(torch.ceil(rank))
+    weight = torch.full((rows.shape[0],), float(rank - below), dtype=rows.dtype, device=rows.device)
+    value = torch.lerp(ordered[:, below], ordered[:, above], weight)
+    last = ordered[:, n - 1]  # NaNs sort last
+    return torch.where(torch.isnan(last), last, value)
+
+
+class _Rings:
+    """The histories of some parameters: row r of a [rows, length] ring buffer
+    on the device, with its count of recorded norms kept on the host."""
+
+    def __init__(self, length: int, dtype: torch.dtype, device: torch.device):
+        self.length, self.dtype = length, dtype
+        self.buffer = torch.zeros(0, length, dtype=dtype, device=device)
+        self.counts: list[int] = []
+
+    def add_row(self) -> int:
+        self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(1, self.length)])
+        self.counts.append(0)
+        return len(self.counts) - 1
+
+    def thresholds(self, rows: list[int], q: float) -> torch.Tensor:
+        """Per row in `rows`, the quantile of its history (inf if empty)."""
+        out = torch.full((len(rows),), math.inf, dtype=self.dtype, device=self.buffer.device)
+        by_count: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            n = min(self.counts[r], self.length)
+            if n:
+                by_count.setdefault(n, []).append(i)
+        for n, positions in by_count.items():
+            if len(positions) == len(rows) and rows == list(range(len(self.counts))):
+                return quantiles(self.buffer[:, :n], q)  # the usual case: every row, the same count
+            picked = [rows[i] for i in positions]
+            values = quantiles(self.buffer[_to_device(picked, torch.long, self.buffer.device), :n], q)
+            out[_to_device(positions, torch.long, out.device)] = values
+        return out
+
+    def record(self, rows: list[int], values: torch.Tensor) -> None:
+        """Append values[i] to row rows[i]'s history (the oldest is overwritten when full)."""
+        columns = [self.counts[r] % self.length for r in rows]
+        if rows == list(range(len(self.counts))) and len(set(columns)) == 1:
+            self.buffer[:, columns[0]] = values
+        else:
+            device = self.buffer.device
+            self.buffer[_to_device(rows, torch.long, device), _to_device(columns, torch.long, device)] = values
+        for r in rows:
+            self.counts[r] += 1
+
+    def history(self, row: int) -> torch.Tensor:
+        """Row `row`'s norms, oldest first (what autoclip's history holds)."""
+        n = self.counts[row]
+        if n <= self.length:
+            return self.buffer[row, :n].clone()
+        start = n % self.length
+        return torch.cat([self.buffer[row, start:], self.buffer[row, :start]])
+
+    def load(self, row: int, history: torch.Tensor) -> None:
+        history = history.detach().reshape(-1)[-self.length :].to(device=self.buffer.device, dtype=self.dtype)
+        self.buffer[row, : len(history)] = history
+        self.counts[row] = len(history)
+
+    def to(self, device) -> None:
+        self.buffer = self.buffer.to(device)
+
+
+class QuantileClip:
+    """AutoClip: clip each parameter's grad norm to a quantile of its own
+    history of norms (``global_threshold=True``: the total norm to a quantile
+    of its history).  A drop-in for ``autoclip.torch.QuantileClip``: same
+    arguments, parameter groups, errors, state dict, and grads step by step
+    (fp16/bf16 grads: their norms are float32 here, autoclip rounds them to
+    the grads' dtype).  Everything stays on the device; ``last_norms``
+    and ``last_thresholds`` hold the last step's values.
+    """
+
+    def __init__(self, parameters, quantile=0.9, history_length=1000, global_threshold=False, *, backend=None):
+        self.global_threshold = global_threshold
+        self.global_quantile = quantile if global_threshold else None
+        self.global_history_length = history_length if global_threshold else None
+        self.backend = backend
+        self.defaults = {"quantile": quantile, "history_length": history_length}
+        self.verify_parameter_settings(self.defaults)
+        self.parameter_groups: list[dict] = []
+        self._rings: dict = {}  # (group index, history dtype) -> _Rings
+        self._row: dict = {}  # parameter -> (rings key, row)
+        self._global: _Rings | None = None
+        self._pending: dict = {}  # parameter -> loaded history, for parameters not yet seen with a grad
+        self.last_norms = self.last_thresholds = None
+        if not isinstance(parameters, (Iterator, Iterable)):
+            raise TypeError(
+                "parameters argument given to the clipper should be an iterable of Tensors or dicts, but instead got "
+                + torch.typename(parameters)
+            )
+        groups = list(parameters)
+        if len(groups) == 0:
+            raise ValueError(f"Clipper {type(self).__name__} got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # ------------------------------------------------------------ autoclip's checks
+
+    def verify_parameter_settings(self, settings: dict) -> None:
+        quantile, history_length = settings["quantile"], settings["history_length"]
+        if not isinstance(quantile, (float, torch.Tensor)):
+            raise TypeError("QuantileClip quantile value must be a float or a tensor.")
+        if not isinstance(history_length, int):
+            raise TypeError("QuantileClip history_length must be an int.")
+        if quantile < 0.0 or quantile > 1.0:
+            raise ValueError("QuantileClip quantile value must be between 0.0 and 1.0.")
+        if history_length <= 0:
+            raise ValueError("QuantileClip history length must be greater than zero.")
+
+    def add_param_group(self, parameter_group, quantile=None, history_length=None) -> None:
+        """A parameter group with its own quantile and history length (as in autoclip)."""
+        if not isinstance(parameter_group, Mapping):
+            parameter_group = {"params": parameter_group}
+        params = parameter_group["params"]
+        if isinstance(params, torch.Tensor):
+            parameter_group["params"] = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "Clipping parameters must be ordered collections. The ordering of tensors in sets will change "
+                "between runs.Please use a list instead."
+            )
+        else:
+            parameter_group["params"] = list(params)
+        for p in parameter_group["params"]:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"Clipper {type(self).__name__} can only clip Tensors, but one of the params is {torch.typename(p)}"
+                )
+            if not p.is_leaf:
+                raise ValueError(
+                    "Gradients to clip will only accumulate on leaf Tensors. "
+                    f"{type(self).__name__} recieved non-leaf Tensor."
+                )
+        for name, default in self.defaults.items():
+            parameter_group.setdefault(name, default)
+        if quantile is not None:
+            parameter_group["quantile"] = quantile
+        if history_length is not None:
+            parameter_group["history_length"] = history_length
+        self.verify_parameter_settings(parameter_group)
+        params = parameter_group["params"]
+        if len(params) != len(set(params)):
+            raise ValueError("Clipper contains a parameter group with duplicate parameters.")
+        seen = set(chain.from_iterable(g["params"] for g in self.parameter_groups))
+        if not seen.isdisjoint(set(params)):
+            raise ValueError("Some clipping parameters appear in more than one parameter group")
+        self.parameter_groups.append(parameter_group)
+
+    # ------------------------------------------------------------ the step
+
+    def step(self) -> None:
+        """Clip the grads in place (call after backward, before the optimizer step)."""
+        if self.global_threshold:
+            self._clip_global()
+        else:
+            self._clip_local()
+
+    def _entries(self) -> list:
+        """(parameter, rings, row) for every parameter with a grad, in group order."""
+        entries = []
+        for gi, group in enumerate(self.parameter_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                place = self._row.get(p)
+                if place is None:
+                    key = (gi, _history_dtype(p.grad.dtype))
+                    rings = self._rings.get(key)
+                    if rings is None:
+                        rings = self._rings[key] = _Rings(int(group["history_length"]), key[1], p.grad.device)
+                    place = self._row[p] = (key, rings.add_row())
+                    if p in self._pending:
+                        rings.load(place[1], self._pending.pop(p))
+                entries.append((p, self._rings[place[0]], place[1]))
+        return entries
+
+    def _clip_local(self) -> None:
+        entries = self._entries()
+        if not entries:
+            return
+        params = [p for p, _, _ in entries]
+        device = params[0].grad.device
+        per_rings: dict = {}  # id(rings) -> (rings, group index, [positions], [rows])
+        for i, (_p, rings, row) in enumerate(entries):
+            item = per_rings.setdefault(id(rings), (rings, self._group_of(rings), [], []))
+            item[2].append(i)
+            item[3].append(row)
+        thresholds = self._gather_thresholds(per_rings, len(params), device)
+        # torch's clip_grad_norm_(p, max_norm=threshold) for every p at once: the
+        # per-tensor method's coefficient is that one (float(max_norm), reciprocal, multiply)
+        norms = clip_grad_norm_per_tensor_(params, thresholds, backend=self.backend)
+        for rings, _g, positions, rows in per_rings.values():
+            rings.record(rows, norms[_index(positions, device)].to(rings.dtype))
+        self.last_norms, self.last_thresholds = norms, thresholds
+
+    def _group_of(self, rings: _Rings) -> int:
+        return next(key[0] for key, r in self._rings.items() if r is rings)
+
+    def _gather_thresholds(self, per_rings: dict, count: int, device) -> torch.Tensor:
+        """Every grad's threshold (float64 [count], in the grads' order)."""
+        if len(per_rings) == 1:
+            rings, gi, positions, rows = next(iter(per_rings.values()))
+            return rings.thresholds(rows, float(self.parameter_groups[gi]["quantile"])).to(F64)
+        out = torch.empty(count, dtype=F64, device=device)
+        for rings, gi, positions, rows in per_rings.values():
+            out[_to_device(positions, torch.long, device)] = rings.thresholds(
+                rows, float(self.parameter_groups[gi]["quantile"])
+            ).to(F64)
+        return out
+
+    def _clip_global(self) -> None:
+        params = list(chain.from_iterable(g["params"] for g in self.parameter_groups))
+        grads = [p.grad for p in params if p.grad is not None]
+        whole = WholeNorm(grads, resolve_name(self.backend))
+        total = whole.norm()
+        if self._global is None:
+            self._global = _Rings(int(self.global_history_length), _history_dtype(total.dtype), total.device)
+            self._global.add_row()
+            if "global_history" in self._pending:
+                self._global.load(0, self._pending.pop("global_history"))
+        rings = self._global
+        if rings.buffer.device != total.device:
+            rings.to(total.device)
+        threshold = rings.thresholds([0], float(self.global_quantile))[0]
+        # torch's clip_grad_norm_(max_norm=threshold): float(threshold), then reciprocal and multiply
+        coef = torch.clamp((total + 1e-6).reciprocal() * threshold.to(total.dtype), max=1.0)
+        whole.scale(coef)
+        rings.record([0], total.to(rings.dtype).reshape(1))
+        self.last_norms, self.last_thresholds = total, threshold
+
+    # ------------------------------------------------------------ autoclip's state dict
+
+    def state_dict(self) -> dict:
+        groups = []
+        for group in self.parameter_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [id(p) for p in group["params"]]
+            groups.append(packed)
+        state: dict = {}
+        if self.global_threshold:
+            if self._global is not None:
+                state["global_history"] = self._global.history(0)
+            elif "global_history" in self._pending:
+                state["global_history"] = self._pending["global_history"]
+        else:
+            for group in self.parameter_groups:
+                for p in group["params"]:
+                    if p in self._row:
+                        key, row = self._row[p]
+                        state[id(p)] = {"history": self._rings[key].history(row)}
+                    elif p in self._pending:
+                        state[id(p)] = {"history": self._pending[p]}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of autoclip's QuantileClip."""
+        loaded = copy.deepcopy(state_dict)
+        saved_groups = loaded["param_groups"]
+        if len(self.parameter_groups) != len(saved_groups):
+            raise ValueError(
+                f"Loaded state dict has {len(saved_groups)} parameter groups, Clipper {type(self).__name__} has "
+                f"{len(self.parameter_groups)} parameter groups"
+            )
+        if any(len(a["params"]) != len(b["params"]) for a, b in zip(self.parameter_groups, saved_groups)):
+            raise ValueError(
+                "Loaded state dict contains a parameter group that doesn't match the size of Clipper "
+                f"{type(self).__name__}'s group"
+            )
+        by_id = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.parameter_groups),
+            )
+        )
+        for local, saved in zip(self.parameter_groups, saved_groups):
+            saved["params"] = local["params"]
+        self.parameter_groups = saved_groups
+        self._rings, self._row, self._global, self._pending = {}, {}, None, {}
+        for key, value in loaded["state"].items():
+            if key in by_id:
+                self._pending[by_id[key]] = value["history"]
+            elif key == "global_history" and isinstance(value, torch.Tensor):
+                self._pending["global_history"] = value
+
+    @classmethod
+    def as_optimizer(
+        cls, optimizer, quantile=0.9, history_length=1000, global_threshold=False, *, backend=None
+    ) -> OptimizerWithClipping:
+        """`optimizer` wrapped so that every step() clips first (autoclip's as_optimizer)."""
+        params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
+        clipper = cls(params, quantile=quantile, history_length=history_length, global_threshold=global_threshold,
+                      backend=backend)  # fmt: skip
+        return OptimizerWithClipping(optimizer, clipper)
+
+    def __repr__(self) -> str:
+        text = self.__class__.__name__ + " ("
+        for i, group in enumerate(self.parameter_groups):
+            text += f"\nParameter Group {i}\n"
+            for key in sorted(group.keys()):
+                if key != "params":
+                    text += f"    {key}: {group[key]}\n"
+        return text + ")"
+
+
+def _index(positions: list[int], device) -> torch.Tensor | slice:
+    if positions == list(range(len(positions))):
+        return slice(0, len(positions))
+    return _to_device(positions, torch.long, device)
+
+
+class OptimizerWithClipping(torch.optim.Optimizer):
+    """An optimizer whose step() runs the clipper first; its state dict holds
+    both (autoclip's OptimizerWithClipping).  Everything else is the wrapped
+    optimizer's, so LR schedulers and GradScaler see it as that optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clipper) -> None:  # noqa: D107 - not Optimizer.__init__
+        self.optimizer = optimizer
+        self.clipper = clipper
+
+    def step(self, closure=None):
+        self.clipper.step()
+        return self.optimizer.step(closure=closure)
+
+    def add_param_group(self, param_group, **kwargs) -> None:
+        self.optimizer.add_param_group(param_group=param_group)
+        self.clipper.add_param_group(param_group, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:  # autoclip's default
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self):
+        return {"optimizer": self.optimizer, "clipper": self.clipper}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "clipper": self.clipper.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.clipper.load_state_dict(state_dict["clipper"])
+
+    def __repr__(self) -> str:
+        return f"OptimizerWithClipping (\n{self.optimizer}\n{self.clipper})"
+
+    def __getattr__(self, attr):
+        if attr in ("optimizer", "clipper"):  # not set yet (unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self.optimizer, attr)

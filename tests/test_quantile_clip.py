@@ -1,0 +1,233 @@
+"""fastclip.QuantileClip against autoclip.torch.QuantileClip 0.2.1 (the package itself).
+
+autoclip clips each parameter with torch.nn.utils.clip_grad_norm_; with that
+replaced by fastclip's (same backend), both see the same norms, so grads,
+histories and thresholds must agree bit for bit, step by step.  With
+backend="torch" the real, unpatched autoclip is matched bit for bit; on the
+fused backends unpatched, within the rounding of the norms.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import assert_bitwise_equal, interpreted
+
+autoclip = pytest.importorskip("autoclip.torch", reason="autoclip is not installed (pip install autoclip==0.2.1)")
+
+SETTINGS = [
+    {},
+    {"global_threshold": True},
+    {"quantile": 0.5, "history_length": 7},
+    {"quantile": 0.25, "history_length": 5, "global_threshold": True},
+    {"quantile": 1.0, "history_length": 3},
+    {"quantile": 0.0, "history_length": 4},
+]
+
+
+def shapes_for(backend):
+    if interpreted(backend):
+        return [(7, 5), (9,), (), (0, 3), (40,)]
+    return [(64, 33), (33,), (), (0, 3), (5, 1000), (3000,)]
+
+
+def make_pair(shapes, dtypes):
+    params = [torch.zeros(s, dtype=dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+    return ([torch.nn.Parameter(p.clone()) for p in params] for _ in range(2))
+
+
+def set_grads(step, groups, seed, skip=None):
+    """The same random grads on both lists; parameter `skip` gets none this step; spikes on some steps."""
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    scale = 25.0 if step % 5 == 3 else 1.0
+    for i, params in enumerate(zip(*groups)):
+        grad = (torch.randn(params[0].shape, dtype=torch.float64, generator=g) * 0.1 * scale).to(params[0].dtype)
+        for p in params:
+            p.grad = None if i == skip else grad.clone()
+
+
+@pytest.fixture
+def patched_torch_clip(monkeypatch):
+    """autoclip's torch.nn.utils.clip_grad_norm_ becomes fastclip's on `backend`."""
+
+    def use(backend):
+        monkeypatch.setattr(
+            torch.nn.utils, "clip_grad_norm_", functools.partial(fastclip.clip_grad_norm_, backend=backend)
+        )
+
+    return use
+
+
+def histories(state_dict):
+    return [v["history"] if isinstance(v, dict) else v for v in state_dict["state"].values()]
+
+
+def assert_same(ours, ref, a, b):
+    for p, q in zip(a, b):
+        if p.grad is not None:
+            assert_bitwise_equal(q.grad, p.grad)
+    mine, theirs = histories(ours.state_dict()), histories(ref.state_dict())
+    assert len(mine) == len(theirs)
+    for x, y in zip(mine, theirs):
+        assert_bitwise_equal(x, y)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+def test_same_bits_as_autoclip_step_by_step(backend, settings, seed, patched_torch_clip):
+    if backend != "torch":
+        patched_torch_clip(backend)  # backend="torch": the real autoclip, unpatched
+    a, b = make_pair(shapes_for(backend), [torch.float32, torch.float64])
+    ref = autoclip.QuantileClip(a, **settings)
+    ours = fastclip.QuantileClip(b, **settings, backend=backend)
+    for step in range(12 if interpreted(backend) else 24):
+        set_grads(step, (a, b), seed, skip=1 if step in (4, 5) else None)  # histories of different lengths
+        ref.step()
+        assert ours.step() is None
+        assert_same(ours, ref, a, b)
+
+
+def test_parameter_groups_with_their_own_settings(backend, seed, patched_torch_clip):
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair(shapes_for(backend), [torch.float32])
+    groups = lambda ps: [{"params": ps[:2], "quantile": 0.3, "history_length": 4}, {"params": ps[2:]}]  # noqa: E731
+    ref, ours = autoclip.QuantileClip(groups(a), quantile=0.8), fastclip.QuantileClip(groups(b), quantile=0.8,
+                                                                                       backend=backend)  # fmt: skip
+    for step in range(10):
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        assert_same(ours, ref, a, b)
+    assert [g["quantile"] for g in ours.parameter_groups] == [0.3, 0.8]
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_close_to_unpatched_autoclip(fused, global_threshold, seed):
+    """The real autoclip, float32 and bfloat16 grads: norms differ in rounding only."""
+    if interpreted(fused):
+        pytest.skip("long sequence: native backends")
+    a, b = make_pair([(128, 64), (64,), (10, 300), (77,)], [torch.float32, torch.bfloat16])
+    ref = autoclip.QuantileClip(a, history_length=20, global_threshold=global_threshold)
+    ours = fastclip.QuantileClip(b, history_length=20, global_threshold=global_threshold, backend=fused)
+    for step in range(40):
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        for p, q in zip(a, b):
+            # autoclip rounds a bfloat16 grad's norm to bfloat16: in global mode every grad sees it
+            rtol = 1e-5 if p.dtype == torch.float32 and not global_threshold else 2e-2
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_state_dict_resumes_and_is_autoclips(backend, global_threshold, seed, patched_torch_clip):
+    """Ours -> torch.save -> ours resumes bit for bit; autoclip's state dict loads
+    into ours and ours into autoclip, and each continues like the other."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    shapes = shapes_for(backend)
+    a, b = make_pair(shapes, [torch.float32])
+    settings = {"history_length": 6, "global_threshold": global_threshold}
+    ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
+    for step in range(9):  # the rings have wrapped
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+    saved = io.BytesIO()
+    torch.save(ours.state_dict(), saved)
+    saved.seek(0)
+    c, d = make_pair(shapes, [torch.float32])
+    resumed = fastclip.QuantileClip(c, **settings, backend=backend)
+    resumed.load_state_dict(torch.load(saved))
+    from_ref = fastclip.QuantileClip(d, **settings, backend=backend)
+    from_ref.load_state_dict(ref.state_dict())
+    ref_from_ours = autoclip.QuantileClip(list(make_pair(shapes, [torch.float32]))[0], **settings)
+    e = list(ref_from_ours.parameter_groups[0]["params"])
+    ref_from_ours.load_state_dict(ours.state_dict())
+    for step in range(9, 16):
+        set_grads(step, (a, b, c, d, e), seed)
+        for clip in (ref, ours, resumed, from_ref, ref_from_ours):
+            clip.step()
+        for other, params in ((resumed, c), (from_ref, d)):
+            assert_same(other, ref, a, params)
+        for p, q in zip(a, e):
+            assert_bitwise_equal(q.grad, p.grad)
+
+
+def test_as_optimizer(backend, seed, patched_torch_clip):
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair(shapes_for(backend), [torch.float32])
+    ref = autoclip.QuantileClip.as_optimizer(torch.optim.SGD(a, lr=0.1), quantile=0.7, history_length=5)
+    ours = fastclip.QuantileClip.as_optimizer(torch.optim.SGD(b, lr=0.1), quantile=0.7, history_length=5,
+                                              backend=backend)  # fmt: skip
+    assert isinstance(ours, torch.optim.Optimizer) and ours.param_groups[0]["lr"] == 0.1
+    scheduler = torch.optim.lr_scheduler.StepLR(ours, step_size=3)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref, step_size=3)
+    for step in range(8):
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        ref_scheduler.step(), scheduler.step()
+        for p, q in zip(a, b):
+            assert_bitwise_equal(q, p)
+    state = ours.state_dict()
+    assert set(state) == {"optimizer", "clipper"} and len(state["clipper"]["state"]) == len(b)
+    again = fastclip.QuantileClip.as_optimizer(torch.optim.SGD(list(make_pair(shapes_for(backend), [torch.float32]))[0],
+                                                                 lr=0.1), history_length=5, backend=backend)  # fmt: skip
+    again.load_state_dict(state)
+    assert again.clipper.parameter_groups[0]["quantile"] == 0.7
+
+
+def test_statistics_are_device_tensors(backend):
+    p = torch.nn.Parameter(torch.zeros(10))
+    clip = fastclip.QuantileClip([p], quantile=0.5, history_length=3, backend=backend)
+    for scale in (1.0, 2.0, 3.0, 100.0):
+        p.grad = torch.full((10,), scale)
+        clip.step()
+    assert clip.last_thresholds.tolist() == pytest.approx([2.0 * 10**0.5])  # the median of 1, 2, 3 (x sqrt 10)
+    assert clip.last_norms.tolist() == pytest.approx([100.0 * 10**0.5])
+    assert float(p.grad.norm()) == pytest.approx(2.0 * 10**0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs",
+    [
+        ((), {"quantile": 1.5}),
+        ((), {"quantile": -0.1}),
+        ((), {"quantile": 1}),
+        ((), {"history_length": 0}),
+        ((), {"history_length": 2.0}),
+        (("empty",), {}),
+        (("set",), {}),
+        (("non-leaf",), {}),
+        (("duplicate",), {}),
+        (("overlapping groups",), {}),
+        (("not iterable",), {}),
+    ],
+)
+def test_arguments_checked_like_autoclip(args, kwargs):
+    def params():
+        w = torch.nn.Parameter(torch.ones(3))
+        kind = args[0] if args else None
+        return {
+            None: [w],
+            "empty": [],
+            "set": [{"params": {w}}],
+            "non-leaf": [w * 2],
+            "duplicate": [w, w],
+            "overlapping groups": [{"params": [w]}, {"params": [w]}],
+            "not iterable": 3,
+        }[kind]
+
+    def outcome(cls):
+        try:
+            cls(params(), **kwargs)
+        except Exception as e:  # noqa: BLE001 - the reference's own exception type
+            return type(e), str(e)
+        return None
+
+    theirs = outcome(autoclip.QuantileClip)
+    assert theirs is not None and outcome(fastclip.QuantileClip) == theirs
