@@ -21,14 +21,14 @@ from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
 TORCH_OPS = ["norm-noclip", "norm-clip", "value-few", "value-most"]
-METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats"]
+METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip"]
 SUITE = [
     (gpt2_small, "float32", TORCH_OPS + METHODS),
     (gpt2_small, "bfloat16", TORCH_OPS),
     (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
     (llama_blocks, "bfloat16", ["norm-noclip", "norm-clip"]),
     (vit_base, "float32", ["norm-noclip", "norm-clip"]),
-    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few", "per-tensor", "stats"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few", "per-tensor", "stats", "zclip"]),
     (resnet50, "float32", ["agc"]),
 ]
 # On a GPU: the 1e9-element reference workload of the Triton/CUDA issues, plus

@@ -65,8 +65,12 @@ OPS = {
     "groups-noclip": Op("3 norm groups (no clip)", False, "read", lambda m, p, s: m.groups(s["groups"], 1e9),
                         "torch per group"),
     "stats": Op("grad_stats", False, "read", lambda m, p, s: m.stats(p), "torch foreach"),
+    # the stateful clippers (each call is one more step of a clipper kept per implementation)
+    "zclip": Op("ZClip step (no spike)", False, "read", lambda m, p, s: m.zclip(p, s["clippers"]), "zclip"),
+    "autoclip": Op("QuantileClip step (1 in 8 clips)", True, "read", lambda m, p, s: m.autoclip(p, s["clippers"]),
+                   "autoclip"),
 }  # fmt: skip
-METHOD_OPS = {"per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats"}
+METHOD_OPS = {"per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip"}
 
 
 def implementations(device: str) -> dict:

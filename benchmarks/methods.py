@@ -6,6 +6,13 @@ runs, and what a user runs instead (the baseline each is compared with).
   agc           adaptive_clip_grad_         vs timm.utils.adaptive_clip_grad
   groups        clip_grad_norm_groups_      vs torch's clip_grad_norm_ on each of 3 groups
   stats         grad_stats                  vs torch's _foreach_norm, total, isfinite and zero counts
+  zclip         ZClip.step (after warm-up, no spike)      vs zclip.ZClip.step
+  autoclip      QuantileClip.step (1000 norms per history) vs autoclip's QuantileClip.step
+
+The two clippers keep state: each implementation gets its own, started from
+the same statistics (clippers(): a ZClip past its warm-up whose mean and
+variance make the grads no spike, QuantileClips whose histories make one
+tensor in eight clip), and every timed call is one more step.
 """
 
 from __future__ import annotations
@@ -58,6 +65,12 @@ class Baseline:
         zeros = sum((g == 0).sum() for g in grads)
         return total, norms, nonfinite, zeros
 
+    def zclip(self, params, state):
+        return state.get(self, params)[0].step(state.module)
+
+    def autoclip(self, params, state):
+        return state.get(self, params)[1].step()
+
     def timm(self):
         """timm's utils/agc.py, loaded by file (timm itself needs torchvision), or None."""
         if self._timm is None:
@@ -98,6 +111,55 @@ class Fastclip:
     def stats(self, params):
         return fastclip.grad_stats(params, backend=self.backend)
 
+    def zclip(self, params, state):
+        return state.get(self, params)[0].step(params)
+
+    def autoclip(self, params, state):
+        return state.get(self, params)[1].step()
+
+
+class Clippers:
+    """Per implementation, a (ZClip, QuantileClip) pair started from the same state."""
+
+    def __init__(self, params, norms):
+        self.module = torch.nn.ParameterList(params)  # zclip's step takes a module
+        total = sum(n * n for n in norms) ** 0.5
+        self.zclip_state = {"mean": 0.9 * total, "var": (0.2 * total) ** 2}  # z = 0.5: no spike
+        gen = torch.Generator().manual_seed(0)
+        factors = [0.5 if i % 8 == 7 else 2.0 for i in range(len(norms))]  # one tensor in eight clips
+        device = params[0].grad.device
+        self.histories = {
+            "state": {
+                i: {"history": (n * f * (0.9 + 0.2 * torch.rand(1000, generator=gen))).float().to(device)}
+                for i, (n, f) in enumerate(zip(norms, factors))
+            },
+            "param_groups": [{"quantile": 0.9, "history_length": 1000, "params": list(range(len(norms)))}],
+        }
+        self._made: dict = {}
+
+    def get(self, impl, params):
+        if impl not in self._made:
+            self._made[impl] = self._make(impl, params)
+        return self._made[impl]
+
+    def _make(self, impl, params):
+        mean, var = self.zclip_state["mean"], self.zclip_state["var"]
+        if isinstance(impl, Fastclip):
+            zc = fastclip.ZClip(max_grad_norm=None, backend=impl.backend)
+            zc.load_state_dict({**zc.state_dict(), "steps": 0, "buffer": None,
+                                "mean": torch.tensor(mean, dtype=torch.float64),
+                                "var": torch.tensor(var, dtype=torch.float64)})  # fmt: skip
+            qc = fastclip.QuantileClip(params, backend=impl.backend)
+        else:
+            import zclip
+            from autoclip.torch import QuantileClip
+
+            zc = zclip.ZClip(max_grad_norm=None)
+            zc.mean, zc.var, zc.initialized = mean, var, True
+            qc = QuantileClip(params)
+        qc.load_state_dict(self.histories)
+        return zc, qc
+
 
 def method_stats(params) -> dict:
     """What the method cases need to know of the grads: every grad's norm, a
@@ -116,4 +178,4 @@ def method_stats(params) -> dict:
         else:
             ratios.append(g.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp(min=1e-3))
     clip_factor = torch.quantile(torch.cat(ratios)[:1_000_000].cpu(), 0.9).item()
-    return {"max_norms": max_norms, "groups": groups, "clip_factor": clip_factor}
+    return {"max_norms": max_norms, "groups": groups, "clip_factor": clip_factor, "clippers": Clippers(params, norms)}

@@ -231,3 +231,18 @@ def test_arguments_checked_like_autoclip(args, kwargs):
 
     theirs = outcome(autoclip.QuantileClip)
     assert theirs is not None and outcome(fastclip.QuantileClip) == theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.33, 0.5, 0.9, 0.999, 1.0])
+def test_quantiles_of_rows_are_torch_quantile(dtype, q, seed):
+    """Every row's quantile, bit for bit: ties, NaN, inf, a single value, both ends of the partial sort."""
+    from fastclip.methods.quantile_clip import quantiles
+
+    for n in (1, 2, 7, 100, 1000):
+        rows = torch.rand(6, n, dtype=dtype) * 10.0 ** torch.randint(-3, 4, (6, 1)).to(dtype)
+        rows[1] = rows[1].round()  # ties
+        rows[2, n // 2] = float("nan")
+        rows[3, 0] = float("inf")
+        want = torch.stack([torch.quantile(r, q) for r in rows])
+        assert_bitwise_equal(quantiles(rows, q), want)

@@ -7,8 +7,8 @@ then the norm appended to the history (the last `history_length` kept).  An
 empty history gives threshold inf, which clips nothing.  Here:
   - every history is a row of a ring buffer on the device (one buffer per
     parameter group and history dtype: float32, float64 for float64 grads);
-  - the quantiles of all rows are computed together (one sort per buffer;
-    torch.quantile's linear interpolation, op for op, so the same bits);
+  - the quantiles of all rows are computed together (one partial sort per
+    buffer; torch.quantile's linear interpolation, op for op: the same bits);
   - clip_grad_norm_per_tensor_ with those thresholds: one fused read gives
     every norm, the coefficients are torch's clamp(max_norm / (norm + 1e-6),
     max=1) (torch takes float(max_norm), a host sync autoclip pays per
@@ -51,16 +51,21 @@ def _to_device(values: list, dtype, device) -> torch.Tensor:
 
 def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
     """torch.quantile(row, q) of every row of `rows` [R, n] (n >= 1), the same
-    bits: sort, rank q*(n-1) in the rows' dtype, torch.lerp between the
-    neighbours; a row holding a NaN gives NaN."""
+    bits: the rank q*(n-1) rounded as torch rounds it, torch.lerp between the
+    two neighbouring order statistics; a row holding a NaN gives NaN.  The
+    order statistics come from a partial sort (topk from the nearer end)."""
     n = rows.shape[1]
-    ordered = torch.sort(rows, dim=1).values
-    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # on the host, as torch rounds it
+    rank = torch.tensor(q, dtype=rows.dtype) * (n - 1)  # on the host, in the rows' dtype
     below, above = int(torch.floor(rank)), int(torch.ceil(rank))
+    if n - below <= above + 1:  # the largest n - below, descending: below is the last
+        top = torch.topk(rows, n - below, dim=1, largest=True, sorted=True).values
+        low, high = top[:, n - below - 1], top[:, n - above - 1]
+    else:  # the smallest above + 1, ascending
+        bottom = torch.topk(rows, above + 1, dim=1, largest=False, sorted=True).values
+        low, high = bottom[:, below], bottom[:, above]
     weight = torch.full((rows.shape[0],), float(rank - below), dtype=rows.dtype, device=rows.device)
-    value = torch.lerp(ordered[:, below], ordered[:, above], weight)
-    last = ordered[:, n - 1]  # NaNs sort last
-    return torch.where(torch.isnan(last), last, value)
+    value = torch.lerp(low, high, weight)
+    return torch.where(torch.isnan(rows).any(dim=1), torch.full_like(value, math.nan), value)
 
 
 class _Rings:
