@@ -16,9 +16,11 @@ from .methods import (
     ZClip,
     adaptive_clip_grad_,
     clip_grad_norm_groups_,
+    clip_grad_norm_into_step_,
     clip_grad_norm_per_tensor_,
     clip_grad_range_,
     grad_stats,
+    unscale_clip_grad_norm_,
 )
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_norm_groups_",
+    "clip_grad_norm_into_step_",
     "clip_grad_norm_per_tensor_",
     "clip_grad_range_",
     "clip_grad_value_",
@@ -45,4 +48,5 @@ __all__ = [
     "patch",
     "patched",
     "unpatch",
+    "unscale_clip_grad_norm_",
 ]

@@ -918,3 +918,50 @@ def zclip_over_a_process_group_and_on_dtensors(rank, world):
         for stat in ("mean", "var"):  # float64 statistics of float32 norms: their rounding
             for clip in (ours, ours_dt):
                 torch.testing.assert_close(getattr(clip, stat), getattr(whole, stat), rtol=1e-5, atol=0)
+
+
+@scenario(2)
+def training_step_functions_over_a_process_group_and_on_dtensors(rank, world):
+    """unscale_clip_grad_norm_ and clip_grad_norm_into_step_ on shards clip
+    with the norm of the whole, as torch's recipe on the whole grads does."""
+    from torch.distributed.tensor import Replicate, Shard, init_device_mesh
+
+    import fastclip
+
+    shapes = [(9, 40), (7,), (6, 8, 3), (1, 30)]
+    mesh = init_device_mesh("cpu", (world,))
+    placements = [[Shard(0)], [Replicate()], [Shard(1)], [Shard(0)]]
+    for backend in backends():
+        for inject in (False, True):
+            full = [g * 1024.0 for g in shared_grads(shapes, torch.float32, seed=90)]  # scaled by the scaler's 2^10
+            if inject:
+                full[2].view(-1)[5] = INF
+            ref = params_with(full)
+            ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            ref_scaler.scale(torch.ones(()))
+            ref_opt = torch.optim.SGD(ref, lr=0.1)
+            ref_scaler.unscale_(ref_opt)
+            want = torch.nn.utils.clip_grad_norm_(ref, 2.0)
+            for how in ("unscale", "into"):
+                for layout in ("process_group", "dtensor"):
+                    if layout == "process_group":
+                        mine, group = params_with(_rows(full, rank, world)), dist.group.WORLD
+                        expected = _rows([x.grad for x in ref], rank, world)
+                    else:
+                        mine, group = _dtensor_params(mesh, full, placements), None
+                        expected = [x.grad for x in ref]
+                    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+                    scaler.scale(torch.ones(()))
+                    opt = torch.optim.SGD(mine, lr=0.1)
+                    if how == "unscale":
+                        got = fastclip.unscale_clip_grad_norm_(scaler, opt, 2.0, backend=backend, process_group=group)
+                    else:
+                        got = fastclip.clip_grad_norm_into_step_(opt, 2.0, scaler=scaler, backend=backend,
+                                                                 process_group=group)  # fmt: skip
+                    got = got.full_tensor() if hasattr(got, "full_tensor") else got
+                    torch.testing.assert_close(got, want, equal_nan=True)
+                    for q, r in zip(mine, expected):
+                        grad = q.grad.full_tensor() if layout == "dtensor" else q.grad
+                        torch.testing.assert_close(grad, r, equal_nan=True)
+                    found = sum(v.item() for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+                    assert (found > 0) == inject or layout == "process_group"  # a shard without the inf finds none

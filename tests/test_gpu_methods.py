@@ -193,3 +193,65 @@ def test_quantile_clip_never_waits_for_the_device(gpu_backend, global_threshold,
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(clip.last_thresholds).all()
+
+
+def test_training_step_functions_never_wait_for_the_device(gpu_backend, seed):
+    """unscale_clip_grad_norm_ and clip_grad_norm_into_step_ (the calls themselves:
+    GradScaler.step of a non-fused optimizer syncs on its own)."""
+    params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32]))
+    grads = [p.grad for p in params]
+    sgd, adam = torch.optim.SGD(params, lr=0.1), torch.optim.AdamW(params, lr=0.1, fused=True)
+    for opt, call in ((sgd, fastclip.unscale_clip_grad_norm_), (adam, None)):
+        for step in range(3):
+            scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+            scaler.scale(torch.ones((), device="cuda"))
+            _fresh_grads(grads, 1.0)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if step else "default")  # step 0 compiles
+            try:
+                if call is not None:
+                    call(scaler, opt, 0.5, backend=gpu_backend)
+                else:
+                    fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=gpu_backend)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            scaler.step(opt)
+            scaler.update()
+
+
+def test_clip_into_a_captured_fused_step(gpu_backend, seed):
+    """clip_grad_norm_into_step_ + a capturable fused AdamW step in a CUDA graph,
+    replayed, against the same steps run eagerly with the clip in place."""
+    params = _on_cuda(random_params([(64, 300), (300,)], [torch.float32], scale=0.05))
+    twin = _on_cuda([_cpu_param(p, p.grad) for p in params])
+    opt = torch.optim.AdamW(params, lr=0.01, fused=True, capturable=True)
+    twin_opt = torch.optim.AdamW(twin, lr=0.01, fused=True, capturable=True)
+    static = [p.grad for p in params]
+
+    def step():
+        fastclip.clip_grad_norm_into_step_(opt, 0.1, backend=gpu_backend)
+        opt.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+            fastclip.clip_grad_norm_(twin, 0.1, backend=gpu_backend)
+            twin_opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        fresh = [torch.randn_like(g) * 0.05 for g in static]
+        for g, q, f in zip(static, twin, fresh):
+            g.copy_(f)
+            q.grad.copy_(f)
+        graph.replay()
+        fastclip.clip_grad_norm_(twin, 0.1, backend=gpu_backend)
+        twin_opt.step()
+        torch.cuda.synchronize()
+        for p, q in zip(params, twin):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not hasattr(opt, "grad_scale")

@@ -1,0 +1,247 @@
+"""The clip folded into the training step: AMP's unscale_ and the clip in one
+read and one write, or the clip handed to a fused optimizer's own pass.
+
+torch's recipe with AMP is `scaler.unscale_(opt)` (read and write every
+grad), `clip_grad_norm_` (read them, then read and write them), then the
+optimizer's pass.  The norm of the unscaled grads is the norm of the scaled
+ones times the inverse scale (exactly, for the power-of-two scales GradScaler
+uses), and a non-finite element makes that norm non-finite, so one read gives
+both the norm and GradScaler's inf check:
+
+  unscale_clip_grad_norm_   one read, then one pass multiplying by
+                            inv_scale * coefficient (the same bits as unscaling
+                            then clipping when the scale is a power of two);
+  clip_grad_norm_into_step_ one read and no write: torch's fused optimizers
+                            (Adam, AdamW, SGD, Adagrad with fused=True) divide
+                            every grad by `optimizer.grad_scale` and skip the
+                            step on `found_inf` inside their own pass, the hook
+                            GradScaler itself uses; the coefficient goes there.
+
+The scaler's per-optimizer state is left as unscale_ leaves it (found inf per
+device, stage UNSCALED), so scaler.step() skips a non-finite step and
+scaler.update() backs off and grows the scale as after torch's recipe.
+Whatever the fused kernels do not take (grads on several devices, sparse or
+complex grads, other norm types, backend="torch") runs torch's recipe itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .. import _api, _dispatch, _distributed
+from .._errors import nonfinite_message
+from .._work import collect
+from ..backends.base import FUSED_NORM_KINDS, LINF
+
+_HOOK = "_fastclip_into_step_hook"  # the optimizer's step post-hook that removes grad_scale after the step
+
+
+def _params(optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _plan(grads: list, norm_type, backend):
+    """(fused backend, GradList, norm kind) for plain grads on one device, else None."""
+    name = _dispatch.resolve_name(backend)
+    kind = FUSED_NORM_KINDS.get(float(norm_type))
+    if name == "torch" or kind is None or not grads or _distributed.has_dtensor(grads):
+        return None
+    _grads, work, why = collect(grads, False)
+    fused = _dispatch.select(name, work, why)
+    return None if fused is None else (fused, work, kind)
+
+
+def _scaler_state(scaler, optimizer, action: str) -> dict:
+    """The scaler's state for this optimizer after unscale_'s checks (torch's messages)."""
+    from torch.amp.grad_scaler import OptState
+
+    scaler._check_scale_growth_tracker(action)
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError("unscale_() is being called after step().")
+    return state
+
+
+def _check_fp16(grads) -> None:
+    if any(g.dtype == torch.float16 for g in grads):  # GradScaler's own refusal, before anything is touched
+        raise ValueError("Attempting to unscale FP16 gradients.")
+
+
+def _norms(plan, max_norm, scaler, error_if_nonfinite, norm_type):
+    """One read of the grads: (total norm of the unscaled grads, coefficient,
+    inverse scale or None, found-inf flag or None), all on the grads' device."""
+    fused, work, kind = plan
+    _api._check_no_empty_for_inf(work, kind, None)
+    wide = fused.norm_wide(work, kind)  # float64, of the grads as they are (scaled)
+    inv = found = None
+    if scaler is not None:
+        # GradScaler's inverse scale, in float32 (it takes the reciprocal in float64)
+        inv = scaler._scale.double().reciprocal().float().to(wide.device, non_blocking=True)
+        found = (~torch.isfinite(wide)).float()  # an inf or NaN element makes the norm non-finite
+        wide = wide * inv.double()
+    total = wide.to(work.result_dtype)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(nonfinite_message(float(norm_type)))
+    # torch's expression and rounding, on the total as fastclip's clip_grad_norm_
+    # takes it: float32 (fp16/bf16 grads too), float64 when the norm is
+    coef_total = wide.to(torch.float64 if work.result_dtype == torch.float64 else torch.float32)
+    coef = torch.clamp(float(max_norm) / (coef_total + 1e-6), max=1.0)
+    return total, coef, inv, found
+
+
+def unscale_clip_grad_norm_(
+    scaler, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
+) -> torch.Tensor:
+    """``scaler.unscale_(optimizer)`` then ``clip_grad_norm_`` of the optimizer's
+    parameters, in one read and one write of the grads.
+
+    Returns the total norm of the unscaled grads (before clipping), as
+    clip_grad_norm_ does.  The scaler's state for `optimizer` is what
+    unscale_ leaves (found inf per device, stage UNSCALED): call
+    ``scaler.step(optimizer)`` and ``scaler.update()`` after it as usual.
+    With a disabled scaler this is clip_grad_norm_.  Differences from torch's
+    recipe: ``error_if_nonfinite`` raises before anything is touched (torch
+    has unscaled the grads by then); with a scale that is not a power of two
+    the product inv_scale * coefficient rounds once where torch rounds twice.
+    DTensor grads and ``process_group`` (the norm of the whole, as in
+    clip_grad_norm_) run torch's recipe with fastclip's clip_grad_norm_.
+    """
+    params = _params(optimizer)
+    clip = lambda: _api.clip_grad_norm_(  # noqa: E731 - fastclip's torch-exact clip_grad_norm_
+        params, max_norm, norm_type, error_if_nonfinite, backend=backend, process_group=process_group
+    )
+    if not scaler.is_enabled():
+        return clip()
+    state = _scaler_state(scaler, optimizer, "unscale_")
+    grads = [p.grad for p in params if p.grad is not None]
+    _check_fp16(grads)
+    plan = _plan(grads, norm_type, backend) if process_group is None else None
+    if plan is None:  # torch's recipe
+        if error_if_nonfinite:  # raise before unscale_ touches anything (a read more; the check syncs anyway)
+            norm = _api.get_total_norm(grads, norm_type, backend=backend, process_group=process_group)
+            if not bool(torch.isfinite(norm)):
+                raise RuntimeError(nonfinite_message(float(norm_type)))
+        scaler.unscale_(optimizer)
+        return clip()
+    total, coef, inv, found = _norms(plan, max_norm, scaler, error_if_nonfinite, norm_type)
+    fused, work, _kind = plan
+    multiplier = inv.double() * coef.double()  # exact: inv is a power of two
+    if not fused.scale(work, multiplier):
+        torch._foreach_mul_(work.tensors, multiplier)
+    _set_unscaled(state, {work.device: found})
+    return total
+
+
+def _set_unscaled(state: dict, found_inf_per_device: dict) -> None:
+    from torch.amp.grad_scaler import OptState
+
+    state["found_inf_per_device"] = found_inf_per_device
+    state["stage"] = OptState.UNSCALED
+
+
+def takes_grad_scale(optimizer) -> bool:
+    """Does optimizer.step() divide the grads by `optimizer.grad_scale` and skip
+    on `optimizer.found_inf` (torch's fused optimizers)?"""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and (
+        "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    )
+
+
+def clip_grad_norm_into_step_(
+    optimizer, max_norm, norm_type=2.0, *, scaler=None, backend=None, process_group=None
+) -> torch.Tensor:
+    """Clip the grads of `optimizer`'s parameters inside its next step().
+
+    One read computes the total norm (of the unscaled grads when `scaler` is
+    given) and no grad is written here: for optimizers that take
+    ``grad_scale`` / ``found_inf`` (torch's fused Adam, AdamW, SGD, Adagrad)
+    the coefficient goes to ``optimizer.grad_scale`` (as 1 / coefficient,
+    times the loss scale that ``scaler.step`` multiplies in), and the step
+    divides each grad by it in its own pass.  Call ``scaler.step(optimizer)``
+    (or ``optimizer.step()`` without a scaler) next; nothing is left on the
+    optimizer after that step.  Other optimizers get the in-place path
+    (:func:`unscale_clip_grad_norm_`, or clip_grad_norm_ without a scaler).
+    A non-finite norm behaves as in torch's recipe: with a scaler the step is
+    skipped (found_inf) and the scale backs off; without one the coefficient
+    (0 or NaN) reaches the parameters as it would through the grads.
+    Returns the total norm before clipping.  DTensor grads and
+    ``process_group``: the in-place path.
+    """
+    params = _params(optimizer)
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None  # unscale_ does nothing and scaler.step() runs a plain step
+    grads = [p.grad for p in params if p.grad is not None]
+    folds = takes_grad_scale(optimizer) and (scaler is None or _scaler_respects_grad_scale())
+    plan = _plan(grads, norm_type, backend) if folds and process_group is None else None
+    if plan is None:
+        if scaler is not None:
+            return unscale_clip_grad_norm_(
+                scaler, optimizer, max_norm, norm_type, backend=backend, process_group=process_group
+            )
+        return _api.clip_grad_norm_(params, max_norm, norm_type, backend=backend, process_group=process_group)
+    state = None
+    if scaler is not None:
+        state = _scaler_state(scaler, optimizer, "unscale_")
+        _check_fp16(grads)
+    total, coef, _inv, found = _norms(plan, max_norm, scaler, False, norm_type)
+    divisor = coef.float().reciprocal()  # the fused step divides each grad by grad_scale
+    if state is not None:
+        # the grads are still scaled: the divisor carries the loss scale.  With the
+        # stage UNSCALED, scaler.step() hands grad_scale and the found infs to the
+        # step as they are, and deletes both after it.
+        optimizer.grad_scale = scaler._scale.float().to(divisor.device, non_blocking=True) * divisor
+        _set_unscaled(state, {plan[1].device: found})
+    else:
+        optimizer.grad_scale = divisor
+        _remove_after_step(optimizer)
+    return total
+
+
+_RESPECTS_GRAD_SCALE: list = []  # cached answer of _scaler_respects_grad_scale()
+
+
+def _scaler_respects_grad_scale() -> bool:
+    """Does GradScaler.step() pass an optimizer's own grad_scale to the step
+    unchanged after unscale_ (torch >= 2.5: pytorch#123429)?  Older versions
+    replace it, and the coefficient would be lost: found out once, on the CPU,
+    with a stand-in optimizer."""
+    if not _RESPECTS_GRAD_SCALE:
+
+        class Probe(torch.optim.Optimizer):
+            _step_supports_amp_scaling = True
+
+            def __init__(self):
+                super().__init__([torch.zeros(1, requires_grad=True)], {})
+
+            def step(self, closure=None):
+                self.seen = getattr(self, "grad_scale", None)
+
+        answer = False
+        try:
+            scaler, probe = torch.amp.GradScaler("cpu", init_scale=2.0), Probe()
+            scaler.scale(torch.ones(()))  # creates the scale
+            _set_unscaled(_scaler_state(scaler, probe, "unscale_"), {torch.device("cpu"): torch.zeros(())})
+            probe.grad_scale = torch.full((), 3.0)
+            scaler.step(probe)
+            answer = probe.seen is not None and float(probe.seen) == 3.0
+        except Exception:  # noqa: BLE001 - any failure: take the in-place path
+            answer = False
+        _RESPECTS_GRAD_SCALE.append(answer)
+    return _RESPECTS_GRAD_SCALE[0]
+
+
+def _remove_after_step(optimizer) -> None:
+    """Without a scaler nobody deletes optimizer.grad_scale: a one-shot post-step hook does."""
+    if getattr(optimizer, _HOOK, None) is not None:
+        return
+
+    def remove(opt, args, kwargs):
+        opt.__dict__.pop("grad_scale", None)
+        getattr(opt, _HOOK).remove()
+        delattr(opt, _HOOK)
+
+    setattr(optimizer, _HOOK, optimizer.register_step_post_hook(remove))

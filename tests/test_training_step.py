@@ -1,0 +1,234 @@
+"""unscale_clip_grad_norm_ and clip_grad_norm_into_step_ against torch's AMP
+recipe (scaler.unscale_, clip_grad_norm_, scaler.step, scaler.update), on
+every backend, over training runs with injected infs and NaNs.
+
+The recipe's clip is fastclip's clip_grad_norm_ on the same backend (torch's
+own for backend="torch"; bit for bit torch's for float32 and float64 grads,
+tested by the contract suite), so the in-place path must give the same bits:
+grads, norms, GradScaler's scale and skipped steps, parameters.  Folding the
+clip into a fused optimizer's step divides by 1/coefficient where the recipe
+multiplies by the coefficient: parameters agree within rounding, the scale
+trajectory exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.amp.grad_scaler import OptState
+
+import fastclip
+
+from .helpers import assert_bitwise_equal, interpreted
+
+INJECT = {3: math.inf, 7: math.nan}  # step -> a value put into one grad element
+
+
+def make_model(backend, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    width = 12 if interpreted(backend) else 48
+    return torch.nn.Sequential(torch.nn.Linear(10, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)).to(dtype)
+
+
+def batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    scale = 300.0 if step % 5 == 4 else 1.0  # some steps clip hard
+    return torch.randn(16, 10, generator=g).to(dtype) * scale, torch.randn(16, 3, generator=g).to(dtype)
+
+
+def backward(model, scaler, step, inject=INJECT, dtype=torch.float32):
+    x, y = batch(step, dtype)
+    loss = ((model(x) - y) ** 2).mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if step in inject:
+        next(model.parameters()).grad.view(-1)[1] = inject[step]
+
+
+def scaler_for(device="cpu", **kwargs):
+    return torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=3, **kwargs)
+
+
+def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scaled=True, fused=False, dtype=None):
+    """Parameters, norms and scales of a short training run: `how` is "torch"
+    (the recipe), "unscale" (unscale_clip_grad_norm_) or "into" (clip_grad_norm_into_step_)."""
+    model = make_model(backend, dtype=dtype or torch.float32)
+    kwargs = {"fused": True} if fused else {}
+    opt = optimizer_cls(model.parameters(), lr=0.05, **kwargs)
+    scaler = scaler_for() if scaled else None
+    norms, scales, grads = [], [], []
+    for step in range(steps):
+        opt.zero_grad()
+        backward(model, scaler, step, dtype=dtype or torch.float32)
+        if how == "torch":
+            if scaler is not None:
+                scaler.unscale_(opt)
+            norms.append(fastclip.clip_grad_norm_(model.parameters(), max_norm, norm_type, backend=backend))
+        elif how == "unscale":
+            norms.append(fastclip.unscale_clip_grad_norm_(scaler, opt, max_norm, norm_type, backend=backend))
+        else:
+            norms.append(fastclip.clip_grad_norm_into_step_(opt, max_norm, norm_type, scaler=scaler, backend=backend))
+        if how != "into":
+            grads.append([p.grad.clone() for p in model.parameters()])
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        else:
+            opt.step()
+        assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # nothing left behind
+    return [p.detach().clone() for p in model.parameters()], norms, scales, grads
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam], ids=["SGD", "Adam"])
+def test_unscale_and_clip_is_torchs_recipe_bit_for_bit(backend, optimizer_cls, norm_type):
+    params, norms, scales, grads = run(backend, "torch", optimizer_cls, norm_type=norm_type)
+    ours = run(backend, "unscale", optimizer_cls, norm_type=norm_type)
+    assert ours[2] == scales  # skipped steps and the scale's back-off and growth
+    assert len(set(scales)) >= 2  # it grew and backed off
+    for a, b in zip(ours[1], norms):
+        assert_bitwise_equal(a, b)
+    for ga, gb in zip(ours[3], grads):
+        for a, b in zip(ga, gb):
+            assert_bitwise_equal(a, b)
+    for a, b in zip(ours[0], params):
+        assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_unscale_and_clip_other_dtypes(backend, dtype):
+    want = run(backend, "torch", torch.optim.SGD, dtype=dtype)
+    got = run(backend, "unscale", torch.optim.SGD, dtype=dtype)
+    assert got[2] == want[2]
+    for a, b in zip(got[0], want[0]):
+        assert_bitwise_equal(a, b)
+
+
+def test_scaler_state_is_what_unscale_leaves(backend):
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = scaler_for()
+    backward(model, scaler, 3)  # an inf
+    fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
+    state = scaler._per_optimizer_states[id(opt)]
+    assert state["stage"] is OptState.UNSCALED
+    (device, found), = state["found_inf_per_device"].items()
+    assert device == torch.device("cpu") and found.dtype == torch.float32 and found.shape == () and found.item() == 1.0
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called on this optimizer"):
+        fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)  # skipped
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) is being called after step\(\)"):
+        fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**11
+
+
+def test_refusals_leave_grads_and_scaler_untouched(backend):
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = scaler_for()
+    backward(model, scaler, 3)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="is non-finite, so it cannot be clipped"):
+        fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, error_if_nonfinite=True, backend=backend)
+    for p, g in zip(model.parameters(), grads):  # torch's recipe would have unscaled them (README)
+        assert_bitwise_equal(p.grad, g)
+    assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
+    first = next(model.parameters())
+    if hasattr(first, "grad_dtype"):
+        first.grad_dtype = None  # torch >= 2.10 checks a grad's dtype against its parameter's
+    first.grad = grads[0].half()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients."):
+        fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
+    assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
+
+
+def test_disabled_scaler_is_clip_grad_norm(backend):
+    a, b = make_model(backend), make_model(backend)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for m in (a, b):
+        backward(m, None, 4, inject={})
+    got = fastclip.unscale_clip_grad_norm_(scaler, torch.optim.SGD(a.parameters(), lr=0.1), 0.5, backend=backend)
+    assert_bitwise_equal(got, fastclip.clip_grad_norm_(b.parameters(), 0.5, backend=backend))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
+# ---------------------------------------------------------------- folded into a fused step
+
+FUSED_OPTIMIZERS = [torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad]
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "scaler"])
+@pytest.mark.parametrize("optimizer_cls", FUSED_OPTIMIZERS, ids=lambda c: c.__name__)
+def test_into_a_fused_step_equals_clip_then_step(backend, optimizer_cls, scaled):
+    inject = INJECT if scaled else {}
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = optimizer_cls(model_ref.parameters(), lr=0.05, fused=True)
+    opt = optimizer_cls(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
+    folded = fastclip.methods.training_step.takes_grad_scale(opt)
+    assert folded
+    for step in range(10):
+        for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
+            o.zero_grad()
+            backward(m, s, step, inject)
+        if ref_scaler is not None:
+            ref_scaler.unscale_(ref_opt)
+        want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+        before = [p.grad.clone() for p in model.parameters()]
+        got = fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+        if backend != "torch":  # the fused path: no grad written before the step
+            for p, g in zip(model.parameters(), before):
+                assert_bitwise_equal(p.grad, g)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0, equal_nan=True)  # the runs drift in rounding
+        for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+            if s is not None:
+                s.step(o)
+                s.update()
+            else:
+                o.step()
+            assert not hasattr(o, "grad_scale") and not hasattr(o, "found_inf")
+        if scaled:
+            assert scaler.get_scale() == ref_scaler.get_scale()
+        for p, q in zip(model.parameters(), model_ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        # the next step starts from the recipe's state: rounding differences do not pile up
+        model.load_state_dict(model_ref.state_dict())
+        opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (load_state_dict may share tensors)
+    opt.zero_grad(), ref_opt.zero_grad()
+    for m in (model, model_ref):  # a later step without clipping: nothing of the last call remains
+        backward(m, None, 20, inject={})
+    opt.step(), ref_opt.step()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert_bitwise_equal(p, q)
+
+
+def test_into_a_step_of_an_optimizer_without_grad_scale_clips_in_place(backend):
+    for scaled in (False, True):
+        want = run(backend, "unscale" if scaled else "torch", torch.optim.SGD, scaled=scaled)
+        got = run(backend, "into", torch.optim.SGD, scaled=scaled)
+        assert got[2] == want[2]
+        for a, b in zip(got[0], want[0]):
+            assert_bitwise_equal(a, b)
+
+
+def test_into_a_skipped_step_leaves_parameters_and_backs_off(backend):
+    model = make_model(backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    scaler = scaler_for()
+    backward(model, scaler, 7)  # a NaN
+    before = [p.detach().clone() for p in model.parameters()]
+    total = fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+    assert math.isnan(float(total))
+    scaler.step(opt)
+    scaler.update()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    assert scaler.get_scale() == 2.0**11
