@@ -21,7 +21,8 @@ from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
 TORCH_OPS = ["norm-noclip", "norm-clip", "value-few", "value-most"]
-METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip"]
+METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip",
+           "amp-clip", "step-clip", "step-amp"]
 SUITE = [
     (gpt2_small, "float32", TORCH_OPS + METHODS),
     (gpt2_small, "bfloat16", TORCH_OPS),

@@ -32,7 +32,7 @@ from .methods import Baseline, Fastclip, method_stats
 class Op:
     name: str
     modifies: bool
-    floor: str  # "read", "read+rw", "rw" or "read2" (grads and weights): the least traffic the operation needs
+    floor: str  # "read", "read+rw", "rw", "read2" (grads and weights) or "read+step": the least the operation needs
     call: object  # (impl, params, stats) -> None; impl is methods.Baseline or methods.Fastclip
     baseline: str = "torch"  # what the baseline row runs (its label in the tables)
 
@@ -69,8 +69,16 @@ OPS = {
     "zclip": Op("ZClip step (no spike)", False, "read", lambda m, p, s: m.zclip(p, s["clippers"]), "zclip"),
     "autoclip": Op("QuantileClip step (1 in 8 clips)", True, "read", lambda m, p, s: m.autoclip(p, s["clippers"]),
                    "autoclip"),
+    # the clip in the training step (floor "read+step": one read of the grads and a fused AdamW step alone)
+    "amp-clip": Op("GradScaler unscale_ + clip", True, "read+rw", lambda m, p, s: m.amp_clip(p, s["steps"]),
+                   "torch recipe"),
+    "step-clip": Op("clip + fused AdamW step", True, "read+step", lambda m, p, s: m.step_clip(p, s["steps"], False),
+                    "torch recipe"),
+    "step-amp": Op("AMP clip + fused AdamW step", True, "read+step",
+                   lambda m, p, s: m.step_clip(p, s["steps"], True), "torch recipe"),
 }  # fmt: skip
-METHOD_OPS = {"per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip"}
+METHOD_OPS = {"per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip",
+              "amp-clip", "step-clip", "step-amp"}  # fmt: skip
 
 
 def implementations(device: str) -> dict:
@@ -100,17 +108,22 @@ class CaseResult:
 
     def pick_floors(self) -> None:
         """Each floor ("read", "rw") is the fastest of its measurements ("floor:<kind>:<label>")."""
-        for kind in ("read", "rw"):
+        for kind in ("read", "rw", "step"):
+            if not any(n.startswith(f"floor:{kind}:") for n in self.times):
+                continue
             best = min((n for n in self.times if n.startswith(f"floor:{kind}:")), key=self.median)
             self.times[f"floor:{kind}"] = self.times[best]
             self.floor_sources[kind] = best.split(":", 2)[2]
 
     def floor_seconds(self, op: Op) -> float:
         read, rw = self.median("floor:read"), self.median("floor:rw")
+        if op.floor == "read+step":
+            return read + self.median("floor:step")
         return {"read": read, "rw": rw, "read+rw": read + rw, "read2": 2 * read}[op.floor]
 
     def bytes_needed(self, op: Op) -> int:
-        return {"read": 1, "rw": 2, "read+rw": 3, "read2": 2}[op.floor] * self.nbytes
+        # a fused AdamW step moves param, grad, exp_avg, exp_avg_sq in and param, exp_avg, exp_avg_sq out
+        return {"read": 1, "rw": 2, "read+rw": 3, "read2": 2, "read+step": 8}[op.floor] * self.nbytes
 
 
 EVICT_BYTES = 64 << 20  # more than the last-level cache of the machines measured
@@ -182,6 +195,8 @@ def run_case(
 
     evict = _evictor(device, nbytes)
     entries = [(name, (lambda m=m: op.call(m, params, stats)), op.modifies) for name, m in impls.items()]
+    if op.floor == "read+step":
+        floors["step"] = {"fused AdamW step": stats["steps"].plain_step}
     factors = {}
     for kind, fns in floors.items():
         for label, fn in fns.items():

@@ -8,6 +8,9 @@ runs, and what a user runs instead (the baseline each is compared with).
   stats         grad_stats                  vs torch's _foreach_norm, total, isfinite and zero counts
   zclip         ZClip.step (after warm-up, no spike)      vs zclip.ZClip.step
   autoclip      QuantileClip.step (1000 norms per history) vs autoclip's QuantileClip.step
+  amp-clip      unscale_clip_grad_norm_     vs scaler.unscale_ + clip_grad_norm_ (clipping)
+  step-clip     clip_grad_norm_into_step_ + fused AdamW step   vs clip_grad_norm_ + fused AdamW step
+  step-amp      the same with a GradScaler  vs unscale_ + clip_grad_norm_ + scaler.step (fused AdamW)
 
 The two clippers keep state: each implementation gets its own, started from
 the same statistics (clippers(): a ZClip past its warm-up whose mean and
@@ -71,6 +74,21 @@ class Baseline:
     def autoclip(self, params, state):
         return state.get(self, params)[1].step()
 
+    def amp_clip(self, params, steps):
+        scaler, sgd, _adam = steps.get(self)
+        scaler.unscale_(sgd)
+        return torch.nn.utils.clip_grad_norm_(params, steps.max_norm)
+
+    def step_clip(self, params, steps, scaled):
+        scaler, _sgd, adam = steps.get(self)
+        if scaled:
+            scaler.unscale_(adam)
+            torch.nn.utils.clip_grad_norm_(params, steps.max_norm)
+            scaler.step(adam)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, steps.max_norm * steps.scale)
+            adam.step()
+
     def timm(self):
         """timm's utils/agc.py, loaded by file (timm itself needs torchvision), or None."""
         if self._timm is None:
@@ -116,6 +134,49 @@ class Fastclip:
 
     def autoclip(self, params, state):
         return state.get(self, params)[1].step()
+
+    def amp_clip(self, params, steps):
+        scaler, sgd, _adam = steps.get(self)
+        return fastclip.unscale_clip_grad_norm_(scaler, sgd, steps.max_norm, backend=self.backend)
+
+    def step_clip(self, params, steps, scaled):
+        scaler, _sgd, adam = steps.get(self)
+        if scaled:
+            fastclip.clip_grad_norm_into_step_(adam, steps.max_norm, scaler=scaler, backend=self.backend)
+            scaler.step(adam)
+        else:
+            fastclip.clip_grad_norm_into_step_(adam, steps.max_norm * steps.scale, backend=self.backend)
+            adam.step()
+
+
+class TrainingSteps:
+    """Per implementation a GradScaler (scale 2^16: the grads stand for scaled
+    ones), an SGD optimizer (unscale_ only) and a fused AdamW over the
+    parameters; each call starts from a fresh scaler stage.  max_norm: half the
+    norm of the unscaled grads (every call clips)."""
+
+    scale = 2.0**16
+
+    def __init__(self, params, total_norm: float):
+        self.params = params
+        self.max_norm = total_norm / self.scale / 2
+        self._made: dict = {}
+        self.plain = torch.optim.AdamW(params, lr=1e-9, fused=True)  # the floor: a fused step alone
+
+    def get(self, impl):
+        made = self._made.get(impl)
+        if made is None:
+            device = self.params[0].device
+            scaler = torch.amp.GradScaler(device.type, init_scale=self.scale)
+            made = self._made[impl] = (scaler, torch.optim.SGD(self.params, lr=1e-9),
+                                       torch.optim.AdamW(self.params, lr=1e-9, fused=True))  # fmt: skip
+        scaler = made[0]
+        scaler._per_optimizer_states.clear()  # a new iteration: stage READY for every optimizer
+        scaler.scale(torch.ones((), device=self.params[0].device))
+        return made
+
+    def plain_step(self):
+        self.plain.step()
 
 
 class Clippers:
@@ -178,4 +239,6 @@ def method_stats(params) -> dict:
         else:
             ratios.append(g.flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1).clamp(min=1e-3))
     clip_factor = torch.quantile(torch.cat(ratios)[:1_000_000].cpu(), 0.9).item()
-    return {"max_norms": max_norms, "groups": groups, "clip_factor": clip_factor, "clippers": Clippers(params, norms)}
+    total = sum(n * n for n in norms) ** 0.5
+    return {"max_norms": max_norms, "groups": groups, "clip_factor": clip_factor, "clippers": Clippers(params, norms),
+            "steps": TrainingSteps(params, total)}  # fmt: skip

@@ -33,6 +33,12 @@ CASES = [
     (gpt2_small, "float32", "groups-noclip"),
     (gpt2_small, "float32", "stats"),
     (resnet50, "float32", "agc"),
+    # the stateful clippers and the clip in the training step
+    (gpt2_small, "float32", "zclip"),
+    (gpt2_small, "float32", "autoclip"),
+    (gpt2_small, "float32", "amp-clip"),
+    (gpt2_small, "float32", "step-clip"),
+    (gpt2_small, "float32", "step-amp"),
 ]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PAIRS = [(d, impl) for d in DEVICES for impl in [*implementations(d), "floor"]]
@@ -70,7 +76,9 @@ def test_clip(benchmark, case, device, impl):
 
     if impl == "floor":  # the least traffic the operation needs, fastest way known
         floors = _floors(params, device)
-        kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"], "read2": ["read", "read"]}[op.floor]
+        floors["step"] = {"fused AdamW step": stats["steps"].plain_step}
+        kinds = {"read": ["read"], "rw": ["rw"], "read+rw": ["read", "rw"], "read2": ["read", "read"],
+                 "read+step": ["read", "step"]}[op.floor]  # fmt: skip
         plain = {k: [f for f in floors[k].values() if not isinstance(f, tuple)] for k in kinds}
         fns = [min(plain[k], key=lambda f: _time_once(_synced(f, device))) for k in kinds]
         benchmark.pedantic(_synced(lambda: [f() for f in fns], device), rounds=_rounds(grads), warmup_rounds=1)

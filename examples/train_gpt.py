@@ -1,9 +1,23 @@
-"""Train a small GPT on synthetic data with gradient clipping by torch or by
-fastclip, and show that the loss curves are the same and what clipping costs.
+"""Train a small GPT on synthetic data with gradient clipping by torch (or the
+library a method comes from) or by fastclip, and show that the loss curves
+are the same and what clipping costs.
 
     python examples/train_gpt.py --compare              # torch vs fastclip, same init and data
     python examples/train_gpt.py --clip-backend auto    # fastclip only
+    python examples/train_gpt.py --clip zclip --compare # fastclip.ZClip vs zclip.ZClip
+    python examples/train_gpt.py --clip into-step --amp --compare
     python examples/train_gpt.py --device cuda --dtype bfloat16 --layers 12 --d-model 768 --compare
+
+--clip picks the method (the reference run of --compare in brackets):
+  norm        clip_grad_norm_                          [torch.nn.utils.clip_grad_norm_]
+  per-tensor  clip_grad_norm_per_tensor_               [torch's clip_grad_norm_([p]) for each p]
+  agc         adaptive_clip_grad_ (clip factor 0.01)   [timm.utils.adaptive_clip_grad]
+  zclip       fastclip.ZClip(warmup_steps=5)           [zclip.ZClip]
+  autoclip    fastclip.QuantileClip(quantile=0.9)      [autoclip.torch.QuantileClip]
+  into-step   clip_grad_norm_into_step_ + fused AdamW  [clip_grad_norm_ + fused AdamW]
+--amp scales the loss with a GradScaler (fastclip: unscale_clip_grad_norm_
+for norm, the scaler handed to clip_grad_norm_into_step_ for into-step;
+otherwise scaler.unscale_ first, on both sides).
 
 The data needs no download: sequences follow a fixed random permutation of
 the vocabulary (token t+1 = perm[token t]), with 10% of tokens replaced by
@@ -80,14 +94,83 @@ def synthetic_batches(vocab: int, seq: int, batch: int, seed: int, device):
 # ---------------------------------------------------------------- training
 
 
+METHODS = ["norm", "per-tensor", "agc", "zclip", "autoclip", "into-step"]
+
+
 def clip_function(backend: str, patch: bool):
-    """What the training loop calls: torch's function, or fastclip's (named
-    directly, or reached through torch.nn.utils after fastclip.patch())."""
+    """torch's clip_grad_norm_, or fastclip's (named directly, or reached
+    through torch.nn.utils after fastclip.patch())."""
     if backend == "torch":
         return torch.nn.utils.clip_grad_norm_
     if patch:
         return lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)
     return lambda params, max_norm: fastclip.clip_grad_norm_(params, max_norm, backend=backend)
+
+
+def _timm_agc():
+    """timm's utils/agc.py, loaded by file (timm itself needs torchvision)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None:
+        raise SystemExit("--clip agc --compare needs timm (pip install --no-deps timm)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    module_spec = importlib.util.spec_from_file_location("_timm_agc", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.adaptive_clip_grad
+
+
+def make_clip(args, backend: str, model, opt, scaler):
+    """clip() for the training loop: runs after backward (the loss scaled if
+    `scaler`), leaves the grads ready for the step, returns the norm or None."""
+    params = list(model.parameters())
+    method, ours = args.clip, backend != "torch"
+
+    def unscaled(fn):  # the method on unscaled grads: GradScaler's unscale_ first
+        def run():
+            if scaler is not None:
+                scaler.unscale_(opt)
+            return fn()
+
+        return run
+
+    if method == "norm":
+        if ours and scaler is not None:
+            return lambda: fastclip.unscale_clip_grad_norm_(scaler, opt, args.max_norm, backend=backend)
+        clip = clip_function(backend, args.patch)
+        return unscaled(lambda: clip(params, args.max_norm))
+    if method == "into-step":
+        if ours:
+            return lambda: fastclip.clip_grad_norm_into_step_(opt, args.max_norm, scaler=scaler, backend=backend)
+        return unscaled(lambda: torch.nn.utils.clip_grad_norm_(params, args.max_norm))
+    if method == "per-tensor":
+        if ours:
+            return unscaled(lambda: fastclip.clip_grad_norm_per_tensor_(params, args.max_norm, backend=backend).norm())
+        return unscaled(lambda: torch.stack([torch.nn.utils.clip_grad_norm_([p], args.max_norm) for p in params]).norm())
+    if method == "agc":
+        if ours:
+            return unscaled(lambda: fastclip.adaptive_clip_grad_(params, 0.01, backend=backend))
+        agc = _timm_agc()
+        return unscaled(lambda: agc(params, 0.01))
+    if method == "zclip":
+        if ours:
+            z = fastclip.ZClip(warmup_steps=5, max_grad_norm=args.max_norm, backend=backend)
+            return unscaled(lambda: z.step(params))
+        import zclip
+
+        z = zclip.ZClip(warmup_steps=5, max_grad_norm=args.max_norm)
+        return unscaled(lambda: z.step(model))
+    if method == "autoclip":
+        if ours:
+            q = fastclip.QuantileClip(params, quantile=0.9, history_length=1000, backend=backend)
+        else:
+            from autoclip.torch import QuantileClip
+
+            q = QuantileClip(params, quantile=0.9, history_length=1000)
+        return unscaled(q.step)
+    raise ValueError(f"unknown --clip {method!r}")
 
 
 def train(args, backend: str) -> dict:
@@ -96,9 +179,11 @@ def train(args, backend: str) -> dict:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     model = GPT(args.vocab, args.seq, args.d_model, args.layers, args.heads).to(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    fused = {"fused": True} if args.clip == "into-step" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, **fused)
     params = list(model.parameters())
-    clip = clip_function(backend, args.patch)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12) if args.amp else None
+    clip = make_clip(args, backend, model, opt, scaler)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batches = synthetic_batches(args.vocab, args.seq, args.batch, args.seed, device)
     losses, norms, clip_s, step_s = [], [], [], []
@@ -109,17 +194,21 @@ def train(args, backend: str) -> dict:
             start = time.perf_counter()
             loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             sync()
             clip_start = time.perf_counter()
-            total = clip(params, args.max_norm)
+            total = clip()
             sync()
             clip_s.append(time.perf_counter() - clip_start)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sync()
             step_s.append(time.perf_counter() - start)
             losses.append(loss.item())
-            norms.append(float(total))
+            norms.append(math.nan if total is None else float(total))
     return {"losses": losses, "norms": norms, "clip_s": clip_s, "step_s": step_s,
             "grads": len(params), "elements": sum(p.numel() for p in params)}  # fmt: skip
 
@@ -155,7 +244,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip-backend", default="auto", choices=["auto", "cpu", "cuda", "triton", "torch"],
                         help="fastclip backend, or 'torch' for torch.nn.utils.clip_grad_norm_")  # fmt: skip
-    parser.add_argument("--compare", action="store_true", help="run torch and --clip-backend from the same start")
+    parser.add_argument("--clip", default="norm", choices=METHODS, help="the clipping method (see above)")
+    parser.add_argument("--amp", action="store_true", help="scale the loss with a GradScaler")
+    parser.add_argument("--compare", action="store_true",
+                        help="run the reference (torch, or the method's library) and --clip-backend from the same start")
     parser.add_argument("--patch", action="store_true", help="reach fastclip through fastclip.patch()")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -181,7 +273,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     backends = ["torch", args.clip_backend] if args.compare and args.clip_backend != "torch" else [args.clip_backend]
-    runs = {(b if b == "torch" else f"fastclip-{b}"): train(args, b) for b in backends}
+    reference = {"zclip": "zclip", "autoclip": "autoclip", "agc": "timm"}.get(args.clip, "torch")
+    runs = {(reference if b == "torch" else f"fastclip-{b}"): train(args, b) for b in backends}
     report(runs, args.every)
     return runs
 

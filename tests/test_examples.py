@@ -3,6 +3,7 @@ curve (examples/train_gpt.py; the Lightning example: tests/test_patch.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,22 @@ def test_gpt_loss_curve_matches_torch(patch, capsys, monkeypatch):
     assert "largest loss difference" in out and "ms/step" in out
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "grad-scaler"])
+@pytest.mark.parametrize("method", ["per-tensor", "agc", "zclip", "autoclip", "into-step", "norm"])
+def test_gpt_with_every_method_follows_its_reference(method, amp, capsys):
+    """--clip METHOD --compare: fastclip's run against the library the method comes from."""
+    if method == "agc" and importlib.util.find_spec("timm") is None:  # its agc.py is loaded by file
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    if method in ("zclip", "autoclip"):
+        pytest.importorskip(method, reason=f"{method} is not installed")
+    runs = train_gpt.main(TINY + ["--steps", "10", "--compare", "--clip", method] + (["--amp"] if amp else []))
+    (ref_name, ref), (_name, ours) = runs.items()
+    assert ref_name == {"zclip": "zclip", "autoclip": "autoclip", "agc": "timm"}.get(method, "torch")
+    assert ours["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert ref["losses"][-1] < ref["losses"][0]
+    assert "ms/step" in capsys.readouterr().out
+
+
 def test_gpt_script_runs_from_the_command_line():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_gpt.py"), *TINY, "--steps", "2", "--clip-backend", "cpu"],
@@ -42,3 +59,33 @@ def test_gpt_script_runs_from_the_command_line():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "fastclip-cpu" in result.stdout and "clip" in result.stdout
+
+
+def test_lightning_zclip_callback_matches_zclips(monkeypatch):
+    pytest.importorskip("pytorch_lightning", reason="pytorch-lightning is not installed")
+    pytest.importorskip("zclip", reason="zclip is not installed")
+    from examples import lightning_zclip
+
+    calls = count_calls(monkeypatch, FUSED_BACKENDS["cpu"], "norm")
+    runs = lightning_zclip.main(["--steps", "25"])
+    assert calls["norm"] >= 15  # fastclip's ZClip ran the fused norm after its warm-up
+    assert runs["fastclip"]["losses"] == pytest.approx(runs["zclip"]["losses"], rel=1e-5)
+    assert runs["fastclip"]["mean"] == pytest.approx(runs["zclip"]["mean"], rel=1e-5)
+    for a, b in zip(runs["fastclip"]["params"], runs["zclip"]["params"]):
+        assert a.sub(b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["patch", "zclip"])
+def test_hf_trainer_clips_with_fastclip(mode, monkeypatch):
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    if mode == "zclip":
+        pytest.importorskip("zclip", reason="zclip is not installed")
+    from examples import hf_trainer
+
+    method = "clip_norm" if mode == "patch" else "norm"
+    calls = count_calls(monkeypatch, FUSED_BACKENDS["cpu"], method)
+    runs = hf_trainer.main(["--mode", mode, "--steps", "8"])
+    assert calls[method] >= 3  # the Trainer's clip (or the callback's ZClip) ran fastclip's kernels
+    reference = "torch" if mode == "patch" else "zclip"
+    assert len(runs["fastclip"]) == 8
+    assert runs["fastclip"] == pytest.approx(runs[reference], rel=1e-5)
