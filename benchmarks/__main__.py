@@ -29,7 +29,7 @@ SUITE = [
     (gpt2_small, "mixed", ["norm-noclip", "norm-clip"]),
     (llama_blocks, "bfloat16", ["norm-noclip", "norm-clip"]),
     (vit_base, "float32", ["norm-noclip", "norm-clip"]),
-    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few", "per-tensor", "stats", "zclip"]),
+    (tiny_tensors, "float32", ["norm-noclip", "norm-clip", "value-few", "per-tensor", "stats", "zclip", "autoclip"]),
     (resnet50, "float32", ["agc"]),
 ]
 # On a GPU: the 1e9-element reference workload of the Triton/CUDA issues, plus

@@ -13,6 +13,7 @@ import fastclip
 from .helpers import (
     FLOAT_DTYPES,
     assert_bitwise_equal,
+    assert_grads_bitwise_equal,
     clone_params,
     grads_of,
     is_fused,
@@ -75,6 +76,16 @@ def test_max_norm_as_a_tensor_and_an_empty_group(backend, seed):
     params = random_params([(30,), (4, 4), (7,)], [torch.float32])
     norms = check_groups([params[:1], [], params[1:]], backend, torch.tensor([0.1, 1.0, 0.2]))
     assert norms[1].item() == 0.0
+
+
+def test_a_0_dim_max_norm_tensor_is_one_value_for_every_group(backend, seed):
+    params = random_params([(30,), (4, 4), (7,)], [torch.float32])
+    sizes = sorted(float(torch.cat([p.grad.reshape(-1) for p in g]).norm()) for g in (params[:1], params[1:]))
+    m = (sizes[0] + sizes[1]) / 2  # one group clips, the other does not
+    a, b = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_groups_([a[:1], a[1:]], torch.tensor(m), backend=backend)
+    assert_bitwise_equal(norms, fastclip.clip_grad_norm_groups_([b[:1], b[1:]], [m, m], backend=backend))
+    assert_grads_bitwise_equal(a, b)
 
 
 def test_overlapping_groups_raise_and_leave_grads(backend, seed):

@@ -81,6 +81,17 @@ def test_max_norm_per_parameter(backend, seed):
     check_per_tensor(params, backend, tuple(maxes))
 
 
+@pytest.mark.parametrize("with_none", [(), (2,)])
+def test_a_0_dim_max_norm_tensor_is_one_value_for_every_grad(backend, with_none, seed):
+    params = random_params([(30,), (4, 4), (7,), (11,)], [torch.float32], with_none=with_none)
+    sizes = sorted(float(p.grad.norm()) for p in params if p.grad is not None)
+    m = (sizes[0] + sizes[-1]) / 2  # some clip, some do not
+    a, b = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_per_tensor_(a, torch.tensor(m), backend=backend)
+    assert_bitwise_equal(norms, fastclip.clip_grad_norm_per_tensor_(b, [m] * 4, backend=backend))
+    assert_grads_bitwise_equal(a, b)
+
+
 @pytest.mark.parametrize("bad", [[1.0, 2.0, 3.0], [1.0], torch.ones(3), torch.ones(2, 2), "xy", None, [1.0, "a"]])
 def test_wrong_max_norm_raises_and_leaves_grads(backend, bad, seed):
     params = random_params([(30,), (4, 4)], [torch.float32])

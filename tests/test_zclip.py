@@ -55,7 +55,8 @@ def set_grads(step, modules, seed, spike_every=11, inf_at=None):
     scale = 30.0 if step % spike_every == spike_every - 1 else 1.0
     params = list(modules[0].parameters())
     for i, p in enumerate(params):
-        grad = (torch.randn(p.shape, dtype=torch.float64, generator=g) * 0.1 * scale).to(p.dtype).to(p.device)
+        grad = torch.randn(p.shape, dtype=torch.float64, generator=g, device="cpu") * 0.1 * scale
+        grad = grad.to(device=p.device, dtype=p.dtype)
         if inf_at == step and i == 0 and grad.numel():
             grad.view(-1)[0] = math.inf
         for m in modules:
@@ -172,3 +173,19 @@ def test_arguments_checked_like_zclip():
             ours = e
         assert type(ours) is type(theirs) and str(ours) == str(theirs)
     assert fastclip.ZClip(mode="Percentile", clip_option="ignored").clip_option is None
+
+
+def test_under_torch_compile_the_step_runs_eagerly(seed):
+    """A compiled training step that calls ZClip: a graph break, the eager bits."""
+    a, b = make_pair([(16, 8), (8,)], [torch.float32])
+    eager, compiled = fastclip.ZClip(warmup_steps=2, backend="cpu"), fastclip.ZClip(warmup_steps=2, backend="cpu")
+
+    @torch.compile(backend="eager")
+    def step(params):
+        return compiled.step(params)
+
+    for i in range(5):
+        set_grads(i, (a, b), seed, spike_every=4)
+        assert_bitwise_equal(step(list(b.parameters())), eager.step(a))
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(q.grad, p.grad)

@@ -10,25 +10,38 @@ functions, which reduce over ranks; each rank then scales its own shards.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .. import _api, _distributed, _ops
-from .._work import as_list
+from .. import _api, _dispatch, _distributed, _ops
+from .._work import as_list, collect
 from ..backends.base import NORM_KINDS
-from . import _segmented as seg
 
 L2 = NORM_KINDS[2.0]
+
+
+def eager_under_compile(fn):
+    """Run `fn` eagerly under torch.compile (a graph break): its state lives
+    on the host.  torch.compiler.disable at import would load torch._dynamo
+    (seconds); this asks only when called, and dynamo is loaded then."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch._dynamo.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class WholeNorm:
     """One step's grads: norm(), clip(max_norm), scale(coef)."""
 
-    def __init__(self, grads: list, name: str, process_group=None):
-        self.grads = grads
+    def __init__(self, params: list, name: str, process_group=None):
         self.name = name
         self.process_group = process_group
-        sharded = process_group is not None or _distributed.has_dtensor(grads)
-        self.fused, self.work = (None, None) if sharded else seg.plan(name, grads)
+        self.grads, self.fused, self.work = gather(params, name, process_group)
 
     @property
     def device(self) -> torch.device:
@@ -68,5 +81,16 @@ def params_of(model_or_parameters) -> list:
     return as_list(model_or_parameters)
 
 
-def grads_of(params: list) -> list:
-    return [p.grad for p in params if p.grad is not None]
+def gather(params: list, name: str, process_group=None) -> tuple:
+    """(grads, fused backend, GradList) for the grads of `params`, or (grads,
+    None, None) for torch's path (DTensor grads, a process group, a backend
+    that declines them).  The grads and their table are gathered in one C++
+    call; only a list the fast gather declines is searched for DTensors:
+    host time is what a step on many small tensors costs."""
+    grads, work, why = collect(params, True)
+    if name == "torch" or not grads or process_group is not None:
+        return grads, None, None
+    if work is None and _distributed.has_dtensor(grads):
+        return grads, None, None
+    fused = _dispatch.select(name, work, why)
+    return (grads, fused, work) if fused is not None else (grads, None, None)

@@ -109,7 +109,7 @@ def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonf
         if single is not None:
             coef = torch.clamp(single / (n + 1e-6), max=1.0)
         else:
-            m = many[k]
+            m = many[0 if len(many) == 1 else k]
             m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
             coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
         torch_ref.scale_grads(gs, coef)

@@ -36,15 +36,22 @@ def clip_grad_norm_per_tensor_(
     """
     if torch.compiler.is_compiling():
         return _traced(parameters, max_norm, norm_type, error_if_nonfinite, backend, process_group)
+    return clip_gathered(seg.gather(parameters), max_norm, norm_type, error_if_nonfinite, backend, process_group)
+
+
+def clip_gathered(
+    gathered: seg.Gathered, max_norm, norm_type=2.0, error_if_nonfinite=False, backend=None, process_group=None
+) -> torch.Tensor:
+    """clip_grad_norm_per_tensor_ on grads already gathered (QuantileClip's step)."""
     name = _dispatch.resolve_name(backend)
-    params, grads, positions = seg.grads_of(parameters)
+    params, grads, positions = gathered.params, gathered.grads, gathered.positions
     norm_type = float(norm_type)  # torch's ValueError / TypeError for 'fro', None
     single, many = seg.per_item(max_norm, len(params), "max_norm", "parameter")
-    dtype = seg.norms_dtype(grads)
-    if process_group is not None or _distributed.has_dtensor(grads):
+    dtype = seg.norms_dtype(grads, gathered.work)
+    if process_group is not None or (gathered.work is None and _distributed.has_dtensor(grads)):
         return _sharded_path(grads, single, many, positions, norm_type, error_if_nonfinite, name, process_group)
     kind = FUSED_NORM_KINDS.get(norm_type)
-    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    fused, work = seg.plan(name, grads, gathered) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):  # duplicates: torch's one-after-the-other semantics
         in_turn = seg.share_storage(grads)
         return _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, dtype, in_turn)
@@ -87,7 +94,7 @@ def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, d
         if single is not None:
             coef = torch.clamp(single / (n + 1e-6), max=1.0)
         else:  # the same rounding: reciprocal, then the max_norm in the norm's dtype
-            m = many[positions[i]]
+            m = many[0 if len(many) == 1 else i if positions is None else positions[i]]
             m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
             coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
         torch_ref.scale_grads([g], coef)
@@ -113,6 +120,8 @@ def _traced(parameters, max_norm, norm_type, error_if_nonfinite, backend, proces
     values = None
     if single is not None:
         numbers.append(single)
+    elif isinstance(many, torch.Tensor) and many.shape[0] == 1:  # a 0-dim tensor: one value for all
+        values = many.reshape(())
     elif isinstance(many, torch.Tensor):
         values = many.index_select(0, torch.tensor(positions, dtype=torch.long, device=many.device))
     else:

@@ -28,12 +28,14 @@ import copy
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
+from typing import NamedTuple
 
 import torch
 
 from .._dispatch import resolve_name
-from ._whole import WholeNorm
-from .per_tensor import clip_grad_norm_per_tensor_
+from . import _segmented as seg
+from ._whole import WholeNorm, eager_under_compile
+from .per_tensor import clip_gathered, clip_grad_norm_per_tensor_
 
 F32, F64 = torch.float32, torch.float64
 
@@ -41,12 +43,6 @@ F32, F64 = torch.float32, torch.float64
 def _history_dtype(grad_dtype: torch.dtype) -> torch.dtype:
     """autoclip's history starts float32 and hstack promotes: float64 only for float64 norms."""
     return F64 if grad_dtype == F64 else F32
-
-
-def _to_device(values: list, dtype, device) -> torch.Tensor:
-    """A small host list as a device tensor, without waiting for the device."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -68,50 +64,61 @@ def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
     return torch.where(torch.isnan(rows).any(dim=1), torch.full_like(value, math.nan), value)
 
 
+def _index_on(index: torch.Tensor, device) -> torch.Tensor:
+    """A host index tensor on `device`, without waiting for the device."""
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
 class _Rings:
     """The histories of some parameters: row r of a [rows, length] ring buffer
-    on the device, with its count of recorded norms kept on the host."""
+    on the device, with the counts of recorded norms in a host int64 tensor
+    (a step is a few tensor ops however many rows there are).  `rows`
+    arguments: a host long tensor of row indices, or None for all rows in order."""
 
-    def __init__(self, length: int, dtype: torch.dtype, device: torch.device):
-        self.length, self.dtype = length, dtype
+    def __init__(self, length: int, dtype: torch.dtype, device: torch.device, group: int = 0):
+        self.length, self.dtype, self.group = length, dtype, group
         self.buffer = torch.zeros(0, length, dtype=dtype, device=device)
-        self.counts: list[int] = []
+        self.counts = torch.zeros(0, dtype=torch.long)
 
     def add_row(self) -> int:
         self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(1, self.length)])
-        self.counts.append(0)
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(1)])
         return len(self.counts) - 1
 
-    def thresholds(self, rows: list[int], q: float) -> torch.Tensor:
+    def thresholds(self, rows: torch.Tensor | None, q: float) -> torch.Tensor:
         """Per row in `rows`, the quantile of its history (inf if empty)."""
-        out = torch.full((len(rows),), math.inf, dtype=self.dtype, device=self.buffer.device)
-        by_count: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            n = min(self.counts[r], self.length)
-            if n:
-                by_count.setdefault(n, []).append(i)
-        for n, positions in by_count.items():
-            if len(positions) == len(rows) and rows == list(range(len(self.counts))):
-                return quantiles(self.buffer[:, :n], q)  # the usual case: every row, the same count
-            picked = [rows[i] for i in positions]
-            values = quantiles(self.buffer[_to_device(picked, torch.long, self.buffer.device), :n], q)
-            out[_to_device(positions, torch.long, out.device)] = values
+        filled = torch.clamp(self.counts if rows is None else self.counts[rows], max=self.length)
+        lengths = torch.unique(filled).tolist()  # host values: no device sync
+        device = self.buffer.device
+        if rows is None and len(lengths) == 1 and lengths[0]:  # the usual case: every row, the same count
+            return quantiles(self.buffer[:, : lengths[0]], q)
+        out = torch.full((len(filled),), math.inf, dtype=self.dtype, device=device)
+        for n in lengths:
+            if not n:
+                continue
+            positions = (filled == n).nonzero().reshape(-1)
+            picked = positions if rows is None else rows[positions]
+            out[_index_on(positions, device)] = quantiles(self.buffer[_index_on(picked, device), :n], q)
         return out
 
-    def record(self, rows: list[int], values: torch.Tensor) -> None:
+    def record(self, rows: torch.Tensor | None, values: torch.Tensor) -> None:
         """Append values[i] to row rows[i]'s history (the oldest is overwritten when full)."""
-        columns = [self.counts[r] % self.length for r in rows]
-        if rows == list(range(len(self.counts))) and len(set(columns)) == 1:
-            self.buffer[:, columns[0]] = values
+        device = self.buffer.device
+        counts = self.counts if rows is None else self.counts[rows]
+        columns = counts % self.length
+        if rows is None and len(columns) and bool((columns == columns[0]).all()):
+            self.buffer[:, int(columns[0])] = values
         else:
-            device = self.buffer.device
-            self.buffer[_to_device(rows, torch.long, device), _to_device(columns, torch.long, device)] = values
-        for r in rows:
-            self.counts[r] += 1
+            every = torch.arange(len(self.counts)) if rows is None else rows
+            self.buffer[_index_on(every, device), _index_on(columns, device)] = values
+        if rows is None:
+            self.counts += 1
+        else:
+            self.counts[rows] += 1
 
     def history(self, row: int) -> torch.Tensor:
         """Row `row`'s norms, oldest first (what autoclip's history holds)."""
-        n = self.counts[row]
+        n = int(self.counts[row])
         if n <= self.length:
             return self.buffer[row, :n].clone()
         start = n % self.length
@@ -124,6 +131,17 @@ class _Rings:
 
     def to(self, device) -> None:
         self.buffer = self.buffer.to(device)
+
+
+class _Layout(NamedTuple):
+    """Where each grad's history lives, kept while the same parameters have
+    grads of the same kind: per rings, (rings, quantile, rows, positions)
+    with rows a host long tensor or None (all, in order) and positions the
+    grads' index (a slice or a device long tensor)."""
+
+    history_dtype: torch.dtype
+    device: torch.device
+    parts: list
 
 
 class QuantileClip:
@@ -148,6 +166,8 @@ class QuantileClip:
         self._row: dict = {}  # parameter -> (rings key, row)
         self._global: _Rings | None = None
         self._pending: dict = {}  # parameter -> loaded history, for parameters not yet seen with a grad
+        self._params: list = []  # every group's parameters, in order
+        self._layout: _Layout | None = None  # the last step's, while it holds
         self.last_norms = self.last_thresholds = None
         if not isinstance(parameters, (Iterator, Iterable)):
             raise TypeError(
@@ -213,9 +233,12 @@ class QuantileClip:
         if not seen.isdisjoint(set(params)):
             raise ValueError("Some clipping parameters appear in more than one parameter group")
         self.parameter_groups.append(parameter_group)
+        self._params += params
+        self._layout = None
 
     # ------------------------------------------------------------ the step
 
+    @eager_under_compile  # state on the host: under torch.compile this runs eagerly
     def step(self) -> None:
         """Clip the grads in place (call after backward, before the optimizer step)."""
         if self.global_threshold:
@@ -235,51 +258,68 @@ class QuantileClip:
                     key = (gi, _history_dtype(p.grad.dtype))
                     rings = self._rings.get(key)
                     if rings is None:
-                        rings = self._rings[key] = _Rings(int(group["history_length"]), key[1], p.grad.device)
+                        rings = self._rings[key] = _Rings(int(group["history_length"]), key[1], p.grad.device, gi)
                     place = self._row[p] = (key, rings.add_row())
                     if p in self._pending:
                         rings.load(place[1], self._pending.pop(p))
                 entries.append((p, self._rings[place[0]], place[1]))
         return entries
 
-    def _clip_local(self) -> None:
-        entries = self._entries()
-        if not entries:
-            return
-        params = [p for p, _, _ in entries]
-        device = params[0].grad.device
-        per_rings: dict = {}  # id(rings) -> (rings, group index, [positions], [rows])
+    def _layout_of(self, entries: list, device) -> list:
+        """Per rings: (rings, quantile, rows, positions) for these entries."""
+        per_rings: dict = {}  # id(rings) -> (rings, [positions], [rows])
         for i, (_p, rings, row) in enumerate(entries):
-            item = per_rings.setdefault(id(rings), (rings, self._group_of(rings), [], []))
-            item[2].append(i)
-            item[3].append(row)
-        thresholds = self._gather_thresholds(per_rings, len(params), device)
+            item = per_rings.setdefault(id(rings), (rings, [], []))
+            item[1].append(i)
+            item[2].append(row)
+        parts = []
+        for rings, positions, rows in per_rings.values():
+            every = rows == list(range(len(rings.counts)))
+            rows = None if every else torch.tensor(rows, dtype=torch.long)
+            if positions == list(range(positions[0], positions[0] + len(positions))):
+                index = slice(positions[0], positions[0] + len(positions))
+            else:
+                index = _index_on(torch.tensor(positions, dtype=torch.long), device)
+            parts.append((rings, float(self.parameter_groups[rings.group]["quantile"]), rows, index))
+        return parts
+
+    def _clip_local(self) -> None:
+        gathered = seg.gather(self._params)
+        if not gathered.grads:
+            return
+        layout = self._layout
+        kind = _history_kind(gathered)
+        if layout is None or gathered.positions is not None or kind is None or layout.history_dtype != kind:
+            entries = self._entries()  # new parameters get their rows here
+            device = entries[0][0].grad.device
+            layout = _Layout(kind, device, self._layout_of(entries, device))
+            # kept for the next steps while every parameter has a grad of the same kind
+            self._layout = layout if gathered.positions is None and kind is not None else None
+        thresholds = self._thresholds(layout, len(gathered.grads))
         # torch's clip_grad_norm_(p, max_norm=threshold) for every p at once: the
         # per-tensor method's coefficient is that one (float(max_norm), reciprocal, multiply)
-        norms = clip_grad_norm_per_tensor_(params, thresholds, backend=self.backend)
-        for rings, _g, positions, rows in per_rings.values():
-            rings.record(rows, norms[_index(positions, device)].to(rings.dtype))
+        if gathered.positions is None:
+            norms = clip_gathered(gathered, thresholds, backend=self.backend)
+        else:
+            params = [p for p in gathered.params if p.grad is not None]
+            norms = clip_grad_norm_per_tensor_(params, thresholds, backend=self.backend)
+        for rings, _q, rows, index in layout.parts:
+            rings.record(rows, norms[index].to(rings.dtype))
         self.last_norms, self.last_thresholds = norms, thresholds
 
-    def _group_of(self, rings: _Rings) -> int:
-        return next(key[0] for key, r in self._rings.items() if r is rings)
-
-    def _gather_thresholds(self, per_rings: dict, count: int, device) -> torch.Tensor:
+    def _thresholds(self, layout: _Layout, count: int) -> torch.Tensor:
         """Every grad's threshold (float64 [count], in the grads' order)."""
-        if len(per_rings) == 1:
-            rings, gi, positions, rows = next(iter(per_rings.values()))
-            return rings.thresholds(rows, float(self.parameter_groups[gi]["quantile"])).to(F64)
-        out = torch.empty(count, dtype=F64, device=device)
-        for rings, gi, positions, rows in per_rings.values():
-            out[_to_device(positions, torch.long, device)] = rings.thresholds(
-                rows, float(self.parameter_groups[gi]["quantile"])
-            ).to(F64)
+        if len(layout.parts) == 1:
+            rings, q, rows, _index = layout.parts[0]
+            return rings.thresholds(rows, q).to(F64)
+        out = torch.empty(count, dtype=F64, device=layout.device)
+        for rings, q, rows, index in layout.parts:
+            out[index] = rings.thresholds(rows, q).to(F64)
         return out
 
     def _clip_global(self) -> None:
         params = list(chain.from_iterable(g["params"] for g in self.parameter_groups))
-        grads = [p.grad for p in params if p.grad is not None]
-        whole = WholeNorm(grads, resolve_name(self.backend))
+        whole = WholeNorm(params, resolve_name(self.backend))
         total = whole.norm()
         if self._global is None:
             self._global = _Rings(int(self.global_history_length), _history_dtype(total.dtype), total.device)
@@ -289,11 +329,11 @@ class QuantileClip:
         rings = self._global
         if rings.buffer.device != total.device:
             rings.to(total.device)
-        threshold = rings.thresholds([0], float(self.global_quantile))[0]
+        threshold = rings.thresholds(None, float(self.global_quantile))[0]
         # torch's clip_grad_norm_(max_norm=threshold): float(threshold), then reciprocal and multiply
         coef = torch.clamp((total + 1e-6).reciprocal() * threshold.to(total.dtype), max=1.0)
         whole.scale(coef)
-        rings.record([0], total.to(rings.dtype).reshape(1))
+        rings.record(None, total.to(rings.dtype).reshape(1))
         self.last_norms, self.last_thresholds = total, threshold
 
     # ------------------------------------------------------------ autoclip's state dict
@@ -344,6 +384,8 @@ class QuantileClip:
             saved["params"] = local["params"]
         self.parameter_groups = saved_groups
         self._rings, self._row, self._global, self._pending = {}, {}, None, {}
+        self._params = list(chain.from_iterable(g["params"] for g in self.parameter_groups))
+        self._layout = None
         for key, value in loaded["state"].items():
             if key in by_id:
                 self._pending[by_id[key]] = value["history"]
@@ -370,10 +412,13 @@ class QuantileClip:
         return text + ")"
 
 
-def _index(positions: list[int], device) -> torch.Tensor | slice:
-    if positions == list(range(len(positions))):
-        return slice(0, len(positions))
-    return _to_device(positions, torch.long, device)
+def _history_kind(gathered) -> torch.dtype | None:
+    """The history dtype of every grad when they share one (float64 for
+    float64 grads, else float32), else None."""
+    if gathered.work is None:
+        return None
+    dtypes = gathered.work.dtypes
+    return F64 if dtypes == {F64} else F32 if F64 not in dtypes else None
 
 
 class OptimizerWithClipping(torch.optim.Optimizer):

@@ -30,10 +30,10 @@ import inspect
 
 import torch
 
-from .. import _api, _dispatch, _distributed
+from .. import _api, _dispatch
 from .._errors import nonfinite_message
-from .._work import collect
 from ..backends.base import FUSED_NORM_KINDS, LINF
+from ._whole import eager_under_compile, gather
 
 _HOOK = "_fastclip_into_step_hook"  # the optimizer's step post-hook that removes grad_scale after the step
 
@@ -42,15 +42,13 @@ def _params(optimizer) -> list:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _plan(grads: list, norm_type, backend):
-    """(fused backend, GradList, norm kind) for plain grads on one device, else None."""
+def _plan(params: list, norm_type, backend, process_group) -> tuple:
+    """(the grads, (fused backend, GradList, norm kind)) for plain grads on
+    one device, else (the grads, None): torch's recipe."""
     name = _dispatch.resolve_name(backend)
     kind = FUSED_NORM_KINDS.get(float(norm_type))
-    if name == "torch" or kind is None or not grads or _distributed.has_dtensor(grads):
-        return None
-    _grads, work, why = collect(grads, False)
-    fused = _dispatch.select(name, work, why)
-    return None if fused is None else (fused, work, kind)
+    grads, fused, work = gather(params, "torch" if kind is None else name, process_group)
+    return grads, (None if fused is None else (fused, work, kind))
 
 
 def _scaler_state(scaler, optimizer, action: str) -> dict:
@@ -93,6 +91,7 @@ def _norms(plan, max_norm, scaler, error_if_nonfinite, norm_type):
     return total, coef, inv, found
 
 
+@eager_under_compile  # state on the host: under torch.compile this runs eagerly
 def unscale_clip_grad_norm_(
     scaler, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
 ) -> torch.Tensor:
@@ -117,9 +116,8 @@ def unscale_clip_grad_norm_(
     if not scaler.is_enabled():
         return clip()
     state = _scaler_state(scaler, optimizer, "unscale_")
-    grads = [p.grad for p in params if p.grad is not None]
+    grads, plan = _plan(params, norm_type, backend, process_group)
     _check_fp16(grads)
-    plan = _plan(grads, norm_type, backend) if process_group is None else None
     if plan is None:  # torch's recipe
         if error_if_nonfinite:  # raise before unscale_ touches anything (a read more; the check syncs anyway)
             norm = _api.get_total_norm(grads, norm_type, backend=backend, process_group=process_group)
@@ -151,6 +149,7 @@ def takes_grad_scale(optimizer) -> bool:
     )
 
 
+@eager_under_compile  # state on the host: under torch.compile this runs eagerly
 def clip_grad_norm_into_step_(
     optimizer, max_norm, norm_type=2.0, *, scaler=None, backend=None, process_group=None
 ) -> torch.Tensor:
@@ -174,9 +173,8 @@ def clip_grad_norm_into_step_(
     params = _params(optimizer)
     if scaler is not None and not scaler.is_enabled():
         scaler = None  # unscale_ does nothing and scaler.step() runs a plain step
-    grads = [p.grad for p in params if p.grad is not None]
     folds = takes_grad_scale(optimizer) and (scaler is None or _scaler_respects_grad_scale())
-    plan = _plan(grads, norm_type, backend) if folds and process_group is None else None
+    grads, plan = _plan(params, norm_type, backend, process_group) if folds else (None, None)
     if plan is None:
         if scaler is not None:
             return unscale_clip_grad_norm_(

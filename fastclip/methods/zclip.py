@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import resolve_name
-from ._whole import WholeNorm, grads_of, params_of
+from ._whole import WholeNorm, eager_under_compile, params_of
 
 F64 = torch.float64
 _CONFIG = (
@@ -114,10 +114,10 @@ class ZClip:
 
     # ------------------------------------------------------------ the step
 
+    @eager_under_compile  # state on the host: under torch.compile this runs eagerly
     def step(self, model_or_parameters) -> torch.Tensor:
         """Clip the grads in place; returns their total norm before clipping."""
-        grads = grads_of(params_of(model_or_parameters))
-        whole = WholeNorm(grads, resolve_name(self.backend), self.process_group)
+        whole = WholeNorm(params_of(model_or_parameters), resolve_name(self.backend), self.process_group)
         if not self.initialized:
             return self._warm_up(whole)
         total = whole.norm()
