@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 
 import pytest
 import torch
@@ -185,15 +186,30 @@ def test_as_optimizer(backend, seed, patched_torch_clip):
     assert again.clipper.parameter_groups[0]["quantile"] == 0.7
 
 
-def test_statistics_are_device_tensors(backend):
-    p = torch.nn.Parameter(torch.zeros(10))
-    clip = fastclip.QuantileClip([p], quantile=0.5, history_length=3, backend=backend)
-    for scale in (1.0, 2.0, 3.0, 100.0):
-        p.grad = torch.full((10,), scale)
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_statistics_are_device_tensors(backend, global_threshold):
+    p, q = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3))
+    clip = fastclip.QuantileClip([p, q], quantile=0.5, history_length=3, global_threshold=global_threshold,
+                                 backend=backend)  # fmt: skip
+    assert clip.stats() == {"norms": None, "thresholds": None, "coefs": None, "clipped": None}
+    steps = [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0), (100.0, 0.5)]  # p spikes at the end, q shrinks
+    for a, b in steps:
+        p.grad, q.grad = torch.full((10,), a), torch.full((3,), b)
         clip.step()
-    assert clip.last_thresholds.tolist() == pytest.approx([2.0 * 10**0.5])  # the median of 1, 2, 3 (x sqrt 10)
-    assert clip.last_norms.tolist() == pytest.approx([100.0 * 10**0.5])
-    assert float(p.grad.norm()) == pytest.approx(2.0 * 10**0.5, rel=1e-5)
+    stats = clip.stats()
+    assert all(isinstance(v, torch.Tensor) and v.device == p.device for v in stats.values())
+    if global_threshold:
+        totals = [math.sqrt(10 * a * a + 3 * b * b) for a, b in steps]
+        threshold, norm = sorted(totals[:3])[1], totals[3]
+        assert stats["norms"].shape == stats["coefs"].shape == stats["clipped"].shape == ()
+        assert stats["clipped"].item()
+    else:
+        threshold, norm = 2.0 * 10**0.5, 100.0 * 10**0.5  # p's: the median of 1, 2, 3 (x sqrt 10)
+        assert stats["clipped"].tolist() == [True, False] and stats["coefs"][1].item() == 1.0
+    assert stats["thresholds"].reshape(-1)[0].item() == pytest.approx(threshold)
+    assert stats["norms"].reshape(-1)[0].item() == pytest.approx(norm)
+    assert stats["coefs"].reshape(-1)[0].item() == pytest.approx(threshold / norm, rel=1e-5)
+    assert float(p.grad.norm()) == pytest.approx(10**0.5 * 100.0 * threshold / norm, rel=1e-5)
 
 
 @pytest.mark.parametrize(

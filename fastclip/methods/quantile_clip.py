@@ -150,8 +150,9 @@ class QuantileClip:
     of its history).  A drop-in for ``autoclip.torch.QuantileClip``: same
     arguments, parameter groups, errors, state dict, and grads step by step
     (fp16/bf16 grads: their norms are float32 here, autoclip rounds them to
-    the grads' dtype).  Everything stays on the device; ``last_norms``
-    and ``last_thresholds`` hold the last step's values.
+    the grads' dtype).  Everything stays on the device; ``last_norms``,
+    ``last_thresholds``, ``last_coefs`` and ``last_clipped`` (and
+    ``stats()``) hold the last step's values as device tensors.
     """
 
     def __init__(self, parameters, quantile=0.9, history_length=1000, global_threshold=False, *, backend=None):
@@ -335,6 +336,32 @@ class QuantileClip:
         whole.scale(coef)
         rings.record(None, total.to(rings.dtype).reshape(1))
         self.last_norms, self.last_thresholds = total, threshold
+
+    # ------------------------------------------------------------ statistics
+
+    @property
+    def last_coefs(self) -> torch.Tensor | None:
+        """The last step's coefficients (1 where nothing was clipped), as the clip
+        computed them: clamp(threshold / (norm + 1e-6), max=1), torch's rounding."""
+        if self.last_norms is None:
+            return None
+        norms = self.last_norms
+        return torch.clamp((norms + 1e-6).reciprocal() * self.last_thresholds.to(norms.dtype), max=1.0)
+
+    @property
+    def last_clipped(self) -> torch.Tensor | None:
+        """Which grads (the total, in global mode) the last step clipped."""
+        coefs = self.last_coefs
+        return None if coefs is None else coefs < 1.0
+
+    def stats(self) -> dict:
+        """The last step's norms, thresholds, coefficients and whether each clipped, as device tensors."""
+        return {
+            "norms": self.last_norms,
+            "thresholds": self.last_thresholds,
+            "coefs": self.last_coefs,
+            "clipped": self.last_clipped,
+        }
 
     # ------------------------------------------------------------ autoclip's state dict
 
