@@ -32,7 +32,10 @@ $(VENV)/.installed: $(SOURCES)
 
 # The whole suite with the newest triton (the venv's), then the Triton cases
 # again with the oldest one (an overlay on PYTHONPATH) and Triton's
-# interpreter as shipped (without tests/conftest.py's speed-up shim).
+# interpreter as shipped (without tests/conftest.py's speed-up shim).  The
+# oldest run leaves out the suites of ZClip, QuantileClip and the training-step
+# functions: they launch no kernel of their own (the norm, scale and
+# segmented kernels the other suites cover), and CI must stay under 15 minutes.
 test: setup
 	$(PY) -m pytest tests -q
 	$(MAKE) test-triton-oldest
@@ -43,7 +46,8 @@ $(TRITON_OLDEST_DIR)/.installed:
 
 test-triton-oldest: setup $(TRITON_OLDEST_DIR)/.installed
 	PYTHONPATH=$(TRITON_OLDEST_DIR) FASTCLIP_TEST_FAST_INTERPRETER=0 FASTCLIP_EXPECT_TRITON=$(TRITON_OLDEST) \
-		$(PY) -m pytest tests -q -k triton -p no:cacheprovider
+		$(PY) -m pytest tests -q -k triton -p no:cacheprovider \
+		--ignore=tests/test_zclip.py --ignore=tests/test_quantile_clip.py --ignore=tests/test_training_step.py
 
 bench: setup
 	$(PY) -m benchmarks

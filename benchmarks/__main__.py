@@ -84,12 +84,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--name", help="file stem for the results (default: date_machine_commit)")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), help="only these operations of the suite")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here")
 
     suite = suite_for(args.quick, args.device)
-    cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops]
+    cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops if not args.ops or op in args.ops]
     machine = machine_info(args.device)
     print(
         f"fastclip vs torch on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "

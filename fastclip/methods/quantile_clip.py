@@ -61,7 +61,8 @@ def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
         low, high = bottom[:, below], bottom[:, above]
     weight = torch.full((rows.shape[0],), float(rank - below), dtype=rows.dtype, device=rows.device)
     value = torch.lerp(low, high, weight)
-    return torch.where(torch.isnan(rows).any(dim=1), torch.full_like(value, math.nan), value)
+    # amax propagates NaN: one cheap reduction finds the rows holding one
+    return torch.where(torch.isnan(rows.amax(dim=1)), torch.full_like(value, math.nan), value)
 
 
 def _index_on(index: torch.Tensor, device) -> torch.Tensor:
