@@ -86,6 +86,14 @@ def sizes_for(backend: str, big: int = 3000) -> list[int]:
     return [1, 7, 600, big, 33_000, 0, 70_001]
 
 
+def clipper_shapes(backend: str) -> list[tuple]:
+    """Parameter shapes for the stateful clippers' runs (ZClip, QuantileClip):
+    a matrix, a vector, a scalar, an empty tensor, larger ones off the interpreter."""
+    if interpreted(backend):
+        return [(7, 5), (9,), (), (0, 3), (40,)]
+    return [(64, 33), (33,), (), (0, 3), (5, 1000), (3000,)]
+
+
 def random_params(shapes, dtypes, generator=None, scale=1.0, with_none=()):
     """Parameters (random weights) with random grads; indices in with_none get no grad."""
     params = []

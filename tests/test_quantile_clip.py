@@ -19,6 +19,7 @@ import torch
 import fastclip
 
 from .helpers import assert_bitwise_equal, interpreted
+from .method_refs import clipper_shapes
 
 autoclip = pytest.importorskip("autoclip.torch", reason="autoclip is not installed (pip install autoclip==0.2.1)")
 
@@ -30,12 +31,6 @@ SETTINGS = [
     {"quantile": 1.0, "history_length": 3},
     {"quantile": 0.0, "history_length": 4},
 ]
-
-
-def shapes_for(backend):
-    if interpreted(backend):
-        return [(7, 5), (9,), (), (0, 3), (40,)]
-    return [(64, 33), (33,), (), (0, 3), (5, 1000), (3000,)]
 
 
 def make_pair(shapes, dtypes):
@@ -87,7 +82,7 @@ def test_same_bits_as_autoclip_step_by_step(backend, settings, dtypes, seed, pat
     step, dropped while a parameter has no grad (histories of different lengths)."""
     if backend != "torch":
         patched_torch_clip(backend)  # backend="torch": the real autoclip, unpatched
-    a, b = make_pair(shapes_for(backend), dtypes)
+    a, b = make_pair(clipper_shapes(backend), dtypes)
     ref = autoclip.QuantileClip(a, **settings)
     ours = fastclip.QuantileClip(b, **settings, backend=backend)
     for step in range(12 if interpreted(backend) else 24):
@@ -100,7 +95,7 @@ def test_same_bits_as_autoclip_step_by_step(backend, settings, dtypes, seed, pat
 def test_parameter_groups_with_their_own_settings(backend, seed, patched_torch_clip):
     if backend != "torch":
         patched_torch_clip(backend)
-    a, b = make_pair(shapes_for(backend), [torch.float32])
+    a, b = make_pair(clipper_shapes(backend), [torch.float32])
     groups = lambda ps: [{"params": ps[:2], "quantile": 0.3, "history_length": 4}, {"params": ps[2:]}]  # noqa: E731
     ref, ours = autoclip.QuantileClip(groups(a), quantile=0.8), fastclip.QuantileClip(groups(b), quantile=0.8,
                                                                                        backend=backend)  # fmt: skip
@@ -134,7 +129,7 @@ def test_state_dict_resumes_and_is_autoclips(backend, global_threshold, seed, pa
     into ours and ours into autoclip, and each continues like the other."""
     if backend != "torch":
         patched_torch_clip(backend)
-    shapes = shapes_for(backend)
+    shapes = clipper_shapes(backend)
     a, b = make_pair(shapes, [torch.float32])
     settings = {"history_length": 6, "global_threshold": global_threshold}
     ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
@@ -165,7 +160,7 @@ def test_state_dict_resumes_and_is_autoclips(backend, global_threshold, seed, pa
 def test_as_optimizer(backend, seed, patched_torch_clip):
     if backend != "torch":
         patched_torch_clip(backend)
-    a, b = make_pair(shapes_for(backend), [torch.float32])
+    a, b = make_pair(clipper_shapes(backend), [torch.float32])
     ref = autoclip.QuantileClip.as_optimizer(torch.optim.SGD(a, lr=0.1), quantile=0.7, history_length=5)
     ours = fastclip.QuantileClip.as_optimizer(torch.optim.SGD(b, lr=0.1), quantile=0.7, history_length=5,
                                               backend=backend)  # fmt: skip
@@ -180,7 +175,7 @@ def test_as_optimizer(backend, seed, patched_torch_clip):
             assert_bitwise_equal(q, p)
     state = ours.state_dict()
     assert set(state) == {"optimizer", "clipper"} and len(state["clipper"]["state"]) == len(b)
-    again = fastclip.QuantileClip.as_optimizer(torch.optim.SGD(list(make_pair(shapes_for(backend), [torch.float32]))[0],
+    again = fastclip.QuantileClip.as_optimizer(torch.optim.SGD(list(make_pair(clipper_shapes(backend), [torch.float32]))[0],
                                                                  lr=0.1), history_length=5, backend=backend)  # fmt: skip
     again.load_state_dict(state)
     assert again.clipper.parameter_groups[0]["quantile"] == 0.7

@@ -88,6 +88,13 @@ def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scal
     return [p.detach().clone() for p in model.parameters()], norms, scales, grads
 
 
+def assert_same_run(got, want):
+    """The same scales step by step and the same final parameters, bit for bit."""
+    assert got[2] == want[2]
+    for a, b in zip(got[0], want[0]):
+        assert_bitwise_equal(a, b)
+
+
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam], ids=["SGD", "Adam"])
 def test_unscale_and_clip_is_torchs_recipe_bit_for_bit(backend, optimizer_cls, norm_type):
@@ -107,10 +114,7 @@ def test_unscale_and_clip_is_torchs_recipe_bit_for_bit(backend, optimizer_cls, n
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_unscale_and_clip_other_dtypes(backend, dtype):
     want = run(backend, "torch", torch.optim.SGD, dtype=dtype)
-    got = run(backend, "unscale", torch.optim.SGD, dtype=dtype)
-    assert got[2] == want[2]
-    for a, b in zip(got[0], want[0]):
-        assert_bitwise_equal(a, b)
+    assert_same_run(run(backend, "unscale", torch.optim.SGD, dtype=dtype), want)
 
 
 def test_scaler_state_is_what_unscale_leaves(backend):
@@ -219,10 +223,7 @@ def test_into_a_fused_step_equals_clip_then_step(backend, optimizer_cls, scaled)
 def test_into_a_step_of_an_optimizer_without_grad_scale_clips_in_place(backend):
     for scaled in (False, True):
         want = run(backend, "unscale" if scaled else "torch", torch.optim.SGD, scaled=scaled)
-        got = run(backend, "into", torch.optim.SGD, scaled=scaled)
-        assert got[2] == want[2]
-        for a, b in zip(got[0], want[0]):
-            assert_bitwise_equal(a, b)
+        assert_same_run(run(backend, "into", torch.optim.SGD, scaled=scaled), want)
 
 
 def test_into_a_skipped_step_leaves_parameters_and_backs_off(backend):

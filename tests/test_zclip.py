@@ -20,6 +20,7 @@ import torch
 import fastclip
 
 from .helpers import assert_bitwise_equal, interpreted
+from .method_refs import clipper_shapes
 
 zclip = pytest.importorskip("zclip", reason="zclip is not installed (pip install zclip==1.0.0)")
 
@@ -33,12 +34,6 @@ SETTINGS = [
     {"mode": "percentile", "z_thresh": 1.0, "max_grad_norm": 5.0, "warmup_steps": 1},
     {"clip_option": "mean", "skip_update_on_spike": True, "max_grad_norm": 0.5, "eps": 1e-3},
 ]
-
-
-def shapes_for(backend):
-    if interpreted(backend):
-        return [(7, 5), (9,), (), (0, 3), (40,)]
-    return [(64, 33), (33,), (), (0, 3), (5, 1000), (3000,)]
 
 
 def make_pair(shapes, dtypes):
@@ -89,7 +84,7 @@ def assert_same_state(ours, ref):
 def test_same_bits_as_zclip_step_by_step(backend, settings, seed, monkeypatch):
     ref = patched_reference(monkeypatch, backend, **settings)
     ours = fastclip.ZClip(**settings, backend=backend)
-    a, b = make_pair(shapes_for(backend), [torch.float32, torch.bfloat16, torch.float64])
+    a, b = make_pair(clipper_shapes(backend), [torch.float32, torch.bfloat16, torch.float64])
     for step in range(40 if not interpreted(backend) else 16):
         set_grads(step, (a, b), seed, spike_every=7 if interpreted(backend) else 11, inf_at=30)
         want = ref.step(a)
@@ -122,7 +117,7 @@ def test_close_to_unpatched_zclip(fused, settings, seed):
 def test_state_dict_resumes_bit_exactly(backend, stop_at, seed):
     settings = {"warmup_steps": 5, "skip_update_on_spike": True}
     whole, first = fastclip.ZClip(**settings, backend=backend), fastclip.ZClip(**settings, backend=backend)
-    a, b = make_pair(shapes_for(backend), [torch.float32])
+    a, b = make_pair(clipper_shapes(backend), [torch.float32])
     for step in range(stop_at):
         set_grads(step, (a, b), seed, spike_every=4)
         whole.step(a), first.step(b)
