@@ -100,6 +100,36 @@ def test_fp32_sum_of_squares_beyond_range_still_clips(fused):
     assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e20, 3e-20, 1e-22, 1e-25, 0.0])
+@pytest.mark.parametrize("norm_type", [1, 2])
+def test_bf16_sums_beyond_float32s_range_on_the_cpu(scale, norm_type, seed):
+    """bfloat16 has float32's exponent range: squares of values beyond ~1e19
+    overflow float32 and squares below ~1e-19 lose bits, so the CPU kernels sum
+    such runs again in double (long runs, strided ones and the tail alike).
+    The GPU backends keep float32 within a unit there, as torch does (README)."""
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randn(40_003, generator=g, dtype=torch.float64) * scale).to(torch.bfloat16)
+    grads = [values, values[:333], values[1::3], values[:2]]  # long, short, strided, tail only
+    if scale:
+        grads.append(values.clone().fill_(0).index_fill_(0, torch.tensor([7]), scale))  # one value among zeros
+    for grad in grads:
+        exact = torch.linalg.vector_norm(grad.double(), norm_type).item()
+        stats = fastclip.grad_stats([_holder(grad)], norm_type, backend="cpu")
+        got = stats.per_tensor_norms.item()
+        assert got == pytest.approx(exact, rel=2**-22, abs=0), (scale, grad.shape)
+        p = _holder(grad.clone())
+        norms = fastclip.clip_grad_norm_per_tensor_([p], 1.0, norm_type, backend="cpu")
+        assert norms.item() == got
+        if scale > 1:  # clipped to norm 1, not zeroed (torch's bf16 norm is inf here)
+            assert torch.linalg.vector_norm(p.grad.double(), norm_type).item() == pytest.approx(1.0, rel=2**-6)
+
+
+def _holder(grad):
+    p = torch.nn.Parameter(torch.zeros_like(grad))
+    p.grad = grad
+    return p
+
+
 def test_bf16_norm_is_not_rounded_per_tensor(fused, seed):
     params = make_params([(1000,)] * 50, dtype=torch.bfloat16)
     exact = reference_norm([p.grad for p in params], 2)

@@ -357,6 +357,33 @@ static double sum_f64(const void* data, int64_t n, int64_t stride, Counts& count
                         counts);
 }
 
+// bfloat16 has float32's exponent range, so float32 blocks cannot hold all of
+// its sums: squares of values beyond ~1.8e19 (and long L1 sums of values near
+// the top) overflow, squares below 2^-126 (values below ~1e-19) lose bits.
+// A run whose float32 result shows that is summed again in double, one
+// element at a time (rare: such values, or an inf element).  Each square
+// rounds by at most 2^-150, so a result of at least n * 2^-120 is accurate to
+// 2^-30; a result of 0 from a run of zeros needs no second sum.
+template <int P>
+static bool bf16_float_sum_lost_range(double r, const uint16_t* p, int64_t n) {
+  if (r != r) return false;  // a NaN element: NaN either way
+  if (r == __builtin_inf()) return true;
+  if (P != 2 || r >= static_cast<double>(n) * 0x1p-120) return false;
+  uint16_t bits = 0;  // all zeros (either sign)?
+  for (int64_t i = 0; i < n; ++i) bits |= p[i];
+  return (bits & 0x7fff) != 0;
+}
+template <int P>
+static double sum_bf16_wide(const uint16_t* p, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = bf16_to_float(p[i]);
+    if (x == __builtin_inf() || x == -__builtin_inf()) return __builtin_inf();  // (no NaN: the float sum was not NaN)
+    s += term1<P>(x);
+  }
+  return s;
+}
+
 // fp16 / bf16: squares are exact in float.  32 logical float accumulators
 // (element i of a block of 32 goes to accumulator i for fp16; bf16: see the
 // loop) sum 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
@@ -369,9 +396,9 @@ static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& count
   if (stride != 1) {
     double s = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      const float x = H::to_float(p[i * stride]);
+      const double x = H::to_float(p[i * stride]);
       counts.add1(x);
-      s += P == 2 ? x * x : __builtin_fabsf(x);
+      s += term1<P>(x);
     }
     return s;
   }
@@ -418,11 +445,15 @@ static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& count
   for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
   double tail = 0.0;
   for (; i < n; ++i) {
-    const float x = H::to_float(p[i]);
+    const double x = H::to_float(p[i]);
     counts.add1(x);
-    tail += P == 2 ? x * x : __builtin_fabsf(x);
+    tail += term1<P>(x);
   }
-  return combine8(lanes) + tail;
+  const double r = combine8(lanes) + tail;
+  if constexpr (BF16) {
+    if (bf16_float_sum_lost_range<P>(r, p, n)) return sum_bf16_wide<P>(p, n);
+  }
+  return r;
 }
 
 // max |x| over a run, NaN propagating (max is exact, so no order to fix).
