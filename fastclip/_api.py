@@ -17,7 +17,7 @@ import torch
 from typing_extensions import deprecated
 
 from . import _dispatch, _distributed, _ops, _work
-from ._errors import check_clip_value, empty_inf_norm_message, nonfinite_message
+from ._errors import check_clip_value, check_writable, empty_inf_norm_message, nonfinite_message, unwritable
 from ._work import as_list, collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS, LINF
@@ -48,6 +48,11 @@ def _elementwise_plan(name: str, grads, work, why: str):
         return None
     fused = _dispatch.select(name, work, why)
     return None if fused is None else (fused, work)
+
+
+def _grads_of(grads, parameters) -> list:
+    """The grads _gather read, or (backend="torch": it read none) the parameters' grads."""
+    return grads if grads is not None else [p.grad for p in parameters if p.grad is not None]
 
 
 def _has_dtensor(grads, work) -> bool:
@@ -119,6 +124,11 @@ def clip_grad_norm_(
         except (TypeError, ValueError):
             plan = None  # torch raises it, after any error of its own norm step
     if plan is None:
+        grads = _grads_of(grads, parameters)
+        if unwritable(grads):  # torch raises on reaching that grad: here before any is written
+            torch_ref.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)  # (its errors come first)
+            float(max_norm)
+            check_writable(grads)
         return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     total, aborted = fused.clip_norm(work, kind, max_norm_value, error_if_nonfinite)
     if aborted:
@@ -182,6 +192,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
         return None
     plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
+        check_writable(_grads_of(grads, parameters))
         return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     fused, work = plan
     max_norm = float(max_norm)
@@ -254,6 +265,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
         grads, work, why = _gather(name, [_distributed.local_tensor(g) for g in grads], False, sign_matters)
     plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
+        check_writable(_grads_of(grads, parameters))
         return torch_ref.clip_grad_value_(parameters, clip_value, foreach)
     fused, work = plan
     check_clip_value(clip_value_f, work.tensors, work.dtypes)  # before any write, unlike torch

@@ -72,3 +72,29 @@ def check_clamp_bounds(bounds, tensors) -> None:
         limit = _CLAMP_LIMITS.get(t.dtype)
         if limit is not None and largest > limit[0]:
             raise RuntimeError(f"value cannot be converted to type {limit[1]} without overflow")
+
+
+# torch's error for an in-place write to a tensor whose elements share memory (expand()).
+_INTERNAL_OVERLAP = (
+    "unsupported operation: more than one element of the written-to tensor refers to a single memory location. "
+    "Please clone() the tensor before performing the operation."
+)
+_has_internal_overlap = getattr(torch, "_debug_has_internal_overlap", lambda t: 0)
+
+
+def unwritable(grads) -> bool:
+    """Would torch's in-place ops refuse to write one of `grads` (elements that
+    share memory, as expand() makes)?  (Traced code: torch's own ops decide.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return any(
+        type(g) is torch.Tensor and g.layout == torch.strided and _has_internal_overlap(g) == 1  # 1: MemOverlap::Yes
+        for g in grads
+    )
+
+
+def check_writable(grads) -> None:
+    """torch's error for such a grad, raised before any grad is written (torch
+    raises it on reaching that grad, after writing the ones before it)."""
+    if unwritable(grads):
+        raise RuntimeError(_INTERNAL_OVERLAP)

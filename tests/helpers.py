@@ -6,6 +6,7 @@ import math
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
+import pytest
 import torch
 
 import fastclip
@@ -236,3 +237,24 @@ def assert_no_host_sync(calls) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# torch's error for in-place writes to a tensor whose elements share memory
+UNWRITABLE = "more than one element of the written-to tensor refers to a single memory location"
+
+
+def with_unwritable_grad(params):
+    """`params` plus one whose grad is an expand() of one value: torch's
+    in-place ops refuse to write it, after writing the grads before it."""
+    p = torch.nn.Parameter(torch.zeros(5, device=params[0].device))
+    p.grad = torch.full((1,), 3.0, device=params[0].device).expand(5)
+    return params + [p]
+
+
+def assert_raises_leaving_grads(fn, params, exc, match):
+    """fn(params) raises `exc` (matching `match`) and every grad keeps its bits."""
+    before = grads_of(params)
+    with pytest.raises(exc, match=match):
+        fn(params)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)

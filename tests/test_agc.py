@@ -4,6 +4,7 @@ against a float64-norm reference bit for bit, and against timm itself."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
 
@@ -12,7 +13,17 @@ import torch
 
 import fastclip
 
-from .helpers import FLOAT_DTYPES, assert_bitwise_equal, clone_params, grads_of, interpreted, is_fused
+from .helpers import (
+    FLOAT_DTYPES,
+    UNWRITABLE,
+    assert_bitwise_equal,
+    assert_raises_leaving_grads,
+    clone_params,
+    grads_of,
+    interpreted,
+    is_fused,
+    with_unwritable_grad,
+)
 from .method_refs import agc_reference, load_timm_agc, random_params
 
 TIMM = load_timm_agc()
@@ -221,3 +232,27 @@ def test_patch_routes_timms_agc(monkeypatch, seed):
     # unpatched: timm's own functions again
     assert all(sys.modules[n].adaptive_clip_grad is f for n, f in originals.items())
     assert clip_grad.adaptive_clip_grad is agc.adaptive_clip_grad
+
+
+@needs_timm
+def test_frobenius_norm_type_is_timms(backend, seed):
+    """timm hands norm_type to Tensor.norm, which takes 'fro' (for units of at
+    most two dims): so does fastclip (torch's path), with torch's error for
+    more, raised before any grad is written."""
+    params = random_params([(7,), (5, 9), (4, 3, 6), (3,)], [torch.float32], scale=0.05)
+    ours, theirs = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(ours, 0.03, norm_type="fro", backend=backend)
+    TIMM.adaptive_clip_grad(theirs, 0.03, norm_type="fro")
+    for p, q in zip(ours, theirs):
+        assert_bitwise_equal(p.grad, q.grad)
+    params += random_params([(2, 3, 4, 5)], [torch.float32])
+    with pytest.raises(RuntimeError) as want:
+        TIMM.adaptive_clip_grad(clone_params(params), 0.03, norm_type="fro")
+    clip = lambda ps: fastclip.adaptive_clip_grad_(ps, 0.03, norm_type="fro", backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, params, RuntimeError, re.escape(str(want.value)))
+
+
+def test_an_unwritable_grad_raises_before_any_write(backend, seed):
+    params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
+    clip = lambda ps: fastclip.adaptive_clip_grad_(ps, 0.01, backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")

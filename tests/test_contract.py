@@ -17,6 +17,9 @@ import torch
 import fastclip
 
 from .helpers import (
+    UNWRITABLE,
+    assert_raises_leaving_grads,
+    with_unwritable_grad,
     assert_bitwise_equal,
     assert_grads_bitwise_equal,
     assert_same_outcome,
@@ -300,6 +303,19 @@ def test_bad_max_norm_raises_torchs_error_and_leaves_grads(backend, max_norm, se
         outcome(fastclip.clip_grad_norm_, [], max_norm, backend=backend),
         outcome(torch.nn.utils.clip_grad_norm_, [], max_norm),
     )
+
+
+@pytest.mark.parametrize("which", ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_"])
+def test_an_unwritable_grad_raises_torchs_error_before_any_write(backend, which, seed):
+    """torch raises on reaching a grad its in-place ops cannot write (an
+    expand()), after writing the grads before it; fastclip raises first."""
+    params = with_unwritable_grad(make_params([(3, 3), (40,)], scale=10.0))
+    call = {
+        "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 0.1, backend=backend),
+        "clip_grad_value_": lambda ps: fastclip.clip_grad_value_(ps, 0.1, backend=backend),
+        "clip_grads_with_norm_": lambda ps: fastclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(50.0), backend=backend),
+    }[which]
+    assert_raises_leaving_grads(call, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
 
 
 def test_nonfinite_check_comes_before_max_norm_conversion(backend):

@@ -11,6 +11,9 @@ import torch
 import fastclip
 
 from .helpers import (
+    UNWRITABLE,
+    assert_raises_leaving_grads,
+    with_unwritable_grad,
     FLOAT_DTYPES,
     assert_bitwise_equal,
     assert_grads_bitwise_equal,
@@ -143,3 +146,25 @@ def test_inf_norm_of_an_empty_grad_raises_torchs_error(backend):
 def test_no_groups(backend):
     norms = fastclip.clip_grad_norm_groups_([], 1.0, backend=backend)
     assert norms.shape == (0,)
+
+
+def test_groups_sharing_grad_memory_raise_and_leave_grads(backend, seed):
+    """Distinct parameters whose grads are one tensor, or overlapping views, in
+    two groups: torch, group by group, would clip that memory twice."""
+    a, b = random_params([(30,), (30,)], [torch.float32], scale=5.0)
+    b.grad = a.grad
+    clip = lambda ps: fastclip.clip_grad_norm_groups_({"x": ps[:1], "y": ps[1:]}, 0.1, backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, [a, b], ValueError, "groups must be disjoint: group 'x' and group 'y' share")
+    flat = torch.randn(60, device=a.device) * 5
+    a.grad, b.grad = flat[:30], flat[25:55]
+    assert_raises_leaving_grads(clip, [a, b], ValueError, "share gradient memory")
+    a.grad, b.grad = flat[:30], flat[30:]  # adjacent views of one buffer (a flat grad buffer): disjoint
+    check_groups([[a], [b]], backend, 0.1)
+    norms = fastclip.clip_grad_norm_groups_([[a], [b]], 0.1, backend=backend)
+    assert norms.shape == (2,)
+
+
+def test_an_unwritable_grad_raises_before_any_write(backend, seed):
+    params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
+    clip = lambda ps: fastclip.clip_grad_norm_groups_([ps[:2], ps[2:]], 0.1, backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")

@@ -11,6 +11,9 @@ import torch
 import fastclip
 
 from .helpers import (
+    UNWRITABLE,
+    assert_raises_leaving_grads,
+    with_unwritable_grad,
     FLOAT_DTYPES,
     assert_bitwise_equal,
     assert_grads_bitwise_equal,
@@ -184,3 +187,30 @@ def test_clipping_bumps_the_version_counter(backend, seed):
     before = p.grad._version
     fastclip.clip_grad_norm_per_tensor_([p], 0.01, backend=backend)
     assert p.grad._version > before
+
+
+def test_an_unwritable_grad_raises_before_any_write(backend, seed):
+    params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
+    clip = lambda ps: fastclip.clip_grad_norm_per_tensor_(ps, 0.1, backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
+
+
+@pytest.mark.parametrize("max_norm", [True, "0.5", "12"])
+def test_max_norm_converted_as_torchs_float(backend, max_norm, seed):
+    """torch takes float(max_norm): a bool or a numeric string is one value (not one per parameter)."""
+    params = random_params([(30,), (4, 4)], [torch.float32], scale=3.0)
+    ours, ref = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_per_tensor_(ours, max_norm, backend=backend)
+    want = torch.stack([torch.nn.utils.clip_grad_norm_([q], max_norm) for q in ref])
+    torch.testing.assert_close(norms, want, rtol=1e-6, atol=0)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend_name", [None, "torch"])
+def test_complex128_norms_are_float64_like_torchs(backend_name, seed):
+    p = torch.nn.Parameter(torch.zeros(6, dtype=torch.complex128))
+    p.grad = torch.randn(6, dtype=torch.complex128) * (1 + 1e-12)
+    norms = fastclip.clip_grad_norm_per_tensor_([p], 1e9, backend=backend_name)
+    assert norms.dtype == torch.float64
+    assert_bitwise_equal(norms[0], torch.linalg.vector_norm(p.grad))

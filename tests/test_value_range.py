@@ -10,7 +10,18 @@ import torch
 
 import fastclip
 
-from .helpers import FLOAT_DTYPES, assert_bitwise_equal, clone_params, grads_of
+import decimal
+import fractions
+
+from .helpers import (
+    FLOAT_DTYPES,
+    UNWRITABLE,
+    assert_bitwise_equal,
+    assert_raises_leaving_grads,
+    clone_params,
+    grads_of,
+    with_unwritable_grad,
+)
 from .method_refs import random_params, sizes_for
 
 INF, NAN = math.inf, math.nan
@@ -155,3 +166,26 @@ def test_only_changed_elements_are_written(backend_name):
     assert inside.returncode == 0 and inside.stdout.strip() == "ok", inside.stderr[-2000:]
     narrower = subprocess.run(run + ["-0.25", "0.25"], capture_output=True, text=True, env=env, timeout=120)
     assert narrower.returncode != 0  # a write to read-only memory
+
+
+@pytest.mark.parametrize(
+    "lo, hi",
+    [(fractions.Fraction(1, 3), None), (None, 2**64), (-(10**400), None), (decimal.Decimal("0.5"), 1.0)],
+    ids=["Fraction", "2**64", "-10**400", "Decimal"],
+)
+def test_bounds_torch_does_not_take_raise_its_errors(backend, lo, hi, seed):
+    params = random_params([(20,), (7,)], [torch.float64, torch.float32])
+    with pytest.raises((TypeError, OverflowError)) as want:
+        params[0].grad.clone().clamp_(lo, hi)
+    before = grads_of(params)
+    with pytest.raises(want.type) as got:
+        fastclip.clip_grad_range_(params, lo, hi, backend=backend)
+    assert str(got.value) == str(want.value)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+def test_an_unwritable_grad_raises_before_any_write(backend, seed):
+    params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
+    clip = lambda ps: fastclip.clip_grad_range_(ps, -0.1, 0.1, backend=backend)  # noqa: E731
+    assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")

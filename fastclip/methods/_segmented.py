@@ -61,17 +61,23 @@ def gather(parameters) -> Gathered:
 
 
 def norms_dtype(grads, work: GradList | None = None) -> torch.dtype:
-    """What per-segment norms come back in: float64 if a grad is float64, else float32."""
+    """What per-segment norms come back in: float64 if a grad is float64 (or
+    complex128, whose norms torch gives in float64), else float32."""
     if work is not None:
         return F64 if F64 in work.dtypes else torch.float32
-    return F64 if any(g.dtype == F64 for g in grads) else torch.float32
+    return F64 if any(g.dtype in (F64, torch.complex128) for g in grads) else torch.float32
 
 
 def per_item(value, count: int, what: str, items: str):
     """A number for every item, or one value per item: (float, None) or
     (None, 1-D float64 tensor or list of floats).  Clear errors otherwise."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real):  # torch's float(max_norm): bools too
         return float(value), None
+    if isinstance(value, (str, bytes)):  # and numeric strings
+        try:
+            return float(value), None
+        except ValueError:
+            raise ValueError(f"{what} must be a number, or a sequence or 1-D tensor of numbers, not {value!r}") from None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             return None, value.reshape(1)

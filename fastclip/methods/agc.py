@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _distributed, _ops
+from .._errors import check_writable
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
 from . import _sharded
@@ -45,7 +46,10 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     name = _dispatch.resolve_name(backend)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
-    norm_type_f = float(norm_type)
+    try:
+        norm_type_f = float(norm_type)
+    except (TypeError, ValueError):  # 'fro' and the like: timm hands them to Tensor.norm
+        return _torch_path(pairs, clip_factor, eps, norm_type)
     kind = FUSED_NORM_KINDS.get(norm_type_f)
     numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     if process_group is not None or _distributed.has_dtensor([g for _, g in pairs]):
@@ -159,6 +163,7 @@ def _torch_path(pairs, clip_factor, eps, norm_type) -> None:
         grad_norm = unitwise_norm(g.detach(), norm_type)
         clipped = g.detach() * (max_norm / grad_norm.clamp(min=1e-6))
         new.append(torch.where(grad_norm < max_norm, g.detach(), clipped))
+    check_writable([g for _w, g in pairs])
     for (_w, g), n in zip(pairs, new):
         g.detach().copy_(n)
     return None
@@ -175,7 +180,10 @@ def _traced(parameters, clip_factor, eps, norm_type, backend, process_group):
         )
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
-    norm_type_f = float(norm_type)
+    try:
+        norm_type_f = float(norm_type)
+    except (TypeError, ValueError):
+        return _torch_path(pairs, clip_factor, eps, norm_type)  # timm's code, traced
     numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
     if not (_ops.plain(grads) and _ops.plain(weights) and numbers_ok and norm_type_f in FUSED_NORM_KINDS):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _distributed, _ops
-from .._errors import empty_inf_norm_message, nonfinite_message
+from .._errors import check_writable, empty_inf_norm_message, nonfinite_message
 from .._work import as_list
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
@@ -36,7 +36,7 @@ def clip_grad_norm_groups_(
     if torch.compiler.is_compiling():
         return _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    members = _groups(groups)
+    members, names = _groups(groups, with_names=True)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
     grads, group_of = _grads_by_group(members)
@@ -55,6 +55,7 @@ def clip_grad_norm_groups_(
     kind = FUSED_NORM_KINDS.get(norm_type)
     fused, work = seg.plan(name, grads) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):
+        _check_grads_disjoint(grads, group_of, names)
         return _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype)
     if kind == LINF and work.has_empty():
         raise RuntimeError(empty_inf_norm_message(None))
@@ -78,9 +79,9 @@ def _grads_by_group(members) -> tuple[list, list]:
     return grads, group_of
 
 
-def _groups(groups) -> list[list]:
-    """The groups as lists of parameters, in order; an error if one parameter
-    is in two groups."""
+def _groups(groups, with_names=False):
+    """The groups as lists of parameters, in order (and their names: dict keys
+    or positions); an error if one parameter is in two groups."""
     if isinstance(groups, torch.Tensor):
         raise TypeError("groups must be a sequence of iterables of parameters (or a dict of them), not a tensor")
     items = list(groups.values()) if isinstance(groups, dict) else list(groups)
@@ -92,7 +93,33 @@ def _groups(groups) -> list[list]:
             first = seen.setdefault(id(p), name)
             if first != name:
                 raise ValueError(f"groups must be disjoint: a parameter is in group {first!r} and in group {name!r}")
-    return members
+    return (members, names) if with_names else members
+
+
+def _check_grads_disjoint(grads, group_of, names) -> None:
+    """An error if grads of two groups share memory (distinct parameters
+    holding the same grad, or overlapping views): torch, group by group,
+    would clip that memory once per group."""
+    spans = []
+    for g, k in zip(grads, group_of):
+        if type(g) is not torch.Tensor or g.layout != torch.strided or g.numel() == 0:
+            continue
+        last = sum((n - 1) * abs(st) for n, st in zip(g.shape, g.stride()))
+        start = g.data_ptr() - sum((n - 1) * -st for n, st in zip(g.shape, g.stride()) if st < 0) * g.element_size()
+        spans.append((g.device, start, start + (last + 1) * g.element_size(), k))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    # Sweep: a run of spans that chain into one another holding two groups has two that overlap.
+    device, end, group = None, 0, None
+    for dev, start, stop, k in spans:
+        if dev == device and start < end:
+            if k != group:
+                a, b = sorted((group, k))
+                raise ValueError(
+                    f"groups must be disjoint: group {names[a]!r} and group {names[b]!r} share gradient memory"
+                )
+            end = max(end, stop)
+        else:
+            device, end, group = dev, stop, k
 
 
 def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:
@@ -103,6 +130,7 @@ def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonf
     norms = [torch_ref.get_total_norm(gs, norm_type) for gs in by_group]
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
+    check_writable(grads)
     for k, (gs, n) in enumerate(zip(by_group, norms)):
         if not gs:
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _distributed, _ops
-from .._errors import empty_inf_norm_message, nonfinite_message
+from .._errors import check_writable, empty_inf_norm_message, nonfinite_message
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
@@ -87,6 +87,7 @@ def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, d
     norms = [torch_ref.get_total_norm([g], norm_type) for g in grads]
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
+    check_writable(grads)
     for i, g in enumerate(grads):
         if in_turn:
             norms[i] = torch_ref.get_total_norm([g], norm_type)

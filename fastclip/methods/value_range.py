@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _distributed, _ops
-from .._errors import check_clamp_bounds
+from .._errors import check_clamp_bounds, check_writable
 from . import _segmented as seg
 
 _NO_BOUND = "torch.clamp: At least one of 'min' or 'max' must not be None"
@@ -35,6 +35,8 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
     _params, grads, _positions = seg.grads_of(parameters)
     bounds = [b for b in (min_value, max_value) if b is not None]
     plain = all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds)
+    if plain and not all(type(b) is float for b in bounds):  # torch's argument errors (Fraction, ints past 64 bits)
+        torch.empty(0).clamp_(min_value, max_value)
     if not plain or any(math.isnan(float(b)) for b in bounds):  # tensors, NaN: torch's own op
         return _torch_path(grads, min_value, max_value)
     lo = -math.inf if min_value is None else float(min_value)
@@ -56,6 +58,7 @@ def _torch_path(grads, min_value, max_value) -> None:
     """torch's clamp on every grad, all computed before any grad is written
     (so that torch's errors leave every grad untouched)."""
     clamped = [g.clone().clamp_(min_value, max_value) for g in grads]
+    check_writable(grads)
     for g, c in zip(grads, clamped):
         g.copy_(c)
     return None
