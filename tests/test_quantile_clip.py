@@ -107,6 +107,31 @@ def test_parameter_groups_with_their_own_settings(backend, seed, patched_torch_c
 
 
 @pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_settings_changed_during_the_run_apply_as_in_autoclip(backend, global_threshold, seed, patched_torch_clip):
+    """autoclip reads a group's quantile and history_length (global mode: the
+    clipper's global_quantile and global_history_length) at every step, as
+    schedules change an optimizer's param groups: the history shrinks and
+    grows from the step of the change, after that step's norm is appended."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair(clipper_shapes(backend), [torch.float32])
+    settings = {"quantile": 0.9, "history_length": 6, "global_threshold": global_threshold}
+    ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
+    changes = {4: ("quantile", 0.1), 7: ("history_length", 2), 10: ("history_length", 5), 13: ("quantile", 0.6)}
+    for step in range(16):
+        if step in changes:
+            key, value = changes[step]
+            for clipper in (ref, ours):
+                if global_threshold:
+                    setattr(clipper, f"global_{key}", value)
+                else:
+                    clipper.parameter_groups[0][key] = value
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        assert_same(ours, ref, a, b)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
 def test_close_to_unpatched_autoclip(fused, global_threshold, seed):
     """The real autoclip, float32 and bfloat16 grads: norms differ in rounding only."""
     if interpreted(fused):

@@ -226,6 +226,113 @@ def test_into_a_step_of_an_optimizer_without_grad_scale_clips_in_place(backend):
         assert_same_run(run(backend, "into", torch.optim.SGD, scaled=scaled), want)
 
 
+class Forwarding:
+    """A wrapper in the style of autoclip's OptimizerWithClipping: attributes
+    forwarded to the optimizer inside, whose own step() runs."""
+
+    def __init__(self, optimizer):
+        self.__dict__["inner"] = optimizer
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, closure=None):
+        return self.inner.step(closure)
+
+
+WRAPPERS = {
+    "forwarding": Forwarding,
+    "as_optimizer": lambda opt: fastclip.QuantileClip.as_optimizer(opt, quantile=0.5, history_length=3),
+}
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["no-scaler", "scaler"])
+@pytest.mark.parametrize("wrapper", list(WRAPPERS.values()), ids=list(WRAPPERS))
+def test_into_a_wrapped_fused_step_clips_in_place(backend, wrapper, scaled):
+    """A wrapper shows the fused optimizer's flag but its step() reads nothing
+    from the wrapper: the clip is written into the grads, and the run equals
+    torch's recipe on the same wrapper; nothing is left on either object."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = wrapper(torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True))
+    inner = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    opt = wrapper(inner)
+    assert not fastclip.methods.training_step.takes_grad_scale(opt)
+    ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
+    for step in range(6):
+        for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
+            o.zero_grad()
+            backward(m, s, step, inject={})
+        if ref_scaler is not None:
+            ref_scaler.unscale_(ref_opt)
+        want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+        got = fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+        for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+            if s is not None:
+                s.step(o)
+                s.update()
+            else:
+                o.step()
+        for o in (opt, inner):
+            assert not {"grad_scale", "found_inf"} & set(vars(o))
+        for p, q in zip(model.parameters(), model_ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    inner.step()  # no hook of ours is left to run
+
+
+def test_into_a_lightning_optimizer_clips_in_place(backend):
+    """Lightning's LightningOptimizer copies the fused optimizer's attributes
+    (its flag too) and steps it through the trainer's strategy."""
+    lightning = pytest.importorskip("pytorch_lightning.core.optimizer", reason="pytorch-lightning is not installed")
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    opt = lightning.LightningOptimizer(inner)
+    assert not fastclip.methods.training_step.takes_grad_scale(opt)
+    for m in (model_ref, model):
+        backward(m, None, 4, inject={})
+    want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+    got = fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    ref_opt.step(), inner.step()  # what the strategy calls
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    inner.step()
+    assert not {"grad_scale", "found_inf"} & (set(vars(opt)) | set(vars(inner)))
+
+
+def test_into_a_step_called_twice_before_the_step_sees_the_first_clip(backend):
+    """torch's recipe clipped the grads at the first call, so a second clip
+    sees (and returns the norm of) the clipped grads; the step then equals
+    clip, clip, step.  A deferred clip whose step never ran is dropped when a
+    new backward replaces the grads."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    for m in (model_ref, model):
+        backward(m, None, 4, inject={})  # a step that clips hard
+    norms_ref = [fastclip.clip_grad_norm_(model_ref.parameters(), m, backend=backend) for m in (0.5, 0.2)]
+    norms = [fastclip.clip_grad_norm_into_step_(opt, m, backend=backend) for m in (0.5, 0.2)]
+    torch.testing.assert_close(torch.stack(norms), torch.stack(norms_ref), rtol=1e-5, atol=0)
+    ref_opt.step(), opt.step()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a call whose step never runs, then a new backward: only the new clip reaches the step
+    model.load_state_dict(model_ref.state_dict())
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    for m, o in ((model_ref, ref_opt), (model, opt)):
+        o.zero_grad()
+        backward(m, None, 9, inject={})
+    want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.3, backend=backend)
+    got = fastclip.clip_grad_norm_into_step_(opt, 0.3, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    ref_opt.step(), opt.step()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not {"grad_scale", "found_inf"} & set(vars(opt))
+
+
 def test_into_a_skipped_step_leaves_parameters_and_backs_off(backend):
     model = make_model(backend)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)

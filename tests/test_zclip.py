@@ -33,6 +33,7 @@ SETTINGS = [
     {"warmup_steps": 0, "clip_factor": 0.7, "alpha": 0.9},
     {"mode": "percentile", "z_thresh": 1.0, "max_grad_norm": 5.0, "warmup_steps": 1},
     {"clip_option": "mean", "skip_update_on_spike": True, "max_grad_norm": 0.5, "eps": 1e-3},
+    {"warmup_steps": 2.5, "mode": "percentile"},  # zclip starts once len(buffer) >= 2.5: after 3 steps
 ]
 
 

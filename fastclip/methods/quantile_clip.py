@@ -133,6 +133,32 @@ class _Rings:
     def to(self, device) -> None:
         self.buffer = self.buffer.to(device)
 
+    def record_keeping(self, rows: torch.Tensor | None, values: torch.Tensor, length: int) -> None:
+        """record(), keeping the last `length` norms of every row from now on
+        (autoclip appends, then keeps the last history_length: a length changed
+        during the run applies after this step's norm is appended)."""
+        if length == self.length:
+            self.record(rows, values)
+            return
+        self._resize(self.length + 1)  # room for this step's norm beside every norm kept so far
+        self.record(rows, values)
+        self._resize(length)
+
+    def _resize(self, length: int) -> None:
+        histories = [self.history(r) for r in range(len(self.counts))]
+        self.length = length
+        self.buffer = self.buffer.new_zeros(len(histories), length)
+        for r, h in enumerate(histories):
+            self.load(r, h)
+
+
+def _same_values(now: list, then: list) -> bool:
+    """The same quantiles (tensors: the same objects) as when the layout was made?"""
+    return len(now) == len(then) and all(
+        a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+        for a, b in zip(now, then)
+    )
+
 
 class _Layout(NamedTuple):
     """Where each grad's history lives, kept while the same parameters have
@@ -170,6 +196,7 @@ class QuantileClip:
         self._pending: dict = {}  # parameter -> loaded history, for parameters not yet seen with a grad
         self._params: list = []  # every group's parameters, in order
         self._layout: _Layout | None = None  # the last step's, while it holds
+        self._layout_quantiles: list = []  # the groups' quantiles it was made with
         self.last_norms = self.last_thresholds = None
         if not isinstance(parameters, (Iterator, Iterable)):
             raise TypeError(
@@ -289,6 +316,9 @@ class QuantileClip:
         gathered = seg.gather(self._params)
         if not gathered.grads:
             return
+        quantiles_now = [group["quantile"] for group in self.parameter_groups]  # read every step, as autoclip does
+        if self._layout is not None and not _same_values(quantiles_now, self._layout_quantiles):
+            self._layout = None
         layout = self._layout
         kind = _history_kind(gathered)
         if layout is None or gathered.positions is not None or kind is None or layout.history_dtype != kind:
@@ -297,6 +327,7 @@ class QuantileClip:
             layout = _Layout(kind, device, self._layout_of(entries, device))
             # kept for the next steps while every parameter has a grad of the same kind
             self._layout = layout if gathered.positions is None and kind is not None else None
+            self._layout_quantiles = quantiles_now
         thresholds = self._thresholds(layout, len(gathered.grads))
         # torch's clip_grad_norm_(p, max_norm=threshold) for every p at once: the
         # per-tensor method's coefficient is that one (float(max_norm), reciprocal, multiply)
@@ -306,7 +337,8 @@ class QuantileClip:
             params = [p for p in gathered.params if p.grad is not None]
             norms = clip_grad_norm_per_tensor_(params, thresholds, backend=self.backend)
         for rings, _q, rows, index in layout.parts:
-            rings.record(rows, norms[index].to(rings.dtype))
+            length = int(self.parameter_groups[rings.group]["history_length"])  # (a group's may change, as in autoclip)
+            rings.record_keeping(rows, norms[index].to(rings.dtype), length)
         self.last_norms, self.last_thresholds = norms, thresholds
 
     def _thresholds(self, layout: _Layout, count: int) -> torch.Tensor:
@@ -335,7 +367,7 @@ class QuantileClip:
         # torch's clip_grad_norm_(max_norm=threshold): float(threshold), then reciprocal and multiply
         coef = torch.clamp((total + 1e-6).reciprocal() * threshold.to(total.dtype), max=1.0)
         whole.scale(coef)
-        rings.record(None, total.to(rings.dtype).reshape(1))
+        rings.record_keeping(None, total.to(rings.dtype).reshape(1), int(self.global_history_length))
         self.last_norms, self.last_thresholds = total, threshold
 
     # ------------------------------------------------------------ statistics

@@ -36,6 +36,7 @@ from ..backends.base import FUSED_NORM_KINDS, LINF
 from ._whole import eager_under_compile, gather
 
 _HOOK = "_fastclip_into_step_hook"  # the optimizer's step post-hook that removes grad_scale after the step
+_PENDING = "_fastclip_into_step_pending"  # (coefficient, grads, their versions) of a clip deferred without a scaler
 
 
 def _params(optimizer) -> list:
@@ -143,9 +144,17 @@ def _set_unscaled(state: dict, found_inf_per_device: dict) -> None:
 
 def takes_grad_scale(optimizer) -> bool:
     """Does optimizer.step() divide the grads by `optimizer.grad_scale` and skip
-    on `optimizer.found_inf` (torch's fused optimizers)?"""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and (
-        "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    on `optimizer.found_inf` (torch's fused optimizers)?  The step must be
+    torch's own: a wrapper that shows the flag of the optimizer inside it
+    (Lightning's LightningOptimizer copies its attributes, autoclip-style
+    OptimizerWithClipping forwards them) has a step that would read
+    grad_scale from that inner optimizer, not from the wrapper."""
+    step = getattr(type(optimizer), "step", None)
+    return (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        and getattr(step, "__module__", "").startswith("torch.optim.")
+        and "grad_scaler" not in inspect.signature(optimizer.step).parameters
     )
 
 
@@ -170,6 +179,7 @@ def clip_grad_norm_into_step_(
     Returns the total norm before clipping.  DTensor grads and
     ``process_group``: the in-place path.
     """
+    _apply_pending(optimizer)
     params = _params(optimizer)
     if scaler is not None and not scaler.is_enabled():
         scaler = None  # unscale_ does nothing and scaler.step() runs a plain step
@@ -195,7 +205,7 @@ def clip_grad_norm_into_step_(
         _set_unscaled(state, {plan[1].device: found})
     else:
         optimizer.grad_scale = divisor
-        _remove_after_step(optimizer)
+        _remove_after_step(optimizer, coef, grads)
     return total
 
 
@@ -232,14 +242,41 @@ def _scaler_respects_grad_scale() -> bool:
     return _RESPECTS_GRAD_SCALE[0]
 
 
-def _remove_after_step(optimizer) -> None:
-    """Without a scaler nobody deletes optimizer.grad_scale: a one-shot post-step hook does."""
-    if getattr(optimizer, _HOOK, None) is not None:
+def _remove_after_step(optimizer, coef, grads) -> None:
+    """Without a scaler nobody deletes optimizer.grad_scale: a one-shot post-step
+    hook does.  Until then the deferred clip (coefficient, grads) is kept for
+    _apply_pending."""
+    optimizer.__dict__[_PENDING] = (coef, grads, _versions(grads))
+    if vars(optimizer).get(_HOOK) is not None:
         return
 
-    def remove(opt, args, kwargs):
-        opt.__dict__.pop("grad_scale", None)
-        getattr(opt, _HOOK).remove()
-        delattr(opt, _HOOK)
+    def remove(_opt, _args, _kwargs):
+        for name in ("grad_scale", _PENDING, _HOOK):
+            optimizer.__dict__.pop(name, None)
+        handle.remove()
 
-    setattr(optimizer, _HOOK, optimizer.register_step_post_hook(remove))
+    handle = optimizer.register_step_post_hook(remove)
+    optimizer.__dict__[_HOOK] = handle
+
+
+def _versions(grads) -> tuple:
+    """A cheap sign that the grads were not replaced or rewritten since: the
+    first and last grads' version counters (a backward or zero_grad moves them)."""
+    return tuple(g._version for g in (grads[:1] + grads[-1:])) if grads else ()
+
+
+def _apply_pending(optimizer) -> None:
+    """A clip deferred to a step that has not run yet (no scaler): a second
+    call before the step sees the grads as torch's recipe leaves them, so the
+    first clip is written into them now.  If the grads were replaced since
+    (a new backward), the deferred clip is dropped with its step."""
+    pending = optimizer.__dict__.pop(_PENDING, None)
+    optimizer.__dict__.pop("grad_scale", None)
+    if pending is None:
+        return
+    coef, grads, versions = pending
+    same = len(grads) == len(current := [p.grad for p in _params(optimizer) if p.grad is not None]) and all(
+        a is b for a, b in zip(grads, current)
+    )
+    if same and _versions(grads) == versions:
+        torch._foreach_mul_(grads, coef)  # as clip_grads_with_norm_ multiplies

@@ -25,6 +25,8 @@ zclip's step, which this follows:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._dispatch import resolve_name
@@ -165,7 +167,7 @@ class ZClip:
         else:
             total = whole.norm()
         norm = total.to(F64)
-        length = max(int(self.warmup_steps), 1)  # zclip initializes once len(buffer) >= warmup_steps
+        length = max(math.ceil(self.warmup_steps), 1)  # zclip initializes once len(buffer) >= warmup_steps
         if self._record is None or len(self._record) != length:
             self._record = torch.zeros(length, dtype=F64, device=norm.device)
         self._record = self._record.to(norm.device)  # loaded elsewhere: follow the grads
