@@ -579,6 +579,52 @@ def partial_dtensor_grads(rank, world):
 
 
 @scenario(2)
+def segmented_methods_on_partial_dtensor_grads(rank, world):
+    """Unreduced (Partial) grads: per-tensor, group and AGC norms come from
+    the reduced values, and the coefficients scale each rank's own piece (a
+    reduced copy would be thrown away), so the reduced grads equal the
+    unsharded clip."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor, init_device_mesh
+
+    import fastclip
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = shared_grads([(4, 6), (5,), (3, 2)], torch.float32, seed=81)
+    weights = shared_grads([(4, 6), (5,), (3, 2)], torch.float32, seed=82)
+    pieces = [[(g * (r + 1) / sum(range(1, world + 1))) for r in range(world)] for g in full]
+
+    def params():
+        out = []
+        for w, ps in zip(weights, pieces):
+            q = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Replicate()]))
+            q.grad = DTensor.from_local(ps[rank].clone(), mesh, [Partial()], run_check=False)
+            out.append(q)
+        return out
+
+    whole = [sum(ps) for ps in pieces]
+    per_tensor, norms, grouped, group_norms = _unsharded_references(whole, 2.0)
+    ps = params()
+    assert_close(fastclip.clip_grad_norm_per_tensor_(ps, 0.7), norms)
+    for q, r in zip(ps, per_tensor):
+        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+    ps = params()
+    assert_close(fastclip.clip_grad_norm_groups_([ps[:3], ps[3:]], [0.5, 2.0]), group_norms)
+    for q, r in zip(ps, grouped):
+        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+    from fastclip.methods.agc import _torch_path
+
+    ref = params_with(whole)
+    for q, w in zip(ref, weights):
+        q.data.copy_(w)
+    _torch_path([(q.detach(), q.grad) for q in ref], 0.05, 1e-3, 2.0)
+    ps = params()
+    fastclip.adaptive_clip_grad_(ps, 0.05)
+    for q, r in zip(ps, ref):
+        torch.testing.assert_close(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+        assert q.grad.placements[0].is_partial()
+
+
+@scenario(2)
 def process_group_under_torch_compile(rank, world):
     """process_group= inside a compiled function runs eagerly (a graph break)
     and still reduces over the group."""

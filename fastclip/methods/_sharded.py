@@ -54,13 +54,18 @@ class Sharded:
             )
         self.wrappers = [g for g, d in zip(grads, is_dt) if d]
         self.local, self.local_weights, self.sliced, self.groups = [], [], [], {}
+        # what the coefficients scale: each grad's own shard (for a Partial grad
+        # its unreduced piece, read from a reduced copy: scaling is linear)
+        self.targets = []
         for i, g in enumerate(grads):
             w = weights[i] if weights is not None else None
             # AGC's units: dim-0 slices, unless the (global) tensor is one unit
             sliced = agc and g.dim() >= 2 and g.shape[0] > 1
             if is_dt[i]:
+                self.targets.append(g._local_tensor)
                 g, w, key, mesh, dims = self._dtensor_local(g, w, sliced)
             else:
+                self.targets.append(g)
                 key, mesh, dims = "process_group", None, ()
             self.local.append(g)
             self.local_weights.append(w)
@@ -320,9 +325,9 @@ def finish_and_apply(sharded, name, first, lens, S, p, powers, weight_powers, fa
         raise RuntimeError(nonfinite_error)
     if apply and out.coefs is not None:
         coefs = torch.where(failed.to(out.coefs.device), torch.ones_like(out.coefs), out.coefs)
-        if fused is not None:
+        if fused is not None and all(t is g for t, g in zip(sharded.targets, sharded.local)):
             fused.segment_apply(call, coefs)
-        else:
+        else:  # (Partial grads: their pieces, by torch)
             _torch_apply(sharded, first, lens, coefs)
         if sharded.wrappers:
             increment_version(sharded.wrappers)
@@ -395,7 +400,7 @@ def _torch_finish(sharded, first, lens, S, p, out, coefficient) -> None:
 def _torch_apply(sharded, first, lens, coefs) -> None:
     from ..backends.gpu_common import torch_scale
 
-    for (f, n, sliced), g in zip(_segment_ids(sharded, first, lens), sharded.local):
+    for (f, n, sliced), g in zip(_segment_ids(sharded, first, lens), sharded.targets):
         if g.numel() == 0:
             continue
         c = coefs[f : f + n].to(g.device)
