@@ -174,8 +174,10 @@ def _params_and_grads(parameters) -> tuple[list, list]:
 
 def _plain(tensors) -> bool:
     """Plain tensors of the kernels' dtypes (others go to traced torch, whose
-    results the fake implementations would not describe, e.g. complex)."""
-    return all(type(t) is torch.Tensor and t.dtype in DTYPE_CODES for t in tensors)
+    results the fake implementations would not describe, e.g. complex).  No
+    tensors at all go to traced torch too (Inductor cannot take a mutating op
+    on an empty list)."""
+    return bool(tensors) and all(type(t) is torch.Tensor and t.dtype in DTYPE_CODES for t in tensors)
 
 
 def _number(x) -> bool:

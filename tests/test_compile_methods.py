@@ -91,6 +91,67 @@ def test_inductor_update_with_agc_and_stats(seed):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # Inductor's fused update may round differently
 
 
+def test_inductor_runs_the_fused_agc_on_parameters(seed):
+    """The op is handed the nn.Parameters themselves as weights: still the
+    fused kernels, so the same bits as eager."""
+    params = _params("cpu")
+    eager = clone_params(params)
+    clip = lambda ps: fastclip.adaptive_clip_grad_(ps, 0.02, backend="cpu")  # noqa: E731
+    torch.compile(clip, backend="inductor", fullgraph=True)(params)
+    clip(eager)
+    for p, q in zip(params, eager):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
+def test_inductor_agc_on_views_of_one_grad_buffer(seed):
+    """Grads that are views of one flat buffer (DDP's bucket views) take
+    timm's code, traced: Inductor cannot decompose the op on them."""
+    shapes = [(8, 5), (7,), (3, 4)]
+
+    def make():
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        buffer, start = torch.randn(sum(torch.Size(s).numel() for s in shapes)) * 3, 0
+        for p in params:
+            p.grad = buffer[start : start + p.numel()].view(p.shape)
+            start += p.numel()
+        return params
+
+    params, eager = make(), make()
+    clip = lambda ps: fastclip.adaptive_clip_grad_(ps, 0.01)  # noqa: E731
+    torch.compile(clip, backend="inductor", fullgraph=True)(params)
+    clip(eager)
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_no_grads_compile_to_what_eager_returns(compiler):
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    calls = {
+        "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 1.0),
+        "per_tensor": lambda ps: fastclip.clip_grad_norm_per_tensor_(ps, 1.0),
+        "groups": lambda ps: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], 1.0),
+        "stats": lambda ps: tuple(fastclip.grad_stats(ps)),
+        "agc": lambda ps: fastclip.adaptive_clip_grad_(ps, 0.01),
+    }
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        got, want = torch.compile(call, backend=compiler, fullgraph=True)(params), call(params)
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_groups_with_a_0_dim_max_norm_compile(seed):
+    params = _params("cpu")
+    eager = clone_params(params)
+    step = lambda ps: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], torch.tensor(0.3))  # noqa: E731
+    fn, counter = _compiled(step)
+    assert_bitwise_equal(fn(params), step(eager))
+    for p, q in zip(params, eager):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
 def test_generic_ops_pass_opcheck(seed):
     grads = [torch.randn(7, 3), torch.randn(5)]
     weights = [torch.randn(7, 3), torch.randn(5)]

@@ -186,7 +186,10 @@ def _traced(parameters, clip_factor, eps, norm_type, backend, process_group):
         return _torch_path(pairs, clip_factor, eps, norm_type)  # timm's code, traced
     numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
-    if not (_ops.plain(grads) and _ops.plain(weights) and numbers_ok and norm_type_f in FUSED_NORM_KINDS):
+    # (grads that are views of one buffer, as DDP's bucket views: Inductor's
+    # decomposition of the op fails on them in torch 2.13, so they take timm's code)
+    views = sum(g._base is not None for g in grads) > 1
+    if views or not (_ops.plain(grads) and _ops.plain(weights) and numbers_ok and norm_type_f in FUSED_NORM_KINDS):
         return _torch_path(pairs, clip_factor, eps, norm_type_f)  # timm's code, traced
     _ops.method_("agc", grads, weights, numbers=[clip_factor, eps, norm_type_f], backend=backend)
     return None
@@ -201,7 +204,7 @@ class _Pair:
         self.weight, self.grad = weight, grad
 
     def detach(self):
-        return self.weight
+        return self.weight.detach()  # (the op may be handed the nn.Parameter itself)
 
 
 def _eager_op(grads, weights, numbers, ints, values, backend):

@@ -163,7 +163,9 @@ def _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_gr
                            seg.norms_dtype(grads))  # fmt: skip
     sizes = [group_of.count(k) for k in range(len(members))]
     numbers = [norm_type, float(bool(error_if_nonfinite))]
-    values = many if isinstance(many, torch.Tensor) else None
+    values = None
+    if isinstance(many, torch.Tensor):  # (a 0-dim max_norm comes back as shape (1,): one value for every group)
+        values = many.reshape(()) if many.shape[0] == 1 else many
     numbers += [single] if single is not None else [] if values is not None else list(many)
     return _ops.method_("groups", grads, numbers=numbers, ints=sizes, values=values, backend=backend)
 
