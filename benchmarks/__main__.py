@@ -1,7 +1,7 @@
-"""python -m benchmarks: fastclip against torch.nn.utils on realistic layouts.
+"""python -m benchmarks: fastclip against torch.nn.utils and the libraries it replaces, on realistic layouts.
 
 Prints a table (median time, GB/s, fraction of the memory floor measured in
-the same run, speedup vs torch) and writes JSON, Markdown and a PNG plot to
+the same run, speedup vs the baseline) and writes JSON, Markdown and a PNG plot to
 benchmarks/results/.  Run it on a quiet machine: nothing else should be
 building, testing or benchmarking beside it.
 """
@@ -9,6 +9,7 @@ building, testing or benchmarking beside it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from .layouts import billion, gpt2_small, llama_blocks, make_grads, resnet50, ti
 from .report import machine_info, summarize, table, write_all
 
 # (layout, dtype, ops): the default suite
+BASELINE_PACKAGES = {"agc": "timm", "zclip": "zclip", "autoclip": "autoclip"}  # operation -> the package it is timed against
 TORCH_OPS = ["norm-noclip", "norm-clip", "value-few", "value-most"]
 METHODS = ["per-tensor", "range-few", "range-most", "agc", "groups-noclip", "stats", "zclip", "autoclip",
            "amp-clip", "step-clip", "step-amp"]
@@ -80,8 +82,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--deadline-s", type=float, help="start no case after this many seconds; report the cases done (GPU leases)"
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the grads live")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder for the JSON, Markdown and PNG (default: benchmarks/results)")
     parser.add_argument("--name", help="file stem for the results (default: date_machine_commit)")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument("--ops", nargs="+", choices=sorted(OPS), help="only these operations of the suite")
@@ -91,9 +94,16 @@ def main(argv=None) -> int:
 
     suite = suite_for(args.quick, args.device)
     cases = [(make(), dtype, op) for make, dtype, ops in suite for op in ops if not args.ops or op in args.ops]
+    if not cases:
+        parser.error(f"no case of the {'quick ' if args.quick else ''}suite runs {' '.join(args.ops)}")
+    missing = {op: pkg for op, pkg in BASELINE_PACKAGES.items() if importlib.util.find_spec(pkg) is None}
+    if any(op in missing for _l, _d, op in cases):  # (the baselines of the methods: see pyproject's bench extra)
+        print("not installed, so not run: " + ", ".join(f"{op} (its baseline {pkg})" for op, pkg in missing.items()),
+              file=sys.stderr)  # fmt: skip
+        cases = [c for c in cases if c[2] not in missing]
     machine = machine_info(args.device)
     print(
-        f"fastclip vs torch on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "
+        f"fastclip vs its baselines on {machine['device']} ({machine['cpu']}, {machine['threads']} threads), "
         f"commit {machine['commit']}",
         file=sys.stderr,
     )

@@ -83,7 +83,7 @@ def summarize(r: CaseResult) -> list[dict]:
     return rows
 
 
-HEADER = ["layout", "dtype", "operation", "impl", "median ms", "GB/s", "of floor", "vs torch"]
+HEADER = ["layout", "dtype", "operation", "impl", "median ms", "GB/s", "of floor", "vs baseline"]
 CUDA_HEADER = ["host us", "launches"]
 
 
@@ -122,7 +122,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
         f"torch {machine['torch']}, fastclip {machine['fastclip']} ({machine['cpu_isa']}), "
         f"commit {machine['commit']}, {machine['date']}.",
         "",
-        "| layout | dtype | operation | impl | median ms | GB/s | of floor | vs torch |"
+        "| layout | dtype | operation | impl | median ms | GB/s | of floor | vs baseline |"
         + (" host us | launches |" if cuda else ""),
         "|---|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if cuda else ""),
     ]
@@ -137,10 +137,13 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write; "
         "AGC: one read of the weights and the grads); "
         "'of floor' is the time of the fastest plain read (and in-place write) of the same bytes in the same run "
-        "divided by the operation's time.  'vs torch' is against the baseline row of each case: torch.nn.utils "
+        "divided by the operation's time.  'vs baseline' is against the baseline row of each case: torch.nn.utils "
         "for torch's functions; for the methods, what a user runs instead (benchmarks/methods.py): a loop of "
         "clip_grad_norm_([p]) (per-tensor), a loop of clamp_(lo, hi) (range), timm's adaptive_clip_grad (AGC), "
-        "clip_grad_norm_ per group (groups), torch's _foreach_norm with isfinite and zero counts (grad_stats)."
+        "clip_grad_norm_ per group (groups), torch's _foreach_norm with isfinite and zero counts (grad_stats), "
+        "zclip's ZClip.step (ZClip), autoclip's QuantileClip.step (QuantileClip), GradScaler.unscale_ then "
+        "clip_grad_norm_ (AMP clip), clip_grad_norm_ then a fused AdamW step, with unscale_ under AMP (the "
+        "clip in the step)."
         + (
             " On CUDA the floors also include a device-to-device copy (half its time for one read); "
             "'host us' is the time until the call returned (before the device finished), 'launches' the "
@@ -165,7 +168,7 @@ def plot(rows: list[dict], machine: dict, path: str) -> None:
             cases.append(key)
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.55 * len(cases) + 2), sharey=True)
-    height = 0.8 / len(impls)
+    height = 0.8 / max(len(impls), 1)
     for k, impl in enumerate(impls):
         ys, speed, frac = [], [], []
         for r in rows:
@@ -178,7 +181,7 @@ def plot(rows: list[dict], machine: dict, path: str) -> None:
     axes[0].set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
     axes[0].invert_yaxis()
     axes[0].axvline(1.0, color="k", lw=0.8)
-    axes[0].set_xlabel("speedup vs torch.nn.utils (median)")
+    axes[0].set_xlabel("speedup vs the baseline (median)")
     axes[1].axvline(1.0, color="k", lw=0.8)
     axes[1].set_xlabel("fraction of the measured memory floor")
     axes[1].legend(loc="lower right", fontsize=8)

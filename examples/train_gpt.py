@@ -245,7 +245,7 @@ def parse_args(argv=None):
     parser.add_argument("--clip-backend", default="auto", choices=["auto", "cpu", "cuda", "triton", "torch"],
                         help="fastclip backend, or 'torch' for torch.nn.utils.clip_grad_norm_")  # fmt: skip
     parser.add_argument("--clip", default="norm", choices=METHODS, help="the clipping method (see above)")
-    parser.add_argument("--amp", action="store_true", help="scale the loss with a GradScaler")
+    parser.add_argument("--amp", action="store_true", help="scale the loss with a GradScaler (no autocast)")
     parser.add_argument("--compare", action="store_true",
                         help="run the reference (torch, or the method's library) and --clip-backend from the same start")
     parser.add_argument("--patch", action="store_true", help="reach fastclip through fastclip.patch()")
@@ -267,6 +267,8 @@ def parse_args(argv=None):
         parser.error("--d-model must be a multiple of --heads")
     if not math.isfinite(args.max_norm) or args.max_norm <= 0:
         parser.error("--max-norm must be a positive number")
+    if args.amp and args.dtype == "float16":  # GradScaler refuses fp16 grads (AMP keeps fp32 weights)
+        parser.error("--amp scales the loss of float32 or bfloat16 weights; GradScaler refuses float16 grads")
     return args
 
 

@@ -1,5 +1,7 @@
-"""The example scripts run, and training with fastclip follows torch's loss
-curve (examples/train_gpt.py; the Lightning example: tests/test_patch.py)."""
+"""The example scripts run, and training with fastclip follows its reference's
+loss curve: examples/train_gpt.py (torch, zclip, autoclip, timm), the
+Lightning ZClip callback and the HF Trainer (the Lightning patch example:
+tests/test_patch.py); the benchmark CLI's argument checks."""
 
 from __future__ import annotations
 
@@ -89,3 +91,12 @@ def test_hf_trainer_clips_with_fastclip(mode, monkeypatch):
     reference = "torch" if mode == "patch" else "zclip"
     assert len(runs["fastclip"]) == 8
     assert runs["fastclip"] == pytest.approx(runs[reference], rel=1e-5)
+
+
+def test_benchmark_cli_refuses_a_selection_that_runs_nothing(capsys):
+    from benchmarks.__main__ import main as bench_main
+
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--quick", "--ops", "zclip", "--no-save"])  # the quick suite has no ZClip case
+    assert info.value.code == 2
+    assert "no case of the quick suite runs zclip" in capsys.readouterr().err

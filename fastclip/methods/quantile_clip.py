@@ -179,7 +179,11 @@ class QuantileClip:
     (fp16/bf16 grads: their norms are float32 here, autoclip rounds them to
     the grads' dtype).  Everything stays on the device; ``last_norms``,
     ``last_thresholds``, ``last_coefs`` and ``last_clipped`` (and
-    ``stats()``) hold the last step's values as device tensors.
+    ``stats()``) hold the last step's values as device tensors.  A
+    ``history_length`` changed during the run cuts every history at that
+    step (autoclip cuts those of parameters without a grad at their next
+    step); the ring position lives on the host, so a step is not
+    CUDA-graph capturable.
     """
 
     def __init__(self, parameters, quantile=0.9, history_length=1000, global_threshold=False, *, backend=None):

@@ -51,6 +51,8 @@ class ZClip:
     are device tensors; ``state_dict()``/``load_state_dict()`` resume exactly.
     ``process_group=``/DTensor grads: the norm is that of the whole, as in
     :func:`fastclip.clip_grad_norm_`, and every rank keeps the same statistics.
+    Differences (README): the norm is fastclip's (fp16/bf16 grads summed in
+    float32, where zclip computes it in the first grad's dtype).
     """
 
     def __init__(
