@@ -333,6 +333,29 @@ def test_into_a_step_called_twice_before_the_step_sees_the_first_clip(backend):
     assert not {"grad_scale", "found_inf"} & set(vars(opt))
 
 
+def test_into_a_step_with_a_scaler_called_twice_raises_and_keeps_the_first(backend):
+    """As unscale_ twice: torch's error, and the first call's hand-over to the
+    step (grad_scale, the scaler's stage) stays, so scaler.step() still steps right."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = scaler_for(), scaler_for()
+    for m, s in ((model_ref, ref_scaler), (model, scaler)):
+        backward(m, s, 4, inject={})
+    ref_scaler.unscale_(ref_opt)
+    fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+    handed = vars(opt).get("grad_scale")
+    with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called"):
+        fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+    assert vars(opt).get("grad_scale") is handed
+    for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+        s.step(o)
+        s.update()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_into_a_skipped_step_leaves_parameters_and_backs_off(backend):
     model = make_model(backend)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)

@@ -271,9 +271,9 @@ def _apply_pending(optimizer) -> None:
     first clip is written into them now.  If the grads were replaced since
     (a new backward), the deferred clip is dropped with its step."""
     pending = optimizer.__dict__.pop(_PENDING, None)
-    optimizer.__dict__.pop("grad_scale", None)
-    if pending is None:
+    if pending is None:  # (a grad_scale a scaler's call set stays: scaler.step() hands it to the step)
         return
+    optimizer.__dict__.pop("grad_scale", None)
     coef, grads, versions = pending
     same = len(grads) == len(current := [p.grad for p in _params(optimizer) if p.grad is not None]) and all(
         a is b for a, b in zip(grads, current)
