@@ -57,6 +57,15 @@ def scaler_for(**kwargs):
     return torch.amp.GradScaler(device().type, init_scale=2.0**12, growth_interval=3, **kwargs)
 
 
+def step_with(optimizer, scaler):
+    """optimizer's step as the recipe takes it: through the scaler (then its update), or plain."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scaled=True, fused=False, dtype=None):
     """Parameters, norms and scales of a short training run: `how` is "torch"
     (the recipe), "unscale" (unscale_clip_grad_norm_) or "into" (clip_grad_norm_into_step_)."""
@@ -78,12 +87,9 @@ def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scal
             norms.append(fastclip.clip_grad_norm_into_step_(opt, max_norm, norm_type, scaler=scaler, backend=backend))
         if how != "into":
             grads.append([p.grad.clone() for p in model.parameters()])
+        step_with(opt, scaler)
         if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
             scales.append(scaler.get_scale())
-        else:
-            opt.step()
         assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # nothing left behind
     return [p.detach().clone() for p in model.parameters()], norms, scales, grads
 
@@ -199,11 +205,7 @@ def test_into_a_fused_step_equals_clip_then_step(backend, optimizer_cls, scaled)
                 assert_bitwise_equal(p.grad, g)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0, equal_nan=True)  # the runs drift in rounding
         for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
-            if s is not None:
-                s.step(o)
-                s.update()
-            else:
-                o.step()
+            step_with(o, s)
             assert not hasattr(o, "grad_scale") and not hasattr(o, "found_inf")
         if scaled:
             assert scaler.get_scale() == ref_scaler.get_scale()
@@ -268,11 +270,7 @@ def test_into_a_wrapped_fused_step_clips_in_place(backend, wrapper, scaled):
         got = fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
         for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
-            if s is not None:
-                s.step(o)
-                s.update()
-            else:
-                o.step()
+            step_with(o, s)
         for o in (opt, inner):
             assert not {"grad_scale", "found_inf"} & set(vars(o))
         for p, q in zip(model.parameters(), model_ref.parameters()):
@@ -350,8 +348,7 @@ def test_into_a_step_with_a_scaler_called_twice_raises_and_keeps_the_first(backe
         fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
     assert vars(opt).get("grad_scale") is handed
     for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
-        s.step(o)
-        s.update()
+        step_with(o, s)
     for p, q in zip(model.parameters(), model_ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

@@ -44,14 +44,10 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     if torch.compiler.is_compiling():
         return _traced(parameters, clip_factor, eps, norm_type, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
-    try:
-        norm_type_f = float(norm_type)
-    except (TypeError, ValueError):  # 'fro' and the like: timm hands them to Tensor.norm
+    pairs, norm_type_f, numbers_ok = _arguments(parameters, clip_factor, eps, norm_type)
+    if norm_type_f is None:
         return _torch_path(pairs, clip_factor, eps, norm_type)
     kind = FUSED_NORM_KINDS.get(norm_type_f)
-    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     if process_group is not None or _distributed.has_dtensor([g for _, g in pairs]):
         return _sharded_path(pairs, float(clip_factor), float(eps), norm_type_f, name, process_group)
     grads = [g for _, g in pairs]
@@ -81,6 +77,19 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
         if gc is not g:
             g.copy_(gc)
     return None
+
+
+def _arguments(parameters, clip_factor, eps, norm_type) -> tuple[list, float | None, bool]:
+    """(weight, grad) of every parameter with a grad; norm_type as a float, or
+    None for what timm hands to Tensor.norm as it is ('fro' and the like);
+    whether clip_factor and eps are plain numbers the kernels take."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
+    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    try:
+        return pairs, float(norm_type), numbers_ok
+    except (TypeError, ValueError):
+        return pairs, None, numbers_ok
 
 
 def _sharded_path(pairs, clip_factor, eps, p, name, process_group) -> None:
@@ -178,13 +187,9 @@ def _traced(parameters, clip_factor, eps, norm_type, backend, process_group):
         return torch._dynamo.disable(adaptive_clip_grad_)(
             parameters, clip_factor, eps, norm_type, backend=backend, process_group=process_group
         )
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
-    try:
-        norm_type_f = float(norm_type)
-    except (TypeError, ValueError):
+    pairs, norm_type_f, numbers_ok = _arguments(parameters, clip_factor, eps, norm_type)
+    if norm_type_f is None:
         return _torch_path(pairs, clip_factor, eps, norm_type)  # timm's code, traced
-    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
     grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
     # (grads that are views of one buffer, as DDP's bucket views: Inductor's
     # decomposition of the op fails on them in torch 2.13, so they take timm's code)

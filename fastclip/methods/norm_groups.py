@@ -36,7 +36,7 @@ def clip_grad_norm_groups_(
     if torch.compiler.is_compiling():
         return _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    members, names = _groups(groups, with_names=True)
+    members, names = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
     grads, group_of = _grads_by_group(members)
@@ -79,8 +79,8 @@ def _grads_by_group(members) -> tuple[list, list]:
     return grads, group_of
 
 
-def _groups(groups, with_names=False):
-    """The groups as lists of parameters, in order (and their names: dict keys
+def _groups(groups) -> tuple[list, list]:
+    """The groups as lists of parameters, in order, and their names (dict keys
     or positions); an error if one parameter is in two groups."""
     if isinstance(groups, torch.Tensor):
         raise TypeError("groups must be a sequence of iterables of parameters (or a dict of them), not a tensor")
@@ -93,7 +93,7 @@ def _groups(groups, with_names=False):
             first = seen.setdefault(id(p), name)
             if first != name:
                 raise ValueError(f"groups must be disjoint: a parameter is in group {first!r} and in group {name!r}")
-    return (members, names) if with_names else members
+    return members, names
 
 
 def _check_grads_disjoint(grads, group_of, names) -> None:
@@ -104,9 +104,8 @@ def _check_grads_disjoint(grads, group_of, names) -> None:
     for g, k in zip(grads, group_of):
         if type(g) is not torch.Tensor or g.layout != torch.strided or g.numel() == 0:
             continue
-        last = sum((n - 1) * abs(st) for n, st in zip(g.shape, g.stride()))
-        start = g.data_ptr() - sum((n - 1) * -st for n, st in zip(g.shape, g.stride()) if st < 0) * g.element_size()
-        spans.append((g.device, start, start + (last + 1) * g.element_size(), k))
+        last = sum((n - 1) * st for n, st in zip(g.shape, g.stride()))  # (torch's strides are not negative)
+        spans.append((g.device, g.data_ptr(), g.data_ptr() + (last + 1) * g.element_size(), k))
     spans.sort(key=lambda s: (str(s[0]), s[1]))
     # Sweep: a run of spans that chain into one another holding two groups has two that overlap.
     device, end, group = None, 0, None
@@ -154,7 +153,7 @@ def _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_gr
         return torch._dynamo.disable(clip_grad_norm_groups_)(
             groups, max_norm, norm_type, error_if_nonfinite, backend=backend, process_group=process_group
         )
-    members = _groups(groups)
+    members, _names = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
     grads, group_of = _grads_by_group(members)

@@ -169,6 +169,7 @@ class _Layout(NamedTuple):
     history_dtype: torch.dtype
     device: torch.device
     parts: list
+    quantiles: list  # the groups' quantiles it was made with
 
 
 class QuantileClip:
@@ -200,7 +201,6 @@ class QuantileClip:
         self._pending: dict = {}  # parameter -> loaded history, for parameters not yet seen with a grad
         self._params: list = []  # every group's parameters, in order
         self._layout: _Layout | None = None  # the last step's, while it holds
-        self._layout_quantiles: list = []  # the groups' quantiles it was made with
         self.last_norms = self.last_thresholds = None
         if not isinstance(parameters, (Iterator, Iterable)):
             raise TypeError(
@@ -321,17 +321,16 @@ class QuantileClip:
         if not gathered.grads:
             return
         quantiles_now = [group["quantile"] for group in self.parameter_groups]  # read every step, as autoclip does
-        if self._layout is not None and not _same_values(quantiles_now, self._layout_quantiles):
+        if self._layout is not None and not _same_values(quantiles_now, self._layout.quantiles):
             self._layout = None
         layout = self._layout
         kind = _history_kind(gathered)
         if layout is None or gathered.positions is not None or kind is None or layout.history_dtype != kind:
             entries = self._entries()  # new parameters get their rows here
             device = entries[0][0].grad.device
-            layout = _Layout(kind, device, self._layout_of(entries, device))
+            layout = _Layout(kind, device, self._layout_of(entries, device), quantiles_now)
             # kept for the next steps while every parameter has a grad of the same kind
             self._layout = layout if gathered.positions is None and kind is not None else None
-            self._layout_quantiles = quantiles_now
         thresholds = self._thresholds(layout, len(gathered.grads))
         # torch's clip_grad_norm_(p, max_norm=threshold) for every p at once: the
         # per-tensor method's coefficient is that one (float(max_norm), reciprocal, multiply)

@@ -275,8 +275,7 @@ def _apply_pending(optimizer) -> None:
         return
     optimizer.__dict__.pop("grad_scale", None)
     coef, grads, versions = pending
-    same = len(grads) == len(current := [p.grad for p in _params(optimizer) if p.grad is not None]) and all(
-        a is b for a, b in zip(grads, current)
-    )
+    current = [p.grad for p in _params(optimizer) if p.grad is not None]
+    same = len(grads) == len(current) and all(a is b for a, b in zip(grads, current))
     if same and _versions(grads) == versions:
         torch._foreach_mul_(grads, coef)  # as clip_grads_with_norm_ multiplies
