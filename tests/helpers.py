@@ -131,6 +131,14 @@ def ulp(value: float, dtype: torch.dtype) -> float:
     return info.eps * max(abs(value), info.tiny)
 
 
+def norm_slack(exact: float, dtype: torch.dtype, backend: str) -> float:
+    """How far beyond torch's error fastclip's norm may be: an ulp of the
+    result dtype; two for a float64 total on the GPU kernels, whose float64
+    sums are plain tree sums (README; tests/test_precision.py)."""
+    gpu_kernels = backend in ("triton", "cuda")
+    return (2 if gpu_kernels and dtype == torch.float64 else 1) * ulp(exact, dtype)
+
+
 def takes_fused_path(backend: str, params, norm_type=2.0) -> bool:
     """Whether fastclip will run this call through its own kernels."""
     if not is_fused(backend):
@@ -202,7 +210,7 @@ def check_clip_grad_norm(params, backend, max_norm, norm_type=2.0, foreach=None,
     exact = reference_norm(grads, norm_type)
     ours_err, torch_err = abs(total.double().item() - exact), abs(ref_total.double().item() - exact)
     if math.isfinite(exact) and math.isfinite(ref_total.item()):
-        assert ours_err <= torch_err + ulp(exact, total.dtype), (total.item(), ref_total.item(), exact)
+        assert ours_err <= torch_err + norm_slack(exact, total.dtype, backend), (total.item(), ref_total.item(), exact)
     expected = clone_params(params)
     torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm, backend))
     assert_grads_bitwise_equal(ours, expected)
