@@ -63,7 +63,8 @@ def check_agc(params, backend, clip_factor=0.01, eps=1e-3, norm_type=2.0, refere
                 # fp16/bf16 units sum in float32: the float32 norm may be an ulp off the float64 one,
                 # and a clipped element then an ulp off; units that do not clip keep every bit
                 eps16 = max(torch.finfo(p.grad.dtype).eps, torch.finfo(p.dtype).eps)
-                torch.testing.assert_close(p.grad, w, rtol=eps16, atol=0)
+                subnormal_ulp = torch.finfo(p.grad.dtype).tiny * torch.finfo(p.grad.dtype).eps  # (an ulp below tiny)
+                torch.testing.assert_close(p.grad, w, rtol=eps16, atol=subnormal_ulp)
                 kept = _kept_units(w, g)
                 assert_bitwise_equal(p.grad[kept], g[kept])
             else:
