@@ -81,12 +81,17 @@ bool run_segments(const TensorTable& t, int32_t kind_code, int32_t steps, int nt
   if ((steps & 4) && coefs == 0) throw py::value_error("fastclip._cpu: the apply step needs the coefficients");
   py::gil_scoped_release release;
   const Work work(t);
+  // AGC in one call: the rows read whole are clipped as they are reduced
+  // (their coefficient needs only their own norms), the rest after finish.
+  const bool agc_inline = steps == 7 && mode == kAgc && t.has_weights() && counts == 0;
+  bool written = false;
   if (steps & 1) {
     SegmentSums sums;
     sums.powers = pointer<double>(powers);
     sums.weight_powers = pointer<double>(weight_powers);
     sums.counts = pointer<int64_t>(counts);
-    work.reduce_segments(kind, sums, nthreads);
+    const Work::AgcArgs agc{clip_factor, eps};
+    written = work.reduce_segments(kind, sums, nthreads, agc_inline ? &agc : nullptr);
   }
   if (steps & 2) {
     FinishSpec spec;
@@ -102,7 +107,8 @@ bool run_segments(const TensorTable& t, int32_t kind_code, int32_t steps, int nt
     spec.total_code = total_code;
     finish_segments(work, kind, pointer<const double>(powers), pointer<const double>(weight_powers), spec);
   }
-  return (steps & 4) ? work.scale_segments(pointer<const double>(coefs), nthreads) : false;
+  if (steps & 4) written = work.scale_segments(pointer<const double>(coefs), nthreads, agc_inline) || written;
+  return written;
 }
 
 // The general path: lists built in Python (fastclip/_work.py describe()).

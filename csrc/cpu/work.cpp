@@ -166,24 +166,37 @@ double Work::norm(NormKind kind, int nthreads) const {
   return norm_from_power(total.value(), kind);
 }
 
-void Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) const {
+bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, const AgcArgs* agc) const {
   const RowKernels& k = row_kernels();
   const int ki = static_cast<int>(kind) - 1;
   const size_t n = static_cast<size_t>(num_partials_);
   const bool weights = out.weight_powers != nullptr, counting = out.counts != nullptr;
+  if (agc != nullptr && (!weights || counting)) throw std::invalid_argument("reduce_segments: AGC needs the weights");
   std::vector<double> grad(n), weight(weights ? n : 0);
   std::vector<int64_t> counts(counting ? 2 * units_.size() : 0);
-  parallel_items(num_units(), threads_for(nthreads, false), false, [&](int64_t u) {
+  std::vector<uint8_t> clipped(agc != nullptr ? units_.size() : 0);
+  parallel_items(num_units(), threads_for(nthreads, agc != nullptr), false, [&](int64_t u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
     int64_t* c = counting ? &counts[2 * static_cast<size_t>(u)] : nullptr;
     const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
     if (unit.pieces > 1 && !counting) {  // many short dense rows: one call for them all
       const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
-      k.reduce_rows[ki][d](t.data + unit.begin * element_size(t.dtype), unit.pieces, unit.piece,
-                           &grad[static_cast<size_t>(unit.partial)]);
-      if (weights)
-        k.reduce_rows[ki][wd](t.weight + unit.begin * element_size(t.weight_dtype), unit.pieces, unit.piece,
-                              &weight[static_cast<size_t>(unit.partial)]);
+      const int64_t es = element_size(t.dtype);
+      double* g = &grad[static_cast<size_t>(unit.partial)];
+      k.reduce_rows[ki][d](t.data + unit.begin * es, unit.pieces, unit.piece, g);
+      if (weights) {
+        double* w = &weight[static_cast<size_t>(unit.partial)];
+        k.reduce_rows[ki][wd](t.weight + unit.begin * element_size(t.weight_dtype), unit.pieces, unit.piece, w);
+        if (agc != nullptr) {  // each row is its own segment: its coefficient is known now
+          for (int32_t r = 0; r < unit.pieces; ++r) {
+            const double coef = segment_coefficient(kAgc, kind, segment_is_wide(unit.segment + r), g[r], w[r], 0.0,
+                                                    agc->clip_factor, agc->eps);
+            if (coef == 1.0) continue;  // x * 1 == x: nothing to write
+            k.scale[d](t.data + (unit.begin + r * unit.piece) * es, unit.piece, 1, coef);
+            clipped[static_cast<size_t>(u)] = 1;
+          }
+        }
+      }
       return;
     }    int64_t slot = unit.partial;
     for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
@@ -243,18 +256,21 @@ void Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) 
     out.counts[0] = nonfinite;
     out.counts[1] = zeros;
   }
+  return std::find(clipped.begin(), clipped.end(), 1) != clipped.end();
 }
 
-bool Work::scale_segments(const double* coefs, int nthreads) const {
+bool Work::scale_segments(const double* coefs, int nthreads, bool rows_done) const {
   const RowKernels& k = row_kernels();
   bool any = false;
   for (const Unit& unit : units_) {
+    if (rows_done && unit.pieces > 1) continue;
     for_each_piece(unit, [&](int64_t, int64_t, int64_t segment) { any = any || coefs[segment] != 1.0; });
   }
   if (!any) return false;
   parallel_items(num_units(), threads_for(nthreads, true), true, [&](int64_t u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
     if (unit.pieces > 1) {  // many short dense rows: one call for them all
+      if (rows_done) return;
       const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
       k.scale_rows[static_cast<int>(t.dtype)](t.data + unit.begin * element_size(t.dtype), unit.pieces, unit.piece,
                                               coefs + unit.segment);

@@ -62,11 +62,18 @@ class Work {
   // each bound rounded to every grad's dtype; stores only what changes.
   void clamp(double lo, double hi, int nthreads) const;
   // Per segment, the p-th power sums (or maxima) of the grads (and of the
-  // weights), combined over each segment's units in unit order.
-  void reduce_segments(NormKind kind, const SegmentSums& out, int nthreads) const;
-  // Every unit of segment s times coefs[s], unless that is exactly 1.
+  // weights), combined over each segment's units in unit order.  With `agc`
+  // (AGC's clip_factor and eps), the rows that a work unit holds whole
+  // (pieces > 1) are also clipped right after they are read, while still in
+  // cache: scale_segments(..., rows_done = true) then leaves them alone.
+  struct AgcArgs {
+    double clip_factor, eps;
+  };
+  bool reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, const AgcArgs* agc = nullptr) const;
+  // Every unit of segment s times coefs[s], unless that is exactly 1 (with
+  // rows_done, not the units of whole rows reduce_segments has clipped).
   // Returns whether anything was written.
-  bool scale_segments(const double* coefs, int nthreads) const;
+  bool scale_segments(const double* coefs, int nthreads, bool rows_done = false) const;
   // Benchmark floors over the same bytes.
   uint64_t touch_read(int nthreads) const;
   void touch_write(int nthreads) const;
