@@ -198,6 +198,53 @@ def test_results_do_not_depend_on_the_thread_count(seed):
     torch.testing.assert_close(results[0][0][:40], want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_agc_in_one_call_equals_its_three_steps(dtype, seed):
+    """The CPU clips AGC's rows as it reads them where a work unit holds them
+    whole (reduce, finish and apply in one call): the same bits as the three
+    steps one after another, every row clipped once, for every thread count."""
+    from fastclip.backends.base import COEFFICIENT_MODES
+
+    # packed short rows, rows longer than half a work unit, a 1-D tensor cut
+    # into several units, a single row, a scalar
+    shapes = [(70, 300), (2, 40_000), (200_000,), (1, 700), (), (9, 5000)]
+    # grad rows of random size against the weights', so that about half clip
+    row_scale = [torch.rand(s[0], *[1] * (len(s) - 1), dtype=torch.float64) * 2 if len(s) >= 2 else 1.0
+                 for s in shapes]  # fmt: skip
+    grads = [(torch.randn(s, dtype=torch.float64) * 0.012 * r).to(dtype) for s, r in zip(shapes, row_scale)]
+    grads[0][3, 7] = float("nan")  # a NaN row: its coefficient is NaN, as timm's torch.where gives
+    weights = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    first, lens, count = [], [], 0
+    for g in grads:
+        first.append(count)
+        rows = g.shape[0] if g.dim() >= 2 and g.shape[0] > 1 else 1
+        lens.append(g.numel() // rows if rows > 1 else 0)
+        count += rows
+    mode, kind = COEFFICIENT_MODES["agc"], 2
+
+    def run(one_call: bool, threads: int):
+        ours = [g.clone() for g in grads]
+        table = table_of(ours, first, lens, count, weights)
+        p, w, c = (torch.zeros(count, dtype=torch.float64) for _ in range(3))
+        args = dict(powers=p.data_ptr(), weight_powers=w.data_ptr(), coefs=c.data_ptr(), mode=mode,
+                    clip_factor=0.012, eps=1e-3)
+        if one_call:
+            cpu.segments(table, kind, 7, threads, **args)
+        else:
+            for step in (1, 2, 4):
+                cpu.segments(table, kind, step, threads, **args)
+        return ours, c
+
+    want, coefs = run(False, 1)
+    clipped = int(((coefs != 1) & ~coefs.isnan()).sum())
+    assert 0 < clipped < count  # some rows clip, some do not
+    for threads in (1, 2, 3):
+        got, got_coefs = run(True, threads)
+        assert_bitwise_equal(got_coefs, coefs)
+        for a, b in zip(got, want):
+            assert_bitwise_equal(a, b)
+
+
 # ---------------------------------------------------------------- beyond 2^31 elements (GPU kernels)
 
 
