@@ -40,9 +40,10 @@ def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -
     if torch.compiler.is_compiling():
         return _traced(parameters, norm_type, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    _params, grads, _positions = seg.grads_of(parameters)
+    gathered = seg.gather(parameters)  # (one C++ call: host time is what many small grads cost)
+    grads = gathered.grads
     norm_type = float(norm_type)
-    if process_group is not None or _distributed.has_dtensor(grads):
+    if process_group is not None or (gathered.work is None and _distributed.has_dtensor(grads)):
         _sharded.check_norm_type(norm_type, grads, process_group)
         sharded = _sharded.Sharded(grads, None, process_group, agc=False)
         S = len(grads)
@@ -54,13 +55,13 @@ def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -
         )  # fmt: skip
         return GradStats(out.total, out.norms, counts[0].to(out.total.device), counts[1].to(out.total.device))
     kind = FUSED_NORM_KINDS.get(norm_type)
-    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    fused, work = seg.plan(name, grads, gathered) if kind is not None else (None, None)
     if fused is None:
         return _torch_path(grads, norm_type)
     if kind == LINF and work.has_empty():
         raise RuntimeError(empty_inf_norm_message(None))
     out = seg.run(
-        fused, work, kind, len(grads), Coefficient("none"), norms_dtype=seg.norms_dtype(grads), counts=True,
+        fused, work, kind, len(grads), Coefficient("none"), norms_dtype=seg.norms_dtype(grads, work), counts=True,
         total_dtype=promoted_dtype(work.dtypes), apply=False,
     )  # fmt: skip
     return GradStats(out.total, out.norms, out.counts[0], out.counts[1])
