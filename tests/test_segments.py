@@ -204,6 +204,7 @@ def test_agc_in_one_call_equals_its_three_steps(dtype, seed):
     whole (reduce, finish and apply in one call): the same bits as the three
     steps one after another, every row clipped once, for every thread count."""
     from fastclip.backends.base import COEFFICIENT_MODES
+    from fastclip.methods.agc import _segments as agc_segments
 
     # packed short rows, rows longer than half a work unit, a 1-D tensor cut
     # into several units, a single row, a scalar
@@ -214,12 +215,7 @@ def test_agc_in_one_call_equals_its_three_steps(dtype, seed):
     grads = [(torch.randn(s, dtype=torch.float64) * 0.012 * r).to(dtype) for s, r in zip(shapes, row_scale)]
     grads[0][3, 7] = float("nan")  # a NaN row: its coefficient is NaN, as timm's torch.where gives
     weights = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
-    first, lens, count = [], [], 0
-    for g in grads:
-        first.append(count)
-        rows = g.shape[0] if g.dim() >= 2 and g.shape[0] > 1 else 1
-        lens.append(g.numel() // rows if rows > 1 else 0)
-        count += rows
+    first, lens, count = agc_segments(grads)  # AGC's own segment layout
     mode, kind = COEFFICIENT_MODES["agc"], 2
 
     def run(one_call: bool, threads: int):

@@ -1,6 +1,7 @@
 #include "work.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -174,7 +175,7 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
   if (agc != nullptr && (!weights || counting)) throw std::invalid_argument("reduce_segments: AGC needs the weights");
   std::vector<double> grad(n), weight(weights ? n : 0);
   std::vector<int64_t> counts(counting ? 2 * units_.size() : 0);
-  std::vector<uint8_t> clipped(agc != nullptr ? units_.size() : 0);
+  std::atomic<bool> clipped{false};
   parallel_items(num_units(), threads_for(nthreads, agc != nullptr), false, [&](int64_t u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
     int64_t* c = counting ? &counts[2 * static_cast<size_t>(u)] : nullptr;
@@ -193,12 +194,13 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
                                                     agc->clip_factor, agc->eps);
             if (coef == 1.0) continue;  // x * 1 == x: nothing to write
             k.scale[d](t.data + (unit.begin + r * unit.piece) * es, unit.piece, 1, coef);
-            clipped[static_cast<size_t>(u)] = 1;
+            clipped.store(true, std::memory_order_relaxed);
           }
         }
       }
       return;
-    }    int64_t slot = unit.partial;
+    }
+    int64_t slot = unit.partial;
     for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
       Fold fold(kind);
       for_each_run(Unit{unit.tensor, 1, begin, end, 0, end - begin, 0},
@@ -256,7 +258,7 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
     out.counts[0] = nonfinite;
     out.counts[1] = zeros;
   }
-  return std::find(clipped.begin(), clipped.end(), 1) != clipped.end();
+  return clipped.load();
 }
 
 bool Work::scale_segments(const double* coefs, int nthreads, bool rows_done) const {
