@@ -171,6 +171,33 @@ def test_arguments_checked_like_zclip():
     assert fastclip.ZClip(mode="Percentile", clip_option="ignored").clip_option is None
 
 
+def test_zero_z_thresh_with_adaptive_scaling_refused_up_front():
+    """zclip divides by z_thresh once a norm is above the mean (ZeroDivisionError at
+    that step); fastclip, which never looks at the norm on the host, refuses it when
+    constructed (README: a deliberate difference).  The options that do not divide keep it."""
+    theirs = zclip.ZClip(z_thresh=0, warmup_steps=1)
+    p = torch.nn.Parameter(torch.zeros(3))
+    for scale in (1.0, 2.0):  # warm-up, then a norm above the mean
+        p.grad = torch.full((3,), scale)
+        if scale == 1.0:
+            theirs.step(torch.nn.ParameterList([p]))
+        else:
+            with pytest.raises(ZeroDivisionError):
+                theirs.step(torch.nn.ParameterList([p]))
+    for z in (0, 0.0):
+        with pytest.raises(ValueError, match="z_thresh must not be 0"):
+            fastclip.ZClip(z_thresh=z)
+    for kwargs in ({"clip_option": "mean"}, {"mode": "percentile"}):
+        ours, ref = fastclip.ZClip(z_thresh=0, warmup_steps=1, **kwargs), zclip.ZClip(z_thresh=0, warmup_steps=1, **kwargs)
+        for scale in (1.0, 2.0, 0.5):
+            p.grad = torch.full((3,), scale)
+            q = torch.nn.Parameter(torch.zeros(3))
+            q.grad = p.grad.clone()
+            want = ref.step(torch.nn.ParameterList([q]))
+            assert float(ours.step([p])) == pytest.approx(want, rel=1e-6)
+            assert torch.equal(p.grad, q.grad)
+
+
 def test_under_torch_compile_the_step_runs_eagerly(seed):
     """A compiled training step that calls ZClip: a graph break, the eager bits."""
     a, b = make_pair([(16, 8), (8,)], [torch.float32])

@@ -86,6 +86,10 @@ class ZClip:
             self.clip_option = None
         else:
             raise ValueError("mode must be either 'zscore' or 'percentile'.")
+        if self.clip_option == "adaptive_scaling" and z_thresh == 0:
+            # zclip divides by z_thresh at its first step above the mean (ZeroDivisionError
+            # there); on the device that would be a silent inf, so it is refused here
+            raise ValueError("z_thresh must not be 0 with clip_option='adaptive_scaling' (it divides by z_thresh)")
         self.backend = backend
         self.process_group = process_group
         self._steps = 0  # norms recorded in warm-up (counted on the host: no sync)
