@@ -161,6 +161,42 @@ def test_channels_last_and_transposed_and_sliced(backend, seed):
     assert_bitwise_equal(base, outside)  # check_agc works on copies
 
 
+def test_the_one_call_gather_gives_the_general_paths_bits(backend, seed, monkeypatch):
+    """Plain dense parameters take the fast gather (grads, weights and units
+    described in C++, methods/agc.py's _fast_path); it must give the bits of
+    the general Python path, which is what every other layout takes: mixed
+    dtypes, a weight of another dtype than its grad, parameters without a
+    grad, scalars, empty and single-row tensors.  A parameter that is a
+    non-contiguous view goes to the general path."""
+    from fastclip import _ext
+    from fastclip.methods import agc
+
+    params = random_params(shapes_for(backend), FLOAT_DTYPES, with_none=(2,), scale=0.05)
+    p = torch.nn.Parameter(torch.randn(5, 30))
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None
+    p.grad = torch.randn(5, 30).to(torch.bfloat16)
+    params.append(p)
+    real, tables = _ext.cpu.agc_table, []
+    monkeypatch.setattr(_ext.cpu, "agc_table", lambda *a: tables.append(real(*a)) or tables[-1])
+    fast, general = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(fast, 0.03, backend=backend)
+    assert [t is not None for t in tables] == ([] if backend == "torch" else [True])
+    monkeypatch.setattr(_ext.cpu, "agc_table", lambda *a: None)
+    fastclip.adaptive_clip_grad_(general, 0.03, backend=backend)
+    for a, b in zip(fast, general):
+        if a.grad is not None:
+            assert_bitwise_equal(a.grad, b.grad)
+    assert any(not torch.equal(a.grad, q.grad) for a, q in zip(fast, params) if a.grad is not None)  # some clipped
+
+    monkeypatch.setattr(_ext.cpu, "agc_table", lambda *a: tables.append(real(*a)) or tables[-1])
+    tables.clear()
+    view = torch.nn.Parameter(torch.randn(30, 6).t())  # a transposed weight, its grad contiguous
+    view.grad = torch.randn(6, 30) * 0.1
+    check_agc([view] + params[:2], backend, clip_factor=0.05)
+    assert tables == ([] if backend == "torch" else [None])
+
+
 def test_inf_norm_of_an_empty_unit_raises_torchs_error(backend):
     for shape, match in (((0,), "on an empty tensor"), ((3, 0), "on the dimension 1because"),
                          ((3, 4, 0), "on the dimension 2because")):  # fmt: skip

@@ -188,6 +188,7 @@ PYBIND11_MODULE(_cpu, m) {
            "A copy with segments (csrc/common/segments.h): per tensor the id of its first segment (None: tensor i "
            "is segment i) and its slice length (None or 0: whole); for AGC the weights read beside the grads.")
       .def_readonly("num_segments", &TensorTable::num_segments)
+      .def_property_readonly("has_weights", &TensorTable::has_weights)
       .def_readonly("ptrs", &TensorTable::ptrs)
       .def_readonly("numels", &TensorTable::numels)
       .def_readonly("dtypes", &TensorTable::dtypes);
@@ -203,6 +204,10 @@ PYBIND11_MODULE(_cpu, m) {
       "(tensors, TensorTable or None, dtype bit mask, CUDA device index or -1 for CPU): the table only if "
       "every tensor is a plain, contiguous tensor of a known dtype, all on the CPU or all on one CUDA device.");
 
+  m.def("agc_table", &agc_table, py::arg("grads"), py::arg("weights"), py::arg("grad_list"), py::arg("plain"),
+        py::arg("parameter"),
+        "AGC's table in one call: the grads' table (collect's) with each parameter read beside its grad and the "
+        "dim-0 slices as segments; (table, number of segments), or None when a pair needs the general path.");
   m.def("set_dlpack_exchange_api", &set_dlpack_exchange_api, py::arg("capsule"),
         "Describe tensors through this DLPack C exchange API capsule (None: by attributes).");
   m.def("using_dlpack_exchange_api", &using_dlpack_exchange_api);

@@ -23,14 +23,13 @@ int32_t code_of(const dlpack::DataType& t) {
   return -1;
 }
 
-// One C call per tensor: pointer, device, dtype, shape and strides.
-bool describe_with_dlpack(PyObject* t, Collected& out) {
-  dlpack::Tensor d;
+// One C call per tensor: pointer, device, dtype, shape and strides.  A
+// dense tensor of a float dtype on the CPU (device -1) or on a CUDA device
+// gives true, its code, device and element count.
+bool dense_with_dlpack(PyObject* t, dlpack::Tensor& d, int32_t& code, int32_t& device, int64_t& numel) {
   if (g_dlpack->dltensor_from_py_object_no_sync(t, &d) != 0) return PyErr_Clear(), false;  // no storage, meta, ...
-  const int32_t code = code_of(d.dtype);
+  code = code_of(d.dtype);
   if (code < 0) return false;
-  // All on the CPU, or all on one CUDA device (the GPU backends' case).
-  int32_t device;
   if (d.device.device_type == dlpack::kCPU) {
     device = -1;
   } else if (d.device.device_type == dlpack::kCUDA && d.device.device_id >= 0) {
@@ -38,10 +37,9 @@ bool describe_with_dlpack(PyObject* t, Collected& out) {
   } else {
     return false;
   }
-  if (out.cuda_device != -2 && out.cuda_device != device) return false;
-  out.cuda_device = device;
-  int64_t numel = 1, expected_stride = 1;
+  int64_t expected_stride = 1;
   bool contiguous = true;
+  numel = 1;
   for (int k = d.ndim - 1; k >= 0; --k) {
     const int64_t size = d.shape[k];
     numel *= size;
@@ -50,7 +48,17 @@ bool describe_with_dlpack(PyObject* t, Collected& out) {
       expected_stride *= size;
     }
   }
-  if (!contiguous && numel != 0) return false;
+  return contiguous || numel == 0;
+}
+
+bool describe_with_dlpack(PyObject* t, Collected& out) {
+  dlpack::Tensor d;
+  int32_t code, device;
+  int64_t numel;
+  if (!dense_with_dlpack(t, d, code, device, numel)) return false;
+  // All on the CPU, or all on one CUDA device (the GPU backends' case).
+  if (out.cuda_device != -2 && out.cuda_device != device) return false;
+  out.cuda_device = device;
   out.table.push_dense(reinterpret_cast<int64_t>(static_cast<char*>(d.data) + d.byte_offset), numel, code);
   out.dtype_mask |= 1u << code;
   return true;
@@ -144,6 +152,54 @@ bool set_dlpack_exchange_api(const py::handle& capsule) {
 }
 
 bool using_dlpack_exchange_api() { return g_dlpack != nullptr; }
+
+py::object agc_table(const TensorTable& grads, const py::list& weights, const py::list& grad_list,
+                     const py::handle& plain, const py::handle& parameter) {
+  const size_t n = grads.size();
+  if (g_dlpack == nullptr || static_cast<size_t>(PyList_GET_SIZE(weights.ptr())) != n ||
+      static_cast<size_t>(PyList_GET_SIZE(grad_list.ptr())) != n)
+    return py::none();
+  TensorTable out = grads;
+  out.first_segment.resize(n);
+  out.slice_len.resize(n);
+  out.weight_ptrs.resize(n);
+  out.weight_dtypes.resize(n);
+  int64_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* weight = PyList_GET_ITEM(weights.ptr(), static_cast<Py_ssize_t>(i));
+    PyObject* grad = PyList_GET_ITEM(grad_list.ptr(), static_cast<Py_ssize_t>(i));
+    // only torch.Tensor and nn.Parameter themselves: subclasses (DTensor, ...) and stand-ins take the general path
+    const PyObject* wtype = reinterpret_cast<PyObject*>(Py_TYPE(weight));
+    if ((wtype != plain.ptr() && wtype != parameter.ptr()) || reinterpret_cast<PyObject*>(Py_TYPE(grad)) != plain.ptr())
+      return py::none();
+    dlpack::Tensor w, g;
+    int32_t wcode, gcode, wdevice, gdevice;
+    int64_t wnumel, gnumel;
+    if (!dense_with_dlpack(weight, w, wcode, wdevice, wnumel) || !dense_with_dlpack(grad, g, gcode, gdevice, gnumel))
+      return py::none();
+    if (wdevice != gdevice || w.ndim != g.ndim || gnumel != grads.numels[i] || grads.layout[i] != -1) return py::none();
+    for (int k = 0; k < w.ndim; ++k)
+      if (w.shape[k] != g.shape[k]) return py::none();
+    out.weight_ptrs[i] = reinterpret_cast<int64_t>(static_cast<char*>(w.data) + w.byte_offset);
+    out.weight_dtypes[i] = wcode;
+    // units: the dim-0 slices (the whole tensor for ndim <= 1), as methods/agc.py's _segments
+    out.first_segment[i] = count;
+    if (g.ndim <= 1 || g.shape[0] <= 1) {
+      out.slice_len[i] = 0;
+      count += 1;
+    } else {
+      out.slice_len[i] = gnumel / g.shape[0];
+      count += g.shape[0];
+    }
+  }
+  out.num_segments = count;
+  try {
+    out.validate();
+  } catch (const std::invalid_argument&) {
+    return py::none();
+  }
+  return py::make_tuple(py::cast(std::move(out)), count);
+}
 
 Collected collect(const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain) {
   static PyObject* const grad_name = interned("grad");

@@ -40,6 +40,10 @@ class SegmentCall:
     _table: object = None
 
     @property
+    def has_weights(self) -> bool:
+        return self.weights is not None or (self._table is not None and self._table.has_weights)
+
+    @property
     def table(self):
         """The grads' TensorTable with the segments (and weights) attached."""
         if self._table is None:

@@ -165,6 +165,7 @@ def run(
     apply=True,
     nonfinite_error=None,
     across=None,
+    table=None,
 ) -> SegmentOutputs:
     """The primitives over `work` (segments as in SegmentCall), results on its device.
 
@@ -172,17 +173,19 @@ def run(
     (a host sync, as torch's error_if_nonfinite has) and this RuntimeError is
     raised if one is not finite.  across(out): reduces out.powers (and the
     rest) over ranks between the reduction and the coefficient.  Grads that
-    are views go to GPU backends as contiguous copies, written back."""
+    are views go to GPU backends as contiguous copies, written back.
+    table: the call's table with its segments (and weights) made already
+    (dense grads only), instead of from first_segment, slice_len, weights."""
     views = []
     if fused.needs_dense and work.strided_indices():
         dense = work.with_dense_copies()
         views = [(work.tensors[i], dense.tensors[i]) for i in work.strided_indices()]
         work = dense
-    call = SegmentCall(work, num_segments, first_segment, slice_len, weights)
+    call = SegmentCall(work, num_segments, first_segment, slice_len, weights, _table=table)
     device = work.device
     out = SegmentOutputs(
         powers=torch.zeros(num_segments, dtype=F64, device=device),  # segments without elements: 0
-        weight_powers=torch.zeros(num_segments, dtype=F64, device=device) if weights is not None else None,
+        weight_powers=torch.zeros(num_segments, dtype=F64, device=device) if call.has_weights else None,
         counts=torch.zeros(2, dtype=torch.int64, device=device) if counts else None,
         norms=torch.zeros(num_segments, dtype=norms_dtype, device=device) if norms_dtype is not None else None,
         coefs=torch.ones(num_segments, dtype=F64, device=device) if coefficient.mode != "none" else None,

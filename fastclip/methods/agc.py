@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from .. import _dispatch, _distributed, _ops
+from .. import _dispatch, _distributed, _ext, _ops
 from .._errors import check_writable
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
@@ -44,7 +44,10 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     if torch.compiler.is_compiling():
         return _traced(parameters, clip_factor, eps, norm_type, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    pairs, norm_type_f, numbers_ok = _arguments(parameters, clip_factor, eps, norm_type)
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if process_group is None and _fast_path(params, clip_factor, eps, norm_type, name):
+        return None
+    pairs, norm_type_f, numbers_ok = _arguments(params, clip_factor, eps, norm_type)
     if norm_type_f is None:
         return _torch_path(pairs, clip_factor, eps, norm_type)
     kind = FUSED_NORM_KINDS.get(norm_type_f)
@@ -79,13 +82,46 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     return None
 
 
-def _arguments(parameters, clip_factor, eps, norm_type) -> tuple[list, float | None, bool]:
+def _fast_path(params, clip_factor, eps, norm_type, name) -> bool:
+    """AGC done in the common case (plain dense grads and parameters of one
+    shape, one device, a fused norm type), with the grads, weights and units
+    described in two C++ calls instead of a Python loop over the parameters
+    (host time that a GPU's AGC over a ResNet would otherwise be mostly made
+    of).  False, with nothing read twice or written, when the general code
+    must do it."""
+    if name == "torch" or not _numbers_ok(clip_factor, eps):
+        return False
+    try:
+        kind = FUSED_NORM_KINDS.get(float(norm_type))
+    except (TypeError, ValueError):
+        return False
+    if kind is None or _ext.cpu is None:
+        return False
+    gathered = seg.gather(params)  # (torch's AttributeError for what has no .grad, as timm's loop)
+    work = gathered.work
+    if work is None or not gathered.grads or (kind == LINF and work.has_empty()):
+        return False
+    weights = gathered.params if gathered.positions is None else [gathered.params[i] for i in gathered.positions]
+    described = _ext.cpu.agc_table(work.table, weights, gathered.grads, torch.Tensor, torch.nn.Parameter)
+    fused = _dispatch.select(name, work, gathered.why) if described is not None else None
+    if fused is None or seg.overlapping(work):
+        return False
+    table, count = described
+    seg.run(fused, work, kind, count, Coefficient("agc", clip_factor=float(clip_factor), eps=float(eps)), table=table)
+    return True
+
+
+def _numbers_ok(clip_factor, eps) -> bool:
+    """Are clip_factor and eps plain numbers the kernels take?"""
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+
+
+def _arguments(params, clip_factor, eps, norm_type) -> tuple[list, float | None, bool]:
     """(weight, grad) of every parameter with a grad; norm_type as a float, or
     None for what timm hands to Tensor.norm as it is ('fro' and the like);
     whether clip_factor and eps are plain numbers the kernels take."""
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     pairs = [(p.detach(), p.grad) for p in params if p.grad is not None]
-    numbers_ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    numbers_ok = _numbers_ok(clip_factor, eps)
     try:
         return pairs, float(norm_type), numbers_ok
     except (TypeError, ValueError):
