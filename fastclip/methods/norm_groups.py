@@ -8,6 +8,8 @@ one pass that scales the groups whose coefficient is not 1.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .. import _dispatch, _distributed, _ops
@@ -36,12 +38,14 @@ def clip_grad_norm_groups_(
     if torch.compiler.is_compiling():
         return _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group)
     name = _dispatch.resolve_name(backend)
-    members, names = _groups(groups)
+    members, names, flat, owner = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
-    grads, group_of = _grads_by_group(members)
-    dtype = seg.norms_dtype(grads)
-    if process_group is not None or _distributed.has_dtensor(grads):
+    gathered = seg.gather(flat)  # every grad read once, in one C++ call where it can
+    grads = gathered.grads
+    group_of = owner if gathered.positions is None else [owner[i] for i in gathered.positions]
+    dtype = seg.norms_dtype(grads, gathered.work)
+    if process_group is not None or (gathered.work is None and _distributed.has_dtensor(grads)):
         _sharded.check_norm_type(norm_type, grads, process_group)
         sharded = _sharded.Sharded(grads, None, process_group, agc=False)
         powers, _w, _c, failed = _sharded.reduced_powers(sharded, group_of, None, len(members), norm_type, name)
@@ -53,7 +57,7 @@ def clip_grad_norm_groups_(
         )  # fmt: skip
         return out.norms
     kind = FUSED_NORM_KINDS.get(norm_type)
-    fused, work = seg.plan(name, grads) if kind is not None else (None, None)
+    fused, work = seg.plan(name, grads, gathered) if kind is not None else (None, None)
     if fused is None or seg.overlapping(work):
         _check_grads_disjoint(grads, group_of, names)
         return _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype)
@@ -69,7 +73,7 @@ def clip_grad_norm_groups_(
 
 
 def _grads_by_group(members) -> tuple[list, list]:
-    """(the grads of all groups in order, each grad's group)."""
+    """(the grads of all groups in order, each grad's group), read in Python (traced code)."""
     grads, group_of = [], []
     for k, params in enumerate(members):
         for p in params:
@@ -79,21 +83,27 @@ def _grads_by_group(members) -> tuple[list, list]:
     return grads, group_of
 
 
-def _groups(groups) -> tuple[list, list]:
+def _groups(groups) -> tuple[list, list, list, list]:
     """The groups as lists of parameters, in order, and their names (dict keys
-    or positions); an error if one parameter is in two groups."""
+    or positions); all parameters in one list, and each one's group.  An
+    error if one parameter is in two groups."""
     if isinstance(groups, torch.Tensor):
         raise TypeError("groups must be a sequence of iterables of parameters (or a dict of them), not a tensor")
     items = list(groups.values()) if isinstance(groups, dict) else list(groups)
     names = list(groups.keys()) if isinstance(groups, dict) else list(range(len(items)))
     members = [as_list(g) for g in items]
-    seen: dict = {}
-    for name, params in zip(names, members):
-        for p in params:
-            first = seen.setdefault(id(p), name)
-            if first != name:
-                raise ValueError(f"groups must be disjoint: a parameter is in group {first!r} and in group {name!r}")
-    return members, names
+    flat = list(itertools.chain.from_iterable(members))
+    owner = list(itertools.chain.from_iterable(itertools.repeat(k, len(ps)) for k, ps in enumerate(members)))
+    if len(set(map(id, flat))) != len(flat):  # a parameter twice: in one group (allowed) or in two
+        seen: dict = {}
+        for name, params in zip(names, members):
+            for p in params:
+                first = seen.setdefault(id(p), name)
+                if first != name:
+                    raise ValueError(
+                        f"groups must be disjoint: a parameter is in group {first!r} and in group {name!r}"
+                    )
+    return members, names, flat, owner
 
 
 def _check_grads_disjoint(grads, group_of, names) -> None:
@@ -153,7 +163,7 @@ def _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_gr
         return torch._dynamo.disable(clip_grad_norm_groups_)(
             groups, max_norm, norm_type, error_if_nonfinite, backend=backend, process_group=process_group
         )
-    members, _names = _groups(groups)
+    members, _names, _flat, _owner = _groups(groups)
     norm_type = float(norm_type)
     single, many = seg.per_item(max_norm, len(members), "max_norm", "group")
     grads, group_of = _grads_by_group(members)
