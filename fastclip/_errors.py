@@ -60,14 +60,17 @@ def check_clip_value(clip_value: float, tensors, dtypes) -> None:
     raise RuntimeError(f"value cannot be converted to type {_CLAMP_LIMITS[first][1]} without overflow")
 
 
-def check_clamp_bounds(bounds, tensors) -> None:
+def check_clamp_bounds(bounds, tensors, dtypes=None) -> None:
     """Raise torch's RuntimeError if a bound of grad.clamp_(lo, hi) does not fit
     the dtype of one of `tensors` (the first such tensor in order, as a loop
-    of clamp_ meets it)."""
+    of clamp_ meets it).  `dtypes`: the set of their dtypes, if known (then
+    the tensors are looked at only when some bound overflows one)."""
     finite = [abs(float(b)) for b in bounds if abs(float(b)) != float("inf") and float(b) == float(b)]
     if not finite:
         return
     largest = max(finite)
+    if dtypes is not None and all(largest <= _CLAMP_LIMITS.get(d, (largest,))[0] for d in dtypes):
+        return
     for t in tensors:
         limit = _CLAMP_LIMITS.get(t.dtype)
         if limit is not None and largest > limit[0]:

@@ -32,7 +32,8 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
     if torch.compiler.is_compiling():
         return _traced(parameters, min_value, max_value, backend)
     name = _dispatch.resolve_name(backend)
-    _params, grads, _positions = seg.grads_of(parameters)
+    gathered = seg.gather(parameters)  # (one C++ call where it can: host time is what many small grads cost)
+    grads = gathered.grads
     bounds = [b for b in (min_value, max_value) if b is not None]
     plain = all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds)
     if plain and not all(type(b) is float for b in bounds):  # torch's argument errors (Fraction, ints past 64 bits)
@@ -41,15 +42,15 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
         return _torch_path(grads, min_value, max_value)
     lo = -math.inf if min_value is None else float(min_value)
     hi = math.inf if max_value is None else float(max_value)
-    dtensors = _distributed.has_dtensor(grads)
-    if dtensors:
+    if gathered.work is None and _distributed.has_dtensor(grads):
         if _distributed.has_partial(grads):  # unreduced values: clamping is not linear
             return _torch_path(grads, min_value, max_value)
         grads = [_distributed.local_tensor(g) for g in grads]
-    fused, work = seg.plan(name, grads)
+        gathered = None
+    fused, work = seg.plan(name, grads, gathered)
     if fused is None:
         return _torch_path(grads, min_value, max_value)
-    check_clamp_bounds(bounds, work.tensors)  # torch's overflow error, before any write
+    check_clamp_bounds(bounds, work.tensors, work.dtypes)  # torch's overflow error, before any write
     fused.clamp_range(work, lo, hi)
     return None
 
