@@ -87,6 +87,51 @@ def test_segment_table_layout():
     assert values[8 * rows : 8 * rows + 3] == (0, 0, 1) and filled == 1  # segment 0 has no units
 
 
+def test_agc_table_is_the_table_agc_builds_in_python(seed):
+    """agc_table (AGC's one-call description of weights and units) gives the
+    table of the general path: the same segment table, byte for byte; None
+    for what only the general path takes, never a guess."""
+    from fastclip.methods import agc
+
+    shapes = [(4, 3), (5,), (), (1, 7), (3, 0), (0, 4), (6, 2, 3), (2, 5)]
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.nn.Parameter(torch.randn(shape).to(dtypes[i % 4]))
+        if i == len(shapes) - 1:  # a weight of another dtype than its grad
+            if hasattr(p, "grad_dtype"):
+                p.grad_dtype = None
+            p.grad = torch.randn(shape, dtype=torch.bfloat16)
+        else:
+            p.grad = torch.randn(shape).to(p.dtype)
+        params.append(p)
+    grads, table, _mask, _device = cpu.collect(params, True, DTYPE_CODES, torch.Tensor)
+    got, count = cpu.agc_table(table, params, grads, torch.Tensor, torch.nn.Parameter)
+    first, lens, want_count = agc._segments(grads)
+    want = table_of(grads, first, lens, want_count, [p.detach() for p in params])
+    assert count == want_count == got.num_segments and got.has_weights
+    assert got.segment_table(8) == want.segment_table(8)
+    plain = [p.detach() for p in params]  # plain tensors as weights: the same table
+    assert cpu.agc_table(table, plain, grads, torch.Tensor, torch.nn.Parameter)[0].segment_table(8) == want.segment_table(8)
+
+    def refused(weights, grad_list=grads):
+        return cpu.agc_table(table, weights, grad_list, torch.Tensor, torch.nn.Parameter) is None
+
+    assert refused([agc._Pair(p, p.grad) for p in params])  # stand-ins: not tensors
+    assert refused(params[:-1]) and refused(params, grads[:-1])  # lengths
+    view = torch.nn.Parameter(torch.randn(3, 4).t())  # a transposed weight
+    assert refused([view] + params[1:])
+    other = torch.nn.Parameter(torch.randn(12))  # another shape, the same size
+    assert refused([other] + params[1:])
+    meta = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    assert refused([meta] + params[1:])
+
+    class Sub(torch.nn.Parameter):
+        pass
+
+    assert refused([Sub(params[0].detach())] + params[1:])  # subclasses: the general path
+
+
 # ---------------------------------------------------------------- the formulas and their Triton twins
 
 
