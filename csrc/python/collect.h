@@ -29,8 +29,6 @@ struct Collected {
 Collected collect(const pybind11::list& items, bool from_params, const pybind11::dict& codes,
                   const pybind11::handle& plain);
 
-// Use `capsule` (torch.Tensor.__dlpack_c_exchange_api__, or None to stop
-// using it).  Returns whether it is in use: it must be a DLPack 1.x table.
 // AGC's table: `grads` (collect's table of `grad_list`, every grad dense) with,
 // beside grad i, the parameter weights[i] (same shape, device, dense), and
 // each grad's dim-0 slices as its segments (the whole grad for ndim <= 1).
@@ -39,6 +37,8 @@ Collected collect(const pybind11::list& items, bool from_params, const pybind11:
 pybind11::object agc_table(const TensorTable& grads, const pybind11::list& weights, const pybind11::list& grad_list,
                            const pybind11::handle& plain, const pybind11::handle& parameter);
 
+// Use `capsule` (torch.Tensor.__dlpack_c_exchange_api__, or None to stop
+// using it).  Returns whether it is in use: it must be a DLPack 1.x table.
 bool set_dlpack_exchange_api(const pybind11::handle& capsule);
 bool using_dlpack_exchange_api();
 

@@ -87,8 +87,8 @@ def _fast_path(params, clip_factor, eps, norm_type, name) -> bool:
     shape, one device, a fused norm type), with the grads, weights and units
     described in two C++ calls instead of a Python loop over the parameters
     (host time that a GPU's AGC over a ResNet would otherwise be mostly made
-    of).  False, with nothing read twice or written, when the general code
-    must do it."""
+    of).  False, with nothing written, when the general code must do it (it
+    then reads the grads again)."""
     if name == "torch" or not _numbers_ok(clip_factor, eps):
         return False
     try:
