@@ -762,6 +762,27 @@ def segmented_methods_over_a_process_group(rank, world):
             assert_close(stats.total_norm, torch.nn.utils.get_total_norm(full, p))
             assert_close(stats.per_tensor_norms, torch.stack([torch.linalg.vector_norm(g, p) for g in full]))
             assert stats.num_zeros.item() == sum(int((g == 0).sum()) for g in full)
+            # zeros, an inf and a NaN, each in some rank's part: counted once, and one collective per call
+            odd = [g.clone() for g in full]
+            odd[0].view(-1)[::3] = 0.0
+            odd[0].view(-1)[1] = math.inf
+            odd[-1].view(-1)[-1] = math.nan
+            calls = []
+            real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_into_tensor")}
+            for name, fn in real.items():
+                setattr(dist, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+            try:
+                stats = fastclip.grad_stats(params_with(_rows(odd, rank, world)), p, backend=backend,
+                                            process_group=group)  # fmt: skip
+            finally:
+                for name, fn in real.items():
+                    setattr(dist, name, fn)
+            assert len(calls) == 1, calls
+            assert stats.num_zeros.item() == sum(int((g == 0).sum()) for g in odd)
+            assert stats.num_nonfinite.item() == 2
+            want = torch.stack([torch.linalg.vector_norm(g, p) for g in odd])
+            torch.testing.assert_close(stats.per_tensor_norms, want, equal_nan=True, rtol=1e-5, atol=1e-6)
+            assert math.isnan(stats.total_norm.item())
 
 
 @scenario(2, 4)

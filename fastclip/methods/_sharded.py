@@ -234,11 +234,11 @@ def reduced_powers(sharded, first, lens, S, p, name, counts=False, weights=False
             device = vp.device
         state = _pack(vp, vw, vc, failure is not None, p, device)
         for group in groups:  # the same order on every rank
-            if p == math.inf and counts:  # counts add up, the maxima do not: two collectives
-                values, tally = state[:-2].clone(), state[-2:].clone()
-                dist.all_reduce(values, op=op, group=group)
-                dist.all_reduce(tally, op=dist.ReduceOp.SUM, group=group)
-                state = torch.cat([values, tally])
+            if p == math.inf and counts:  # maxima and counts need two ops: one all-gather, reduced here
+                flat = state.new_empty(dist.get_world_size(group) * state.numel())
+                dist.all_gather_into_tensor(flat, state, group=group)
+                rows = flat.view(-1, state.numel())  # one row per rank
+                state = torch.cat([rows[:, :-2].amax(dim=0), rows[:, -2:].sum(dim=0)])
             else:
                 dist.all_reduce(state, op=op, group=group)
         vp, vw, vc, failed = _unpack(state, len(ids), weights, counts)
