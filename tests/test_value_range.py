@@ -114,6 +114,24 @@ def test_bound_overflow_raises_torchs_error_before_any_write(backend, lo, hi, se
             assert_bitwise_equal(p.grad, g)
 
 
+@pytest.mark.parametrize("lo, hi", [(-2.0, 0.5), (None, -1.0), (0.5, None), (-1.5, 1.5), (2.0, -2.0), (-0.0, 0.0)])
+def test_views_with_the_negative_bit(backend, lo, hi, seed):
+    """A grad that is a view with torch's negative bit holds -x in memory: a
+    clamp that is not odd in x (lo != -hi) must see x (it goes to torch's op)."""
+    values = torch.randn(40) * 3
+    values[:4] = torch.tensor([0.0, -0.0, math.inf, -math.inf])
+    params, want = [], []
+    for k in range(3):
+        p = torch.nn.Parameter(torch.zeros(40))
+        p.grad = torch._neg_view(values.clone()) if k != 1 else values.clone()
+        params.append(p)
+        want.append(p.grad.resolve_neg().clone().clamp_(lo, hi))
+    assert params[0].grad.is_neg()
+    fastclip.clip_grad_range_(params, lo, hi, backend=backend)
+    for p, w in zip(params, want):
+        assert_bitwise_equal(p.grad.resolve_neg(), w)
+
+
 def test_duplicates_and_overlapping_views(backend, seed):
     p = random_params([(50,)], [torch.float32])[0]
     check_range([p, p], backend, -0.5, 0.5)

@@ -47,6 +47,10 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
             return _torch_path(grads, min_value, max_value)
         grads = [_distributed.local_tensor(g) for g in grads]
         gathered = None
+    if not (lo == -hi and hi >= 0) and any(map(torch.Tensor.is_neg, grads)):
+        # a view with torch's negative bit holds -x, and clamping is odd in x only for
+        # bounds -c, c with c >= 0 (clip_grad_value_'s rule)
+        return _torch_path(grads, min_value, max_value)
     fused, work = seg.plan(name, grads, gathered)
     if fused is None:
         return _torch_path(grads, min_value, max_value)
