@@ -187,6 +187,16 @@ def test_zero_z_thresh_with_adaptive_scaling_refused_up_front():
     for z in (0, 0.0):
         with pytest.raises(ValueError, match="z_thresh must not be 0"):
             fastclip.ZClip(z_thresh=z)
+    late = fastclip.ZClip(warmup_steps=1)  # set to 0 afterwards, or loaded so: refused at the next step
+    p.grad = torch.ones(3)
+    late.step([p])
+    for make_zero in (lambda z: setattr(z, "z_thresh", 0), lambda z: z.load_state_dict({**z.state_dict(), "z_thresh": 0.0})):
+        make_zero(late)
+        before = p.grad.clone()
+        with pytest.raises(ValueError, match="z_thresh must not be 0"):
+            late.step([p])
+        assert torch.equal(p.grad, before)
+        late.z_thresh = 2.5
     for kwargs in ({"clip_option": "mean"}, {"mode": "percentile"}):
         ours, ref = fastclip.ZClip(z_thresh=0, warmup_steps=1, **kwargs), zclip.ZClip(z_thresh=0, warmup_steps=1, **kwargs)
         for scale in (1.0, 2.0, 0.5):

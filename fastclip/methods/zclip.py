@@ -86,16 +86,20 @@ class ZClip:
             self.clip_option = None
         else:
             raise ValueError("mode must be either 'zscore' or 'percentile'.")
-        if self.clip_option == "adaptive_scaling" and z_thresh == 0:
-            # zclip divides by z_thresh at its first step above the mean (ZeroDivisionError
-            # there); on the device that would be a silent inf, so it is refused here
-            raise ValueError("z_thresh must not be 0 with clip_option='adaptive_scaling' (it divides by z_thresh)")
+        self._check_z_thresh()
         self.backend = backend
         self.process_group = process_group
         self._steps = 0  # norms recorded in warm-up (counted on the host: no sync)
         self._record = None  # float64 [warm-up length]: the warm-up norms
         self._mean = self._var = None  # float64 0-dim, once initialized
         self.last_norm = self.last_coef = self.last_clipped = None
+
+    def _check_z_thresh(self) -> None:
+        # zclip divides by z_thresh at its first step above the mean (ZeroDivisionError
+        # there); on the device that would be a silent inf, so it is refused up front:
+        # when made, and at every step after warm-up (set later, or loaded from a state dict)
+        if self.clip_option == "adaptive_scaling" and self.z_thresh == 0:
+            raise ValueError("z_thresh must not be 0 with clip_option='adaptive_scaling' (it divides by z_thresh)")
 
     # ------------------------------------------------------------ zclip's attributes
 
@@ -128,6 +132,7 @@ class ZClip:
         whole = WholeNorm(params_of(model_or_parameters), resolve_name(self.backend), self.process_group)
         if not self.initialized:
             return self._warm_up(whole)
+        self._check_z_thresh()  # (before anything is read or written)
         total = whole.norm()
         norm = total.to(F64)
         if self._mean.device != norm.device:  # loaded elsewhere: follow the grads
