@@ -197,6 +197,12 @@ def test_the_one_call_gather_gives_the_general_paths_bits(backend, seed, monkeyp
     assert tables == ([] if backend == "torch" else [None])
 
 
+def test_a_norm_type_float_cannot_hold_gives_the_general_paths_error(backend):
+    """(the fast path converts norm_type first: it must not raise before the general path would)"""
+    with pytest.raises(AttributeError):
+        fastclip.adaptive_clip_grad_([object()], 0.01, 1e-3, 10**400, backend=backend)
+
+
 def test_inf_norm_of_an_empty_unit_raises_torchs_error(backend):
     for shape, match in (((0,), "on an empty tensor"), ((3, 0), "on the dimension 1because"),
                          ((3, 4, 0), "on the dimension 2because")):  # fmt: skip

@@ -93,7 +93,7 @@ def _fast_path(params, clip_factor, eps, norm_type, name) -> bool:
         return False
     try:
         kind = FUSED_NORM_KINDS.get(float(norm_type))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (the general path raises what it must, in its order)
         return False
     if kind is None or _ext.cpu is None:
         return False
