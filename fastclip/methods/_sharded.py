@@ -223,9 +223,10 @@ def reduced_powers(sharded, first, lens, S, p, name, counts=False, weights=False
                                        weights)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - raised below, after the collectives
             failure = failure or exc
-            vp = torch.full((len(ids),), math.nan, dtype=F64)
-            vw = torch.full((len(ids),), math.nan, dtype=F64) if weights else None
-            vc = torch.zeros(2, dtype=torch.int64) if counts else None
+            where = sharded.local[members[0]].device if members else None  # (a mesh's collectives run there: NCCL)
+            vp = torch.full((len(ids),), math.nan, dtype=F64, device=where)
+            vw = torch.full((len(ids),), math.nan, dtype=F64, device=where) if weights else None
+            vc = torch.zeros(2, dtype=torch.int64, device=where) if counts else None
         if key == "process_group":
             groups = [sharded.process_group] if sharded.process_group is not None else []
             device = _distributed._collective_device(sharded.process_group) if groups else vp.device
