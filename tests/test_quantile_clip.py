@@ -131,6 +131,25 @@ def test_settings_changed_during_the_run_apply_as_in_autoclip(backend, global_th
         assert_same(ours, ref, a, b)
 
 
+def test_a_tensor_quantile_changed_in_place_applies_as_in_autoclip(backend, seed, patched_torch_clip):
+    """A schedule that writes into a quantile tensor (fill_) between steps:
+    autoclip reads the tensor at every step, and so must the cached layout."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair(clipper_shapes(backend), [torch.float32])
+    qa, qb = torch.tensor(0.9), torch.tensor(0.9)
+    ref, ours = autoclip.QuantileClip(a, quantile=qa, history_length=6), fastclip.QuantileClip(b, quantile=qb,
+                                                                                              history_length=6,
+                                                                                              backend=backend)
+    for step in range(10):
+        if step in (4, 7):
+            for q in (qa, qb):
+                q.fill_(0.0 if step == 4 else 0.5)
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        assert_same(ours, ref, a, b)
+
+
 @pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
 def test_close_to_unpatched_autoclip(fused, global_threshold, seed):
     """The real autoclip, float32 and bfloat16 grads: norms differ in rounding only."""

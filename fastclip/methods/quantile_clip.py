@@ -152,8 +152,18 @@ class _Rings:
             self.load(r, h)
 
 
+def _quantile_key(q):
+    """What a cached layout compares a group's quantile by: its value (a CPU
+    tensor read each step, so an in-place change counts, as autoclip reads
+    it each step), or for a tensor on another device the object itself
+    (reading it would wait for that device)."""
+    if isinstance(q, torch.Tensor) and q.device.type == "cpu" and q.numel() == 1:
+        return float(q)
+    return q
+
+
 def _same_values(now: list, then: list) -> bool:
-    """The same quantiles (tensors: the same objects) as when the layout was made?"""
+    """The same quantiles (device tensors: the same objects) as when the layout was made?"""
     return len(now) == len(then) and all(
         a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
         for a, b in zip(now, then)
@@ -320,7 +330,7 @@ class QuantileClip:
         gathered = seg.gather(self._params)
         if not gathered.grads:
             return
-        quantiles_now = [group["quantile"] for group in self.parameter_groups]  # read every step, as autoclip does
+        quantiles_now = [_quantile_key(group["quantile"]) for group in self.parameter_groups]  # read every step, as autoclip does
         if self._layout is not None and not _same_values(quantiles_now, self._layout.quantiles):
             self._layout = None
         layout = self._layout
