@@ -331,6 +331,47 @@ def test_into_a_step_called_twice_before_the_step_sees_the_first_clip(backend):
     assert not {"grad_scale", "found_inf"} & set(vars(opt))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_into_a_step_skipped_then_a_plain_step_runs_without_the_old_clip(backend, set_to_none):
+    """A call whose step is skipped (a bad-loss guard: zero_grad, next batch),
+    then a step with no call before it: the old coefficient must not reach
+    the new grads (torch's recipe clipped grads that are gone)."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    backward(model, None, 4, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.01, backend=backend)  # clips hard; its step is skipped
+    for m, o in ((model_ref, ref_opt), (model, opt)):
+        o.zero_grad(set_to_none=set_to_none)
+        backward(m, None, 5, inject={})
+    ref_opt.step(), opt.step()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert_bitwise_equal(p.detach(), q.detach())
+    assert not {"grad_scale", "found_inf"} & set(vars(opt))
+
+
+def test_into_a_step_then_more_grads_accumulated_drops_the_clip(backend):
+    """Grads accumulated in place after a call (a clip per micro-batch)
+    cannot take the deferred clip any more: it is dropped (README), and the
+    step sees the accumulated grads as they are.  Clipping each micro-batch
+    needs clip_grad_norm_; clip_grad_norm_into_step_ belongs after the last
+    backward.  (The in-place path, here backend="torch", clips at the call,
+    as torch's recipe.)"""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    backward(model, None, 4, inject={})
+    backward(model_ref, None, 4, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.01, backend=backend)
+    if backend == "torch":
+        torch.nn.utils.clip_grad_norm_(model_ref.parameters(), 0.01)
+    backward(model, None, 5, inject={}), backward(model_ref, None, 5, inject={})  # accumulated into the same grads
+    ref_opt.step(), opt.step()
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert_bitwise_equal(p.detach(), q.detach())
+    assert not {"grad_scale", "found_inf"} & set(vars(opt))
+
+
 def test_into_a_step_with_a_scaler_called_twice_raises_and_keeps_the_first(backend):
     """As unscale_ twice: torch's error, and the first call's hand-over to the
     step (grad_scale, the scaler's stage) stays, so scaler.step() still steps right."""

@@ -245,24 +245,41 @@ def _scaler_respects_grad_scale() -> bool:
 def _remove_after_step(optimizer, coef, grads) -> None:
     """Without a scaler nobody deletes optimizer.grad_scale: a one-shot post-step
     hook does.  Until then the deferred clip (coefficient, grads) is kept for
-    _apply_pending."""
+    _apply_pending, and a pre-step hook drops it if the grads were replaced or
+    rewritten since the call (a step skipped, zero_grad, a new backward): torch's
+    recipe clipped grads that are gone, so the step runs without the clip."""
     optimizer.__dict__[_PENDING] = (coef, grads, _versions(grads))
     if vars(optimizer).get(_HOOK) is not None:
         return
 
+    def check(_opt, _args, _kwargs):
+        pending = optimizer.__dict__.get(_PENDING)
+        if pending is not None and not _unchanged(optimizer, pending):
+            optimizer.__dict__.pop("grad_scale", None)
+
     def remove(_opt, _args, _kwargs):
         for name in ("grad_scale", _PENDING, _HOOK):
             optimizer.__dict__.pop(name, None)
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
-    handle = optimizer.register_step_post_hook(remove)
-    optimizer.__dict__[_HOOK] = handle
+    handles = (optimizer.register_step_pre_hook(check), optimizer.register_step_post_hook(remove))
+    optimizer.__dict__[_HOOK] = handles
 
 
 def _versions(grads) -> tuple:
     """A cheap sign that the grads were not replaced or rewritten since: the
     first and last grads' version counters (a backward or zero_grad moves them)."""
     return tuple(g._version for g in (grads[:1] + grads[-1:])) if grads else ()
+
+
+def _unchanged(optimizer, pending) -> bool:
+    """Are the optimizer's grads still the ones a deferred clip was computed
+    for (the same tensors, not written since)?"""
+    _coef, grads, versions = pending
+    current = [p.grad for p in _params(optimizer) if p.grad is not None]
+    same = len(grads) == len(current) and all(a is b for a, b in zip(grads, current))
+    return same and _versions(grads) == versions
 
 
 def _apply_pending(optimizer) -> None:
@@ -274,8 +291,6 @@ def _apply_pending(optimizer) -> None:
     if pending is None:  # (a grad_scale a scaler's call set stays: scaler.step() hands it to the step)
         return
     optimizer.__dict__.pop("grad_scale", None)
-    coef, grads, versions = pending
-    current = [p.grad for p in _params(optimizer) if p.grad is not None]
-    same = len(grads) == len(current) and all(a is b for a, b in zip(grads, current))
-    if same and _versions(grads) == versions:
+    if _unchanged(optimizer, pending):
+        coef, grads, _versions_then = pending
         torch._foreach_mul_(grads, coef)  # as clip_grads_with_norm_ multiplies
