@@ -249,6 +249,10 @@ def test_statistics_are_device_tensors(backend, global_threshold):
     assert stats["norms"].reshape(-1)[0].item() == pytest.approx(norm)
     assert stats["coefs"].reshape(-1)[0].item() == pytest.approx(threshold / norm, rel=1e-5)
     assert float(p.grad.norm()) == pytest.approx(10**0.5 * 100.0 * threshold / norm, rel=1e-5)
+    if not global_threshold:  # a step with no grads clips nothing: no statistics, not the last step's
+        p.grad = q.grad = None
+        clip.step()
+        assert clip.stats() == {"norms": None, "thresholds": None, "coefs": None, "clipped": None}
 
 
 @pytest.mark.parametrize(

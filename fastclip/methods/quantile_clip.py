@@ -328,9 +328,11 @@ class QuantileClip:
 
     def _clip_local(self) -> None:
         gathered = seg.gather(self._params)
-        if not gathered.grads:
+        if not gathered.grads:  # nothing clipped: no statistics of this step (not the last step's)
+            self.last_norms = self.last_thresholds = None
             return
-        quantiles_now = [_quantile_key(group["quantile"]) for group in self.parameter_groups]  # read every step, as autoclip does
+        # read every step, as autoclip does
+        quantiles_now = [_quantile_key(group["quantile"]) for group in self.parameter_groups]
         if self._layout is not None and not _same_values(quantiles_now, self._layout.quantiles):
             self._layout = None
         layout = self._layout
