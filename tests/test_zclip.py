@@ -1,11 +1,14 @@
 """fastclip.ZClip against zclip.ZClip 1.0.0 (the package itself) on every backend.
 
 With zclip's norm replaced by fastclip's (and its warm-up clip_grad_norm_ by
-fastclip's), both see the same norms, so every grad, every returned norm and
-the mean and variance must agree bit for bit, step by step: the statistics
-are the same float64 arithmetic, run as tensor ops on the device.  Unpatched,
-they agree within the rounding of the norm (zclip sums per-parameter float32
-norms; fastclip's norm is fastclip's).
+fastclip's), both see the same norms, so every grad and every returned norm
+must agree bit for bit, step by step, and the mean and variance to within a
+few float64 ulps: the statistics are the same float64 arithmetic, run as
+tensor ops on the device, except that zclip's `x ** 2` and `v ** 0.5` are
+libm's pow, which misses x*x and sqrt(v) by an ulp for about one value in a
+thousand (seed 1189288319 met one).  Unpatched, they agree within the
+rounding of the norm (zclip sums per-parameter float32 norms; fastclip's
+norm is fastclip's).
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def patched_reference(monkeypatch, backend, **settings):
 def assert_same_state(ours, ref):
     assert ours.initialized == ref.initialized
     if ref.initialized:
-        assert float(ours.mean) == ref.mean or (math.isnan(ref.mean) and math.isnan(float(ours.mean)))
-        assert float(ours.var) == ref.var or (math.isnan(ref.var) and math.isnan(float(ours.var)))
+        for got, want in ((float(ours.mean), ref.mean), (float(ours.var), ref.var)):  # (libm's pow: see above)
+            assert math.isclose(got, want, rel_tol=1e-14, abs_tol=0.0) or (math.isnan(want) and math.isnan(got))
     else:
         assert ours.buffer.tolist() == ref.buffer
 

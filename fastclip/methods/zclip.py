@@ -2,7 +2,9 @@
 
 zclip keeps an EMA of the total grad norm's mean and variance in Python
 floats and calls `.item()` every step.  Here the same float64 arithmetic,
-operation for operation, runs as tensor ops on the grads' device, so a step
+operation for operation, runs as tensor ops on the grads' device (zclip's
+`x ** 2` and `v ** 0.5` are libm's pow, an ulp away from x*x and sqrt(v) for
+about one value in a thousand: the statistics agree within that), so a step
 never waits for the device: the norm is one fused read, the coefficient is
 computed where the norm is, and the grads are scaled only where it is not 1
 (the fused scale reads the coefficient on the device).
