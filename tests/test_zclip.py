@@ -2,8 +2,8 @@
 
 With zclip's norm replaced by fastclip's (and its warm-up clip_grad_norm_ by
 fastclip's), both see the same norms, so every grad and every returned norm
-must agree bit for bit, step by step, and the mean and variance to within a
-few float64 ulps: the statistics are the same float64 arithmetic, run as
+must agree bit for bit, step by step (float64 grads: to within a few ulps),
+and the mean and variance to within a few float64 ulps: the statistics are the same float64 arithmetic, run as
 tensor ops on the device, except that zclip's `x ** 2` and `v ** 0.5` are
 libm's pow, which misses x*x and sqrt(v) by an ulp for about one value in a
 thousand (seed 1189288319 met one).  Unpatched, they agree within the
@@ -96,7 +96,10 @@ def test_same_bits_as_zclip_step_by_step(backend, settings, seed, monkeypatch):
         assert isinstance(got, torch.Tensor) and got.dim() == 0
         assert float(got) == want or (math.isnan(want) and math.isnan(float(got)))
         for p, q in zip(a.parameters(), b.parameters()):
-            assert_bitwise_equal(q.grad, p.grad)
+            if p.grad.dtype == torch.float64:  # a coefficient an ulp apart (libm's pow) shows in float64 grads
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-14, atol=0.0, equal_nan=True)
+            else:
+                assert_bitwise_equal(q.grad, p.grad)
         assert_same_state(ours, ref)
 
 
