@@ -119,7 +119,9 @@ def test_bf16_sums_beyond_float32s_range_on_the_cpu(scale, norm_type, seed):
         assert got == pytest.approx(exact, rel=2**-22, abs=0), (scale, grad.shape)
         p = _holder(grad.clone())
         norms = fastclip.clip_grad_norm_per_tensor_([p], 1.0, norm_type, backend="cpu")
-        assert norms.item() == got
+        assert norms.item() == pytest.approx(exact, rel=2**-22, abs=0), (scale, grad.shape)
+        if grad.is_contiguous():  # (clone() makes the strided view dense: summed in another order, it
+            assert norms.item() == got  # may round to the float32 neighbour of a near-tie; seed 965140105)
         if scale > 1:  # clipped to norm 1, not zeroed (torch's bf16 norm is inf here)
             assert torch.linalg.vector_norm(p.grad.double(), norm_type).item() == pytest.approx(1.0, rel=2**-6)
 
