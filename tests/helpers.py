@@ -79,12 +79,12 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor):
     a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
-    ia = a.view(torch.int16 if a.element_size() == 2 else torch.int32 if a.element_size() == 4 else torch.int64)
+    # flat: nonzero() of a 0-dim tensor has no columns, so a 0-dim mismatch would show no elements
+    a, b = a.reshape(-1), b.reshape(-1)
+    ia = a.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()])
     ib = b.view(ia.dtype)
-    bad = (ia != ib).nonzero()
-    assert bad.numel() == 0, (
-        f"{bad.shape[0]} elements differ, first at {bad[0].tolist()}: {a[tuple(bad[0])]} vs {b[tuple(bad[0])]}"
-    )
+    bad = (ia != ib).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} elements differ, first at flat {int(bad[0])}: {a[bad[0]]} vs {b[bad[0]]}"
 
 
 def assert_grads_bitwise_equal(params_a, params_b):
