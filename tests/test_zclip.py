@@ -228,3 +228,53 @@ def test_under_torch_compile_the_step_runs_eagerly(seed):
         assert_bitwise_equal(step(list(b.parameters())), eager.step(a))
         for p, q in zip(a.parameters(), b.parameters()):
             assert_bitwise_equal(q.grad, p.grad)
+
+
+HOST_AND_DEVICE_SETTINGS = SETTINGS + [
+    {"eps": 0.0, "warmup_steps": 2},  # constant norms: std 0, so 0/0 and x/0 in the z-score
+    {"eps": 0.0, "warmup_steps": 2, "clip_option": "mean", "skip_update_on_spike": True},
+    {"z_thresh": 0, "clip_option": "mean", "warmup_steps": 1},
+    {"z_thresh": -1.5, "warmup_steps": 1, "max_grad_norm": None},
+    {"mode": "percentile", "eps": 0.0, "warmup_steps": 2, "skip_update_on_spike": True},
+]
+# Each step's grads: the same base grads times a factor (constant norms give std 0),
+# or fresh random ones; spikes, a zero step and non-finite steps among them.
+FACTORS = [1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 0.0, 1.0, 30.0, 1.0, 1.0, 0.5, math.inf, 1.0, 1.0, -math.nan, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["constant", "random"])
+@pytest.mark.parametrize(
+    "settings", HOST_AND_DEVICE_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "defaults"
+)
+def test_host_floats_give_the_bits_of_device_tensors(settings, fresh, seed, monkeypatch):
+    """On the CPU the post-warm-up arithmetic runs as Python floats; on other devices
+    as float64 tensor ops.  Both on the CPU (the tensor path by clearing
+    HOST_DEVICE_TYPES for one of them) give the same bits: grads, norm, coefficient,
+    whether it clipped, mean and variance, step by step."""
+    from fastclip.methods import zclip as module
+
+    host, device = fastclip.ZClip(**settings, backend="cpu"), fastclip.ZClip(**settings, backend="cpu")
+    a, b = make_pair([(33, 7), (5,), (2, 3, 4)], [torch.float32, torch.float64, torch.bfloat16])
+    g = torch.Generator().manual_seed(seed)
+    base = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in a.parameters()]
+    for step, factor in enumerate(FACTORS * 2):
+        if fresh:
+            base = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in a.parameters()]
+        for p, q, x in zip(a.parameters(), b.parameters(), base):
+            p.grad = (x * factor).to(p.dtype)
+            q.grad = p.grad.clone()
+        want = host.step(a)
+        monkeypatch.setattr(module, "HOST_DEVICE_TYPES", ())
+        got = device.step(b)
+        monkeypatch.setattr(module, "HOST_DEVICE_TYPES", ("cpu",))
+        assert_bitwise_equal(got, want)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(q.grad, p.grad)
+        assert_bitwise_equal(device.last_norm, host.last_norm)
+        assert_bitwise_equal(device.last_coef, host.last_coef)
+        assert device.last_clipped.dtype == host.last_clipped.dtype == torch.bool
+        assert bool(device.last_clipped) == bool(host.last_clipped)
+        if host.initialized:
+            assert_bitwise_equal(device.mean, host.mean)
+            assert_bitwise_equal(device.var, host.var)
+            assert host.mean.device == host.last_coef.device == host.last_clipped.device == want.device

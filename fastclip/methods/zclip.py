@@ -7,7 +7,10 @@ operation for operation, runs as tensor ops on the grads' device (zclip's
 about one value in a thousand: the statistics agree within that), so a step
 never waits for the device: the norm is one fused read, the coefficient is
 computed where the norm is, and the grads are scaled only where it is not 1
-(the fused scale reads the coefficient on the device).
+(the fused scale reads the coefficient on the device).  On the CPU, where the
+host is the device and reading a value waits for nothing, the same float64
+operations run as Python floats (a dozen float operations instead of dozens
+of tensor ops; the same bits, which a test checks).
 
 zclip's step, which this follows:
   warm-up (the first `warmup_steps` steps, at least one): record the norm and
@@ -28,6 +31,7 @@ zclip's step, which this follows:
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -35,10 +39,40 @@ from .._dispatch import resolve_name
 from ._whole import WholeNorm, eager_under_compile, params_of
 
 F64 = torch.float64
+HOST_DEVICE_TYPES = ("cpu",)  # where the step's arithmetic is done in Python floats (tests clear it)
 _CONFIG = (
     "alpha", "z_thresh", "max_grad_norm", "eps", "warmup_steps", "mode", "clip_option", "clip_factor",
     "skip_update_on_spike",
 )  # fmt: skip
+
+
+class _TENSORS:
+    """Float64 0-dim tensors on the grads' device."""
+
+    sqrt = staticmethod(torch.sqrt)
+    div = staticmethod(operator.truediv)
+    where = staticmethod(torch.where)
+
+
+class _FLOATS:
+    """Python floats, with IEEE results where Python raises (x / 0, sqrt(-x))."""
+
+    @staticmethod
+    def sqrt(x: float) -> float:
+        return math.sqrt(x) if x >= 0 else math.nan  # (-0.0 >= 0: sqrt(-0.0) is -0.0)
+
+    @staticmethod
+    def div(a: float, b: float) -> float:
+        try:
+            return a / b
+        except ZeroDivisionError:
+            if a != a or a == 0:
+                return math.nan
+            return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+    @staticmethod
+    def where(condition: bool, a, b):
+        return a if condition else b
 
 
 class ZClip:
@@ -136,43 +170,58 @@ class ZClip:
             return self._warm_up(whole)
         self._check_z_thresh()  # (before anything is read or written)
         total = whole.norm()
-        norm = total.to(F64)
-        if self._mean.device != norm.device:  # loaded elsewhere: follow the grads
-            self._mean, self._var = self._mean.to(norm.device), self._var.to(norm.device)
-        threshold, spike = self._threshold(norm)
-        limit = torch.where(spike, threshold, norm)
-        if self.max_grad_norm is not None:  # Python's min(limit, max_grad_norm)
-            limit = torch.where(limit > self.max_grad_norm, torch.full_like(limit, self.max_grad_norm), limit)
-        clipped = norm > limit
-        coef = torch.where(clipped, limit / (norm + 1e-6), torch.ones_like(norm))
-        whole.scale(coef)
-        self._update(torch.where(spike, threshold, norm), spike)
+        if self._mean.device != total.device:  # loaded elsewhere: follow the grads
+            self._mean, self._var = self._mean.to(total.device), self._var.to(total.device)
+        if total.device.type in HOST_DEVICE_TYPES:
+            # The host is the device: reading a value waits for nothing, and a
+            # dozen float operations cost less than the dozens of tensor ops
+            # (the same float64 operations, so the same bits).
+            ops, norm, mean, var = _FLOATS, total.item(), self._mean.item(), self._var.item()
+        else:
+            ops, norm, mean, var = _TENSORS, total.to(F64), self._mean, self._var
+        coef, clipped, mean, var = self._coefficient_and_ema(norm, mean, var, ops)
+        if ops is _FLOATS:
+            if coef != 1.0:
+                whole.scale(torch.scalar_tensor(coef, dtype=F64))
+            self._mean.fill_(mean)
+            self._var.fill_(var)
+            coef = torch.scalar_tensor(coef, dtype=F64, device=total.device)
+            clipped = torch.scalar_tensor(clipped, dtype=torch.bool, device=total.device)
+        else:
+            whole.scale(coef)
+            self._mean.copy_(mean)  # in place: a captured CUDA graph keeps updating the same memory
+            self._var.copy_(var)
         self.last_norm, self.last_coef, self.last_clipped = total, coef, clipped
         return total
 
-    def _threshold(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the clipping value where the norm is a spike, whether it is)."""
-        mean, std = self._mean, torch.sqrt(self._var)
+    def _coefficient_and_ema(self, norm, mean, var, ops) -> tuple:
+        """(coefficient, whether it clips, the next mean and variance) from the
+        norm and the statistics: float64 tensors or Python floats, with `ops`
+        their sqrt, division and where."""
+        std = ops.sqrt(var)
         if self.mode == "percentile":
             threshold = mean + self.z_thresh * std
-            return threshold, norm > threshold
-        z = (norm - mean) / (std + self.eps)
-        if self.clip_option == "adaptive_scaling":
-            eta = z / self.z_thresh  # a larger outlier gets a lower threshold
-            threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
+            spike = norm > threshold
         else:
-            threshold = mean
-        return threshold, z > self.z_thresh
-
-    def _update(self, x: torch.Tensor, spike: torch.Tensor) -> None:
-        """The EMA step (the variance with the updated mean), as zclip's _update_ema."""
-        mean = self.alpha * self._mean + (1 - self.alpha) * x
-        var = self.alpha * self._var + (1 - self.alpha) * ((x - mean) * (x - mean))
+            z = ops.div(norm - mean, std + self.eps)
+            if self.clip_option == "adaptive_scaling":
+                eta = ops.div(z, self.z_thresh)  # a larger outlier gets a lower threshold
+                threshold = (mean + ops.div(self.z_thresh * std, eta)) * self.clip_factor
+            else:
+                threshold = mean
+            spike = z > self.z_thresh
+        x = ops.where(spike, threshold, norm)  # the limit, and what the EMA takes in
+        limit = x
+        if self.max_grad_norm is not None:  # Python's min(limit, max_grad_norm)
+            limit = ops.where(limit > self.max_grad_norm, float(self.max_grad_norm), limit)
+        clipped = norm > limit
+        coef = ops.where(clipped, ops.div(limit, norm + 1e-6), 1.0)
+        # zclip's _update_ema: the variance with the updated mean
+        new_mean = self.alpha * mean + (1 - self.alpha) * x
+        new_var = self.alpha * var + (1 - self.alpha) * ((x - new_mean) * (x - new_mean))
         if self.skip_update_on_spike:
-            mean = torch.where(spike, self._mean, mean)
-            var = torch.where(spike, self._var, var)
-        self._mean.copy_(mean)  # in place: a captured CUDA graph keeps updating the same memory
-        self._var.copy_(var)
+            new_mean, new_var = ops.where(spike, mean, new_mean), ops.where(spike, var, new_var)
+        return coef, clipped, new_mean, new_var
 
     def _warm_up(self, whole: WholeNorm) -> torch.Tensor:
         if self.max_grad_norm is not None:
