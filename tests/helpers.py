@@ -88,6 +88,7 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor):
 
 
 def assert_grads_bitwise_equal(params_a, params_b):
+    assert len(params_a) == len(params_b)
     for pa, pb in zip(params_a, params_b):
         assert (pa.grad is None) == (pb.grad is None)
         if pa.grad is not None:
@@ -208,11 +209,22 @@ def check_clip_grad_norm(params, backend, max_norm, norm_type=2.0, foreach=None,
         return total, ours
     grads = [p.grad for p in params if p.grad is not None]
     exact = reference_norm(grads, norm_type)
-    ours_err, torch_err = abs(total.double().item() - exact), abs(ref_total.double().item() - exact)
-    if math.isfinite(exact) and math.isfinite(ref_total.item()):
+    value = total.double().item()
+    if not math.isfinite(exact):  # inf or NaN elements: NaN if any is NaN, else inf (as torch)
+        assert math.isnan(value) if math.isnan(exact) else value == math.inf, (value, exact)
+    elif math.isfinite(ref_total.item()):
+        ours_err, torch_err = abs(value - exact), abs(ref_total.double().item() - exact)
         assert ours_err <= torch_err + norm_slack(exact, total.dtype, backend), (total.item(), ref_total.item(), exact)
+    elif math.isinf(torch.tensor(exact).to(total.dtype).item()):  # beyond the result dtype's range
+        assert value == math.inf, (value, exact)
+    else:  # torch's sum overflowed where the exact norm is finite: ours must not
+        assert abs(value - exact) <= norm_slack(exact, total.dtype, backend), (value, exact)
+    clipped_with = clip_total_for(params, norm_type, max_norm, backend)
+    # the total returned is the one the grads were clipped with (in the grads' dtype: fp16/bf16 grads are clipped
+    # with the float32 total)
+    assert_bitwise_equal(total.cpu(), clipped_with.to(total.dtype))
     expected = clone_params(params)
-    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clip_total_for(params, norm_type, max_norm, backend))
+    torch.nn.utils.clip_grads_with_norm_(expected, max_norm, clipped_with)
     assert_grads_bitwise_equal(ours, expected)
     return total, ours
 
