@@ -57,13 +57,17 @@ def clone_grad(g):
 
 
 def clone_params(params):
-    out = []
+    """Copies of the parameters and their grads; a parameter listed twice is
+    copied once and listed twice (the copies keep the duplicates)."""
+    out, copies = [], {}
     for p in params:
-        q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        if p.grad is not None and p.grad.dtype != p.dtype and hasattr(q, "grad_dtype"):
-            q.grad_dtype = None  # torch >= 2.10 checks a grad's dtype against its parameter's
-        q.grad = clone_grad(p.grad)
-        out.append(q)
+        if id(p) not in copies:
+            q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            if p.grad is not None and p.grad.dtype != p.dtype and hasattr(q, "grad_dtype"):
+                q.grad_dtype = None  # torch >= 2.10 checks a grad's dtype against its parameter's
+            q.grad = clone_grad(p.grad)
+            copies[id(p)] = q
+        out.append(copies[id(p)])
     return out
 
 
