@@ -39,11 +39,12 @@ def interpreted(backend: str) -> bool:
     return (backend == "triton" and interpreting()) or (backend == "cuda" and emulating())
 
 
-def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None):
+def make_params(shapes, dtype=torch.float32, scale=1.0, generator=None, device="cpu"):
+    """Zero parameters on `device` with random grads (drawn on the CPU, so a seed gives the same grads anywhere)."""
     params = []
     for shape in shapes:
-        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-        p.grad = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        p.grad = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
         params.append(p)
     return params
 

@@ -161,10 +161,15 @@ def test_channels_last_and_transposed_and_sliced(backend, seed):
     base = torch.randn(10, 30) * 0.1
     sliced = torch.nn.Parameter(torch.randn(10, 10))
     sliced.grad = base[:, ::3]
-    outside = base.clone()
-    ours = check_agc([conv, lin, sliced], backend, clip_factor=0.05)
+    ours = check_agc([conv, lin, sliced], backend, clip_factor=0.05)  # on copies
     assert ours[1].grad.stride() == lin.grad.stride()  # written back into the same layout
-    assert_bitwise_equal(base, outside)  # check_agc works on copies
+    # in place: the sliced grad's columns are written, the columns between them kept
+    outside = base.clone()
+    fastclip.adaptive_clip_grad_([conv, lin, sliced], 0.05, backend=backend)
+    assert_bitwise_equal(sliced.grad, ours[2].grad)
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[::3] = False
+    assert_bitwise_equal(base[:, keep], outside[:, keep])
 
 
 def test_the_one_call_gather_gives_the_general_paths_bits(backend, seed, monkeypatch):

@@ -138,7 +138,9 @@ def test_no_grads_compile_to_what_eager_returns(compiler):
     for name, call in calls.items():
         torch._dynamo.reset()
         got, want = torch.compile(call, backend=compiler, fullgraph=True)(params), call(params)
-        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):
+        got, want = (x if isinstance(x, tuple) else (x,) for x in (got, want))
+        assert len(got) == len(want), name
+        for a, b in zip(got, want):
             assert (a is None and b is None) or torch.equal(a, b), name
 
 

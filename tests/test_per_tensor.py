@@ -150,16 +150,24 @@ def test_a_duplicated_grad_is_clipped_twice_in_turn_like_torch(backend, seed):
 
 
 def test_views_transposed_and_sliced(backend, seed):
-    base = torch.randn(20, 30)
-    params = []
-    for grad in (base.t(), base[:, ::3], base[2:7, 4:9], torch.randn(6, 5).t().contiguous().t()):
-        p = torch.nn.Parameter(torch.zeros(grad.shape))
-        p.grad = grad
-        params.append(p)
-    outside = base.clone()
-    check_per_tensor(params, backend, 0.5)
-    # (the four views share `base`: check_per_tensor ran on copies, so `base` is untouched)
-    assert_bitwise_equal(base, outside)
+    base, other = torch.randn(20, 30), torch.randn(6, 5).t().contiguous().t()
+
+    def params_on(base, other):
+        params = []
+        for grad in (base.t(), base[:, ::3], base[2:7, 4:9], other):
+            p = torch.nn.Parameter(torch.zeros(grad.shape))
+            p.grad = grad
+            params.append(p)
+        return params
+
+    check_per_tensor(params_on(base, other), backend, 0.5)  # on copies: each view its own grad
+    # in place, on views of one tensor (they overlap): torch's loop, one parameter after the other
+    base_ref, other_ref = base.clone(), other.clone()
+    fastclip.clip_grad_norm_per_tensor_(params_on(base, other), 0.5, backend=backend)
+    for p in params_on(base_ref, other_ref):
+        torch.nn.utils.clip_grad_norm_([p], 0.5)
+    assert_bitwise_equal(base, base_ref)
+    assert_bitwise_equal(other, other_ref)
 
 
 def test_many_tiny_tensors(backend, seed):

@@ -95,8 +95,11 @@ def run(backend, how, optimizer_cls, steps=10, norm_type=2.0, max_norm=0.5, scal
 
 
 def assert_same_run(got, want):
-    """The same scales step by step and the same final parameters, bit for bit."""
+    """The same norms and scales step by step and the same final parameters, bit for bit."""
     assert got[2] == want[2]
+    assert len(got[1]) == len(want[1]) and len(got[0]) == len(want[0])
+    for a, b in zip(got[1], want[1]):
+        assert_bitwise_equal(a, b)
     for a, b in zip(got[0], want[0]):
         assert_bitwise_equal(a, b)
 

@@ -110,9 +110,9 @@ def test_results_are_identical_run_to_run(seed):
 
 def test_all_empty_grads_launch_nothing_and_give_zero(monkeypatch):
     launches = _count_launches(monkeypatch)
-    params = make_params([(0,), (0, 3)])
-    params = [p.to(DEVICE) for p in params]
-    total = fastclip.clip_grad_norm_([p for p in params], 1.0, backend="triton")
+    params = make_params([(0,), (0, 3)], device=DEVICE)
+    assert all(p.grad is not None for p in params)
+    total = fastclip.clip_grad_norm_(params, 1.0, backend="triton")
     assert total.item() == 0.0 and launches == {}
 
 
@@ -146,9 +146,7 @@ def _count_launches(monkeypatch) -> dict:
 
 
 def test_launch_counts(monkeypatch, seed):
-    params = [p.to(DEVICE) for p in make_params([(3 * UNIT + 1,), (7,), (UNIT,)])]
-    for p in params:
-        p.grad = p.grad.to(DEVICE)
+    params = make_params([(3 * UNIT + 1,), (7,), (UNIT,)], device=DEVICE)
     launches = _count_launches(monkeypatch)
     fastclip.clip_grad_norm_(params, 1e-3, backend="triton")
     assert launches == {"norm_kernel": 1, "scale_kernel": 1}  # norm + coefficient, then scale

@@ -134,7 +134,18 @@ def test_views_with_the_negative_bit(backend, lo, hi, seed):
 
 def test_duplicates_and_overlapping_views(backend, seed):
     p = random_params([(50,)], [torch.float32])[0]
-    check_range([p, p], backend, -0.5, 0.5)
+    check_range([p, p], backend, -0.5, 0.5)  # (clone_params keeps the duplicate)
+    base = torch.randn(90)
+    base[[3, 25, 41]] = torch.tensor([-0.0, NAN, INF])
+    want = base.clone()
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (40, 40, 15)]
+    for q, view in zip(params, (base[:40], base[20:60], base[60::2])):  # two overlap; one strided, every other left
+        q.grad = view
+    params.append(params[1])
+    fastclip.clip_grad_range_(params, -0.5, 0.25, backend=backend)
+    for view in (want[:40], want[20:60], want[60::2]):
+        view.clamp_(-0.5, 0.25)
+    assert_bitwise_equal(base, want)
 
 
 def test_version_counter_bumps(backend, seed):
