@@ -130,6 +130,13 @@ def clip_grad_norm_(
             float(max_norm)
             check_writable(grads)
         return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+    if work.scales_unlike_torch(work.result_dtype):  # our norm, torch's multiply
+        total = fused.norm(work, kind)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(nonfinite_message(float(norm_type)))
+        check_writable(grads)
+        torch_ref.clip_grads_with_norm_(parameters, max_norm_value, total, foreach)
+        return total
     total, aborted = fused.clip_norm(work, kind, max_norm_value, error_if_nonfinite)
     if aborted:
         raise RuntimeError(nonfinite_message(float(norm_type)))
@@ -191,7 +198,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
         _scale_grads(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0), foreach, name)
         return None
     plan = _elementwise_plan(name, grads, work, why)
-    if plan is None:
+    if plan is None or plan[1].scales_unlike_torch(getattr(total_norm, "dtype", None)):
         check_writable(_grads_of(grads, parameters))
         return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     fused, work = plan
@@ -232,7 +239,8 @@ def _scale_grads(grads: list, coef: torch.Tensor, foreach, name: str, work=None,
     for group, group_work, group_why in groups:
         version = _version_of(group[0]) if wrapped else None
         plan = _elementwise_plan(name, group, group_work, group_why)
-        if plan is None or not plan[0].scale(plan[1], coef.to(group[0].device)):
+        fused_ok = plan is not None and not plan[1].scales_unlike_torch(coef.dtype)
+        if not fused_ok or not plan[0].scale(plan[1], coef.to(group[0].device)):
             torch_ref.scale_grads(group, coef, foreach)
         if version is not None and _version_of(group[0]) != version:
             written.append(group)

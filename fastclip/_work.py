@@ -72,6 +72,17 @@ class GradList:
             ptrs[i] = tensors[i].data_ptr()
         return GradList(tensors, self.device, self.dtypes, lists=(ptrs, self._lists[1], self._lists[2], []))
 
+    def scales_unlike_torch(self, coef_dtype: torch.dtype) -> bool:
+        """Whether torch's `grad.mul_(coef)` by a 0-dim `coef_dtype` tensor
+        rounds differently from the kernels for some grad: a 0-dim grad
+        narrower than a float64 coefficient (two 0-dim operands promote, so
+        torch multiplies in float64 and rounds once; every other grad it
+        multiplies in the grad's own precision, as the kernels do).  Rare
+        (float64 beside a narrower 0-dim parameter): such scaling goes to torch."""
+        if coef_dtype != torch.float64:
+            return False
+        return any(t.dim() == 0 and t.dtype != torch.float64 for t in self.tensors)
+
     def has_empty(self) -> bool:
         return self._table.has_empty() if self._table is not None else 0 in self._lists[1]
 

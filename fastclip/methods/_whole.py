@@ -58,20 +58,32 @@ class WholeNorm:
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """torch's clip_grad_norm_(grads, max_norm); returns the norm before clipping."""
-        if self.fused is not None:
+        if self.fused is not None and not self.work.scales_unlike_torch(self.work.result_dtype):
             return self.fused.clip_norm(self.work, L2, float(max_norm), False)[0]
         total = _api.clip_grad_norm_(
             _ops.holders(self.grads), max_norm, backend=self.name, process_group=self.process_group
         )
         return _distributed.full_value(total)
 
-    def scale(self, coef: torch.Tensor) -> None:
-        """Every grad times the 0-dim `coef` (float32 for 16/32-bit grads, as
-        torch multiplies by a Python float); nothing written where it is exactly 1."""
-        if self.fused is not None and self.fused.scale(self.work, coef):
+    def scale(self, coef: torch.Tensor, like_a_float: bool = False) -> None:
+        """Every grad times the 0-dim `coef`, as torch's `grad.mul_(coef)`
+        rounds it, or with like_a_float as `grad.mul_(float(coef))` does
+        (they differ only for a 0-dim grad narrower than a float64 `coef`);
+        nothing written where it is exactly 1."""
+        if self.fused is not None and (like_a_float or not self.work.scales_unlike_torch(coef.dtype)):
+            if self.fused.scale(self.work, coef):
+                return
+        if not self.grads:
             return
-        if self.grads:
-            _api._scale_grads(self.grads, coef, None, self.name)
+        if like_a_float and coef.dtype == torch.float64:  # a Python float promotes nothing
+            narrow = [g.dim() == 0 and g.dtype != torch.float64 for g in self.grads]
+            if any(narrow):  # their product as with float32(coef), the others' as with coef
+                _api._scale_grads([g for g, n in zip(self.grads, narrow) if n], coef.float(), None, self.name)
+                rest = [g for g, n in zip(self.grads, narrow) if not n]
+                if rest:
+                    _api._scale_grads(rest, coef, None, self.name)
+                return
+        _api._scale_grads(self.grads, coef, None, self.name)
 
 
 def params_of(model_or_parameters) -> list:

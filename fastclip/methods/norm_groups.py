@@ -65,10 +65,18 @@ def clip_grad_norm_groups_(
         raise RuntimeError(empty_inf_norm_message(None))
     positions = list(range(len(members)))
     coefficient = Coefficient("clip_norm", seg.values_for(single, many, positions, work.device))
+    torch_multiplies = work.scales_unlike_torch(dtype)  # (a 0-dim grad beside a float64 one: see GradList)
     out = seg.run(
         fused, work, kind, len(members), coefficient, first_segment=group_of, norms_dtype=dtype,
-        nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+        nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None, apply=not torch_multiplies,
     )  # fmt: skip
+    if torch_multiplies:  # our norms and coefficients, torch's multiply: each group's by its own dtype's coefficient
+        check_writable(grads)
+        for k in positions:
+            group = [g for g, owner in zip(grads, group_of) if owner == k]
+            wide = any(g.dtype == torch.float64 for g in group)
+            if group:
+                torch_ref.scale_grads(group, out.coefs[k].to(torch.float64 if wide else torch.float32))
     return out.norms
 
 

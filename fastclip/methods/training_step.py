@@ -49,6 +49,8 @@ def _plan(params: list, norm_type, backend, process_group) -> tuple:
     name = _dispatch.resolve_name(backend)
     kind = FUSED_NORM_KINDS.get(float(norm_type))
     grads, fused, work = gather(params, "torch" if kind is None else name, process_group)
+    if fused is not None and work.scales_unlike_torch(work.result_dtype):  # (see GradList): torch's recipe
+        fused = None
     return grads, (None if fused is None else (fused, work, kind))
 
 

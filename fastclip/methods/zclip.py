@@ -182,13 +182,13 @@ class ZClip:
         coef, clipped, mean, var = self._coefficient_and_ema(norm, mean, var, ops)
         if ops is _FLOATS:
             if coef != 1.0:
-                whole.scale(torch.scalar_tensor(coef, dtype=F64))
+                whole.scale(torch.scalar_tensor(coef, dtype=F64), like_a_float=True)
             self._mean.fill_(mean)
             self._var.fill_(var)
             coef = torch.scalar_tensor(coef, dtype=F64, device=total.device)
             clipped = torch.scalar_tensor(clipped, dtype=torch.bool, device=total.device)
         else:
-            whole.scale(coef)
+            whole.scale(coef, like_a_float=True)  # zclip multiplies by a Python float
             self._mean.copy_(mean)  # in place: a captured CUDA graph keeps updating the same memory
             self._var.copy_(var)
         self.last_norm, self.last_coef, self.last_clipped = total, coef, clipped
