@@ -53,7 +53,7 @@ def clone_grad(g):
     """A copy with the same sizes, strides and storage offset (a copied base for views)."""
     if g is None or g.layout != torch.strided or g.device.type == "meta":
         return None if g is None else g.clone()
-    copy = torch.empty(0, dtype=g.dtype).set_(g.untyped_storage().clone(), g.storage_offset(), g.size(), g.stride())
+    copy = torch.empty(0, dtype=g.dtype, device=g.device).set_(g.untyped_storage().clone(), g.storage_offset(), g.size(), g.stride())
     return copy if type(g) is torch.Tensor else copy.as_subclass(type(g))  # keep tensor subclasses
 
 
@@ -255,12 +255,19 @@ def assert_no_host_sync(calls) -> None:
     for call in calls:
         call()
     torch.cuda.synchronize()
+    # torch's sync debug mode sees torch's own waits only; a wait inside a
+    # compiled extension shows as the device having caught up: queue a second
+    # of GPU sleep first, and it must still be running after the calls.
+    queued = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)
+    queued.record()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for call in calls:
             call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert not queued.query(), "a call waited for the device (the work queued before the calls has finished)"
     torch.cuda.synchronize()
 
 

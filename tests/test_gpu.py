@@ -128,11 +128,20 @@ def test_cuda_graph_capture_and_replay(gpu_backend, seed):
 
 
 def test_non_default_stream(gpu_backend, seed):
+    """The grads are written on a side stream that is busy first: a kernel
+    launched on any other stream would read them before they are written."""
     params = cuda_params([100_000, 7], torch.float32)
+    fresh = [torch.randn_like(p.grad) * 3.0 for p in params]
     ref = clone_params(params)
+    for q, f in zip(ref, fresh):
+        q.grad.copy_(f)
+    fastclip.clip_grad_norm_(clone_params(params), 0.5, backend=gpu_backend)  # compile and load first
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time ahead of the writes
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f)
         total = fastclip.clip_grad_norm_(params, 0.5, backend=gpu_backend)
     torch.cuda.current_stream().wait_stream(stream)
     ref_total = torch.nn.utils.clip_grad_norm_(ref, 0.5)
@@ -183,6 +192,7 @@ def test_cuda_launch_counts_seen_by_the_profiler(seed):
             call()
             torch.cuda.synchronize()
         names = ("norm_kernel", "scale_kernel", "clamp_kernel")
+        assert backend.last_launches > 0
         assert sum(e.count for e in prof.key_averages() if any(n in e.key for n in names)) == backend.last_launches
 
 

@@ -227,10 +227,15 @@ def test_counts_and_norms_on_every_instruction_set(isa, seed):
         cpu.select_isa(old)
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def test_results_do_not_depend_on_the_thread_count(seed):
-    grads = [torch.randn(n) for n in (200_000, 70_001, 3, 1 << 17)]
+    grads = [torch.randn(n) for n in (800_000, 70_001, 3, 1 << 17)]
+    assert _bytes(grads) >= cpu.parallel_min_bytes  # (below it the kernels run on one thread whatever is asked)
     weights = [torch.randn(g.shape) for g in grads]
-    table = table_of(grads, [0, 40, 60, 61], [5000, 0, 0, 1 << 12], 93, weights)
+    table = table_of(grads, [0, 40, 60, 61], [20_000, 0, 0, 1 << 12], 93, weights)
     results = []
     for threads in (1, 2, 3):
         p, w = torch.zeros(93, dtype=torch.float64), torch.zeros(93, dtype=torch.float64)
@@ -239,7 +244,7 @@ def test_results_do_not_depend_on_the_thread_count(seed):
     for p, w in results[1:]:
         assert_bitwise_equal(p, results[0][0])
         assert_bitwise_equal(w, results[0][1])
-    want = torch.stack([t.square().sum() for t in grads[0].view(40, 5000).double()])
+    want = torch.stack([t.square().sum() for t in grads[0].view(40, 20_000).double()])
     torch.testing.assert_close(results[0][0][:40], want, rtol=1e-12, atol=0)
 
 
@@ -253,13 +258,14 @@ def test_agc_in_one_call_equals_its_three_steps(dtype, seed):
 
     # packed short rows, rows longer than half a work unit, a 1-D tensor cut
     # into several units, a single row, a scalar
-    shapes = [(70, 300), (2, 40_000), (200_000,), (1, 700), (), (9, 5000)]
+    shapes = [(70, 300), (2, 40_000), (1_000_000,), (1, 700), (), (9, 5000)]
     # grad rows of random size against the weights', so that about half clip
     row_scale = [torch.rand(s[0], *[1] * (len(s) - 1), dtype=torch.float64) * 2 if len(s) >= 2 else 1.0
                  for s in shapes]  # fmt: skip
     grads = [(torch.randn(s, dtype=torch.float64) * 0.012 * r).to(dtype) for s, r in zip(shapes, row_scale)]
     grads[0][3, 7] = float("nan")  # a NaN row: its coefficient is NaN, as timm's torch.where gives
     weights = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+    assert _bytes(grads) >= cpu.parallel_min_bytes  # (below it the kernels run on one thread whatever is asked)
     first, lens, count = agc_segments(grads)  # AGC's own segment layout
     mode, kind = COEFFICIENT_MODES["agc"], 2
 
