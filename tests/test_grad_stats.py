@@ -37,10 +37,16 @@ def check_stats(params, backend, norm_type=2.0):
             assert_bitwise_equal(stats.per_tensor_norms[k], want)
         return stats
     if grads:
-        exact = reference_norm(grads, norm_type)
-        if math.isfinite(exact) and math.isfinite(want_total.item()):
+        exact, got = reference_norm(grads, norm_type), stats.total_norm.double().item()
+        if not math.isfinite(exact):  # NaN if an element is NaN, else inf
+            assert math.isnan(got) if math.isnan(exact) else got == math.inf, (got, exact)
+        elif math.isfinite(want_total.item()):
             tol = ulp(exact, want_total.dtype)
-            assert abs(stats.total_norm.double().item() - exact) <= abs(want_total.double().item() - exact) + tol
+            assert abs(got - exact) <= abs(want_total.double().item() - exact) + tol
+        elif math.isinf(torch.tensor(exact).to(want_total.dtype).item()):
+            assert got == math.inf
+        else:  # torch's sum overflowed where the exact norm is finite
+            assert abs(got - exact) <= ulp(exact, want_total.dtype), (got, exact)
     for k, g in enumerate(grads):
         exact = reference_norm([g], norm_type)
         got = stats.per_tensor_norms[k].item()
@@ -113,3 +119,15 @@ def test_the_total_is_the_norm_of_the_per_tensor_norms(backend, seed):
     total = torch.linalg.vector_norm(stats.per_tensor_norms)
     tol = ulp(total.item(), torch.float64) * 8
     assert abs(stats.total_norm.item() - total.item()) <= tol
+
+
+def test_an_inf_without_nan_gives_an_inf_total(backend):
+    params = []
+    for dtype in FLOAT_DTYPES:
+        p = torch.nn.Parameter(torch.zeros(40, dtype=dtype))
+        p.grad = torch.linspace(-1, 1, 40, dtype=torch.float64).to(dtype)
+        p.grad[7] = -math.inf
+        params.append(p)
+    for norm_type in (1.0, 2.0, math.inf):
+        stats = check_stats(params, backend, norm_type)
+        assert stats.total_norm.item() == math.inf and stats.num_nonfinite.item() == len(FLOAT_DTYPES)

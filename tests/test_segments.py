@@ -223,6 +223,12 @@ def test_counts_and_norms_on_every_instruction_set(isa, seed):
                     plain = torch.zeros(2, dtype=torch.float64)
                     cpu.segments(table_of([g, h]), kind, 1, 1, powers=plain.data_ptr())
                     assert_bitwise_equal(powers, plain)  # counting changes no bit of the sums
+                    finite = torch.zeros(2, dtype=torch.float64)  # and the sums are right: h alone
+                    cpu.segments(table_of([h]), kind, 1, 1, powers=finite.data_ptr(), counts=counts.data_ptr())
+                    x = h.double().abs()
+                    want = {1: x.sum(), 2: x.square().sum(), 3: x.max()}[kind].item()
+                    rel = 1e-12 if dtype in (torch.float32, torch.float64) else 1e-6  # (fp16/bf16: float32 blocks)
+                    assert finite[0].item() == pytest.approx(want, rel=rel, abs=0), (kind, dtype, n)
     finally:
         cpu.select_isa(old)
 
