@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from decimal import Decimal, localcontext
 from fractions import Fraction
@@ -249,26 +250,33 @@ def count_calls(monkeypatch, obj, *methods) -> dict:
     return counts
 
 
-def assert_no_host_sync(calls) -> None:
-    """Each call once to warm up (compile, tables), then all of them again
-    under torch.cuda.set_sync_debug_mode("error"): none may wait for the device."""
-    for call in calls:
-        call()
+@contextlib.contextmanager
+def no_host_sync():
+    """The body must not wait for the device: torch's sync debug mode is set
+    to "error", which sees torch's own waits only; a wait inside a compiled
+    extension shows as the device having caught up, so a second of GPU sleep
+    is queued first and must still be running at the end."""
     torch.cuda.synchronize()
-    # torch's sync debug mode sees torch's own waits only; a wait inside a
-    # compiled extension shows as the device having caught up: queue a second
-    # of GPU sleep first, and it must still be running after the calls.
     queued = torch.cuda.Event()
     torch.cuda._sleep(2_000_000_000)
     queued.record()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for call in calls:
-            call()
+        yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert not queued.query(), "a call waited for the device (the work queued before the calls has finished)"
+    assert not queued.query(), "the body waited for the device (the work queued before it has finished)"
     torch.cuda.synchronize()
+
+
+def assert_no_host_sync(calls) -> None:
+    """Each call once to warm up (compile, tables), then all of them again
+    under no_host_sync(): none may wait for the device."""
+    for call in calls:
+        call()
+    with no_host_sync():
+        for call in calls:
+            call()
 
 
 # torch's error for in-place writes to a tensor whose elements share memory

@@ -11,7 +11,7 @@ import torch
 
 import fastclip
 
-from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, clone_params, reference_norm
+from .helpers import FLOAT_DTYPES, assert_grads_bitwise_equal, assert_no_host_sync, clone_params, reference_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -91,16 +91,7 @@ def test_no_host_device_sync(gpu_backend, seed):
         lambda: fastclip.clip_grads_with_norm_(params, 1.0, total, backend=gpu_backend),
         lambda: fastclip.clip_grad_value_(params, 0.1, backend=gpu_backend),
     ]
-    for call in calls:
-        call()  # compile and cache the table first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for call in calls:
-            call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(calls)  # (each call once first: compile and cache the table)
 
 
 def test_cuda_graph_capture_and_replay(gpu_backend, seed):

@@ -5,12 +5,14 @@ the GPU): no host sync, CUDA-graph capture and replay, run-to-run identity."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import fastclip
 
-from .helpers import assert_bitwise_equal, assert_no_host_sync
+from .helpers import assert_bitwise_equal, assert_no_host_sync, no_host_sync
 from .method_refs import random_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -134,15 +136,11 @@ def test_zclip_never_waits_for_the_device(gpu_backend, seed):
     fastclip.ZClip(warmup_steps=1, backend=gpu_backend).step(params)  # compile the kernels first
     clip = fastclip.ZClip(warmup_steps=3, max_grad_norm=None, backend=gpu_backend)
     clipped = []  # each step's flag, a device tensor (read after the loop)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for step in range(8):
             _fresh_grads([p.grad for p in params], 30.0 if step == 6 else 1.0)
             clip.step(params)
             clipped.append(clip.last_clipped)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert bool(clipped[6]) is True  # the spike (no max_grad_norm: nothing else clips it)
 
 
@@ -184,16 +182,12 @@ def test_quantile_clip_never_waits_for_the_device(gpu_backend, global_threshold,
     fastclip.QuantileClip(params, backend=gpu_backend).step()  # compile the kernels first
     clip = fastclip.QuantileClip(params, history_length=4, global_threshold=global_threshold, backend=gpu_backend)
     grads = [p.grad for p in params]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for step in range(7):
             for p, g in zip(params, grads):
                 p.grad = None if step == 2 and p is params[1] else g
             _fresh_grads(grads, 30.0 if step == 5 else 1.0)
             clip.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(clip.last_thresholds).all()
 
 
@@ -208,15 +202,11 @@ def test_training_step_functions_never_wait_for_the_device(gpu_backend, seed):
             scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
             scaler.scale(torch.ones((), device="cuda"))
             _fresh_grads(grads, 1.0)
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error" if step else "default")  # step 0 compiles
-            try:
+            with no_host_sync() if step else contextlib.nullcontext():  # step 0 compiles
                 if call is not None:
                     call(scaler, opt, 0.5, backend=gpu_backend)
                 else:
                     fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=gpu_backend)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             scaler.step(opt)
             scaler.update()
 

@@ -70,9 +70,9 @@ class WholeNorm:
         rounds it, or with like_a_float as `grad.mul_(float(coef))` does
         (they differ only for a 0-dim grad narrower than a float64 `coef`);
         nothing written where it is exactly 1."""
-        if self.fused is not None and (like_a_float or not self.work.scales_unlike_torch(coef.dtype)):
-            if self.fused.scale(self.work, coef):
-                return
+        fused_ok = self.fused is not None and (like_a_float or not self.work.scales_unlike_torch(coef.dtype))
+        if fused_ok and self.fused.scale(self.work, coef):
+            return
         if not self.grads:
             return
         if like_a_float and coef.dtype == torch.float64:  # a Python float promotes nothing

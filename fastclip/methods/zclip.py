@@ -66,7 +66,7 @@ class _FLOATS:
         try:
             return a / b
         except ZeroDivisionError:
-            if a != a or a == 0:
+            if math.isnan(a) or a == 0:
                 return math.nan
             return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
