@@ -54,7 +54,8 @@ def clone_grad(g):
     """A copy with the same sizes, strides and storage offset (a copied base for views)."""
     if g is None or g.layout != torch.strided or g.device.type == "meta":
         return None if g is None else g.clone()
-    copy = torch.empty(0, dtype=g.dtype, device=g.device).set_(g.untyped_storage().clone(), g.storage_offset(), g.size(), g.stride())
+    copy = torch.empty(0, dtype=g.dtype, device=g.device)
+    copy.set_(g.untyped_storage().clone(), g.storage_offset(), g.size(), g.stride())
     return copy if type(g) is torch.Tensor else copy.as_subclass(type(g))  # keep tensor subclasses
 
 

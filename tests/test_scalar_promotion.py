@@ -22,14 +22,14 @@ from .method_refs import clip_like_torch, random_params
 NARROW = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def mixed_params(seed_scale=1.0):
+def mixed_params(scale=1.0):
     """0-dim grads of every narrow dtype beside float64 and float32 tensors; many
     values, so a product that rounds differently from float64 shows up."""
     shapes = [(), (5,), (), (3, 4), (), (7,)]
     dtypes = [torch.float32, torch.float64, torch.float16, torch.float32, torch.bfloat16, torch.float64]
     params = []
     for _ in range(8):
-        params += [random_params([s], [d], scale=seed_scale)[0] for s, d in zip(shapes, dtypes)]
+        params += [random_params([s], [d], scale=scale)[0] for s, d in zip(shapes, dtypes)]
     return params
 
 

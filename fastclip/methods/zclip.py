@@ -181,11 +181,12 @@ class ZClip:
             ops, norm, mean, var = _TENSORS, total.to(F64), self._mean, self._var
         coef, clipped, mean, var = self._coefficient_and_ema(norm, mean, var, ops)
         if ops is _FLOATS:
-            if coef != 1.0:
-                whole.scale(torch.scalar_tensor(coef, dtype=F64), like_a_float=True)
+            scale = coef != 1.0
+            coef = torch.scalar_tensor(coef, dtype=F64, device=total.device)
+            if scale:
+                whole.scale(coef, like_a_float=True)
             self._mean.fill_(mean)
             self._var.fill_(var)
-            coef = torch.scalar_tensor(coef, dtype=F64, device=total.device)
             clipped = torch.scalar_tensor(clipped, dtype=torch.bool, device=total.device)
         else:
             whole.scale(coef, like_a_float=True)  # zclip multiplies by a Python float
