@@ -308,3 +308,55 @@ def test_an_unwritable_grad_raises_before_any_write(backend, seed):
     params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
     clip = lambda ps: fastclip.adaptive_clip_grad_(ps, 0.01, backend=backend)  # noqa: E731
     assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
+
+
+@needs_timm
+def test_a_nan_eps_is_timms(backend, seed):
+    """timm's clamp_(min=nan) makes every max_norm NaN: every grad becomes NaN."""
+    params = random_params([(6, 30), (40,)], [torch.float32])
+    ref = clone_params(params)
+    fastclip.adaptive_clip_grad_(params, 0.01, math.nan, backend=backend)
+    TIMM.adaptive_clip_grad(ref, 0.01, math.nan)
+    for p, q in zip(params, ref):
+        assert_bitwise_equal(p.grad, q.grad)
+    assert all(torch.isnan(p.grad).all() for p in params)
+
+
+@needs_timm
+@pytest.mark.parametrize("shared", ["one grad", "row views"])
+def test_grads_that_share_memory_are_clipped_in_turn_like_timm(backend, shared, seed):
+    """timm's loop reads each grad after the parameters before it were
+    clipped: one grad on two parameters with different weights is clipped
+    by the second weight's bound after the first's."""
+    weights = [torch.randn(4, 5, dtype=torch.float64).float() * s for s in (0.1, 100.0)]
+    params = [torch.nn.Parameter(w) for w in weights]
+    buffer = torch.randn(4, 5, dtype=torch.float64).float()
+    if shared == "one grad":
+        params[0].grad = params[1].grad = buffer
+    else:  # rows 0-2 and rows 1-3 of one buffer
+        params = [torch.nn.Parameter(w[:3].clone()) for w in weights]
+        params[0].grad, params[1].grad = buffer[:3], buffer[1:]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref_buffer = buffer.clone()
+    ref[0].grad, ref[1].grad = (ref_buffer, ref_buffer) if shared == "one grad" else (ref_buffer[:3], ref_buffer[1:])
+    fastclip.adaptive_clip_grad_(params, 0.01, backend=backend)
+    TIMM.adaptive_clip_grad(ref, 0.01)
+    assert_bitwise_equal(buffer, ref_buffer)
+
+
+@needs_timm
+def test_a_unit_norm_beyond_the_grad_dtype_clips_where_timm_zeroes(backend):
+    """timm's fp16 unit norm above 65504 is inf, its coefficient max_norm / inf
+    = 0, and the unit becomes zeros; fastclip's norms are float32 there, so
+    the unit is clipped to max_norm (the README's deliberate difference)."""
+    p = torch.nn.Parameter(torch.ones(2, 100, dtype=torch.float16))
+    p.grad = torch.full((2, 100), 1e4, dtype=torch.float16)  # unit norms 1e5
+    ref = clone_params([p])[0]
+    fastclip.adaptive_clip_grad_([p], backend=backend)
+    TIMM.adaptive_clip_grad([ref])
+    assert (ref.grad == 0).all()
+    if backend == "torch":  # timm's own arithmetic
+        assert_bitwise_equal(p.grad, ref.grad)
+    else:
+        unit_norms = p.grad.float().norm(dim=1)
+        torch.testing.assert_close(unit_norms, torch.full((2,), 0.1), rtol=2e-3, atol=0)  # 0.01 * ||W_i|| = 0.1

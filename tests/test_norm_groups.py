@@ -168,3 +168,31 @@ def test_an_unwritable_grad_raises_before_any_write(backend, seed):
     params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
     clip = lambda ps: fastclip.clip_grad_norm_groups_([ps[:2], ps[2:]], 0.1, backend=backend)  # noqa: E731
     assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
+
+
+def test_a_0_dim_numpy_max_norm_is_one_value(backend, seed):
+    np = pytest.importorskip("numpy")
+    params = random_params([(30,), (4, 4), (5,)], [torch.float32], scale=3.0)
+    ours, ref = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_groups_([ours[:1], ours[1:]], np.array(0.5), backend=backend)
+    want = fastclip.clip_grad_norm_groups_([ref[:1], ref[1:]], 0.5, backend=backend)
+    assert_bitwise_equal(norms, want)
+    for p, q in zip(ours, ref):
+        assert_bitwise_equal(p.grad, q.grad)
+
+
+def test_error_if_nonfinite_sees_an_fp16_groups_norm_as_torch_does(backend, seed):
+    """A group of fp16 grads alone: torch's norm is fp16, inf above 65504, and
+    torch raises; a group that also holds an fp32 grad has a float32 norm
+    (fastclip's, finite here: the documented difference of clip_grad_norm_)."""
+    params = random_params([(1000,), (20,), (30,)], [torch.float16, torch.float16, torch.float32])
+    params[0].grad.fill_(3000.0)  # norm 94868
+    before = grads_of(params)
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        fastclip.clip_grad_norm_groups_([params[:2], params[2:]], 1.0, error_if_nonfinite=True, backend=backend)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+    if backend != "torch":
+        norms = fastclip.clip_grad_norm_groups_([[params[0], params[2]], params[1:2]], 1.0, error_if_nonfinite=True,
+                                                backend=backend)  # fmt: skip
+        assert torch.isfinite(norms).all() and norms[0] > 65504

@@ -222,3 +222,34 @@ def test_complex128_norms_are_float64_like_torchs(backend_name, seed):
     norms = fastclip.clip_grad_norm_per_tensor_([p], 1e9, backend=backend_name)
     assert norms.dtype == torch.float64
     assert_bitwise_equal(norms[0], torch.linalg.vector_norm(p.grad))
+
+
+def test_a_0_dim_numpy_max_norm_is_one_value(backend, seed):
+    """torch's float(max_norm) takes a 0-dim numpy array."""
+    np = pytest.importorskip("numpy")
+    params = random_params([(30,), (4, 4)], [torch.float32], scale=3.0)
+    ours, ref = clone_params(params), clone_params(params)
+    norms = fastclip.clip_grad_norm_per_tensor_(ours, np.array(0.5), backend=backend)
+    want = fastclip.clip_grad_norm_per_tensor_(ref, 0.5, backend=backend)
+    assert_bitwise_equal(norms, want)
+    assert_grads_bitwise_equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_error_if_nonfinite_sees_a_16_bit_norm_as_torch_does(backend, dtype, seed):
+    """An fp16 grad's norm above 65504 is inf to torch (its norm is fp16), so
+    torch's clip_grad_norm_([p], error_if_nonfinite=True) raises: so do we,
+    though the float32 norm we return is finite.  bf16 holds that norm."""
+    params = random_params([(1000,), (20,)], [dtype, torch.float32])
+    params[0].grad.fill_(3000.0)  # norm 94868
+    before = grads_of(params)
+    clip = lambda: fastclip.clip_grad_norm_per_tensor_(params, 1.0, error_if_nonfinite=True, backend=backend)  # noqa: E731
+    torch_raises = not torch.isfinite(torch.linalg.vector_norm(params[0].grad))
+    assert torch_raises == (dtype == torch.float16)
+    if torch_raises:
+        with pytest.raises(RuntimeError, match="is non-finite"):
+            clip()
+        for p, g in zip(params, before):
+            assert_bitwise_equal(p.grad, g)
+    else:
+        assert torch.isfinite(clip()).all()

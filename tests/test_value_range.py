@@ -218,3 +218,17 @@ def test_an_unwritable_grad_raises_before_any_write(backend, seed):
     params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
     clip = lambda ps: fastclip.clip_grad_range_(ps, -0.1, 0.1, backend=backend)  # noqa: E731
     assert_raises_leaving_grads(clip, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
+
+
+def test_bounds_that_are_not_python_floats_are_checked_against_each_grads_dtype(backend, seed):
+    """An int or numpy bound beyond float32's range fits a float64 grad (and
+    a bf16 grad gets torch's bf16 error, not float32's)."""
+    np = pytest.importorskip("numpy")
+    params = random_params([(20,)], [torch.float64], scale=1e3)
+    check_range(params, backend, 2, 1e300)
+    check_range(params, backend, np.float64(-1e300), np.float32(5.0))
+    params = random_params([(20,)], [torch.bfloat16], scale=1e3)
+    before = grads_of(params)
+    with pytest.raises(RuntimeError, match=r"^value cannot be converted to type c10::BFloat16 without overflow$"):
+        fastclip.clip_grad_range_(params, 2, 1e39, backend=backend)
+    assert_bitwise_equal(params[0].grad, before[0])

@@ -71,8 +71,8 @@ def norms_dtype(grads, work: GradList | None = None) -> torch.dtype:
 def per_item(value, count: int, what: str, items: str):
     """A number for every item, or one value per item: (float, None) or
     (None, 1-D float64 tensor or list of floats).  Clear errors otherwise."""
-    if isinstance(value, numbers.Real):  # torch's float(max_norm): bools too
-        return float(value), None
+    if isinstance(value, numbers.Real) or (_is_ndarray(value) and value.ndim == 0):
+        return float(value), None  # torch's float(max_norm): bools too
     if isinstance(value, (str, bytes)):  # and numeric strings
         try:
             return float(value), None
@@ -96,6 +96,11 @@ def per_item(value, count: int, what: str, items: str):
     return None, values
 
 
+def _is_ndarray(value) -> bool:
+    """A numpy array (0-dim ones are numbers to torch's float(max_norm)), without importing numpy."""
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
+
+
 def values_for(single, many, positions, device) -> torch.Tensor:
     """The float64 tensor of the values per segment the kernels read, on
     `device`, without a host sync: one value, or those at `positions` (None:
@@ -115,6 +120,37 @@ def values_for(single, many, positions, device) -> torch.Tensor:
     if device.type == "cuda":
         return picked.pin_memory().to(device, non_blocking=True)
     return picked.to(device)
+
+
+def narrow_segments(dtypes) -> dict:
+    """The segments whose norm torch computes in float16 or bfloat16 (those of
+    one such grad, or of a group of such grads alone): that dtype -> their
+    ids.  `dtypes`: per segment, the dtype of its grads (None: no grads).
+    torch's error_if_nonfinite sees an fp16 norm above 65504 as inf, where
+    fastclip's float32 norm is finite: the check rounds those norms first."""
+    narrow: dict = {}
+    for s, dtype in enumerate(dtypes):
+        if dtype in (torch.float16, torch.bfloat16):
+            narrow.setdefault(dtype, []).append(s)
+    return narrow
+
+
+def group_dtype(grads):
+    """The dtype torch's norm of these grads comes back in (None: no grads)."""
+    dtype = None
+    for g in grads:
+        dtype = g.dtype if dtype is None else torch.promote_types(dtype, g.dtype)
+    return dtype
+
+
+def any_nonfinite(norms: torch.Tensor, narrow: dict | None = None) -> bool:
+    """Is a norm not finite, as torch would have it (`narrow`: the segments
+    whose torch norm is float16 / bfloat16, rounded to that first)?  A host sync."""
+    bad = ~torch.isfinite(norms).all()
+    for dtype, ids in (narrow or {}).items():
+        index = torch.tensor(ids, dtype=torch.long).to(norms.device)
+        bad = bad | ~torch.isfinite(norms.index_select(0, index).to(dtype)).all()
+    return bool(bad)
 
 
 def plan(name: str, grads: list, gathered: Gathered | None = None) -> tuple[FusedBackend | None, GradList | None]:
@@ -164,6 +200,7 @@ def run(
     total_dtype=None,
     apply=True,
     nonfinite_error=None,
+    narrow=None,
     across=None,
     table=None,
 ) -> SegmentOutputs:
@@ -171,7 +208,7 @@ def run(
 
     nonfinite_error: if set, the norms are checked before anything is written
     (a host sync, as torch's error_if_nonfinite has) and this RuntimeError is
-    raised if one is not finite.  across(out): reduces out.powers (and the
+    raised if one is not finite (narrow: see narrow_segments).  across(out): reduces out.powers (and the
     rest) over ranks between the reduction and the coefficient.  Grads that
     are views go to GPU backends as contiguous copies, written back.
     table: the call's table with its segments (and weights) made already
@@ -202,7 +239,7 @@ def run(
     else:
         fused.segments(call, kind, out, coefficient, apply=apply)
         deferred = False
-    if nonfinite_error is not None and not bool(torch.isfinite(out.norms).all()):
+    if nonfinite_error is not None and any_nonfinite(out.norms, narrow):
         raise RuntimeError(nonfinite_error)
     if apply and deferred:
         fused.segment_apply(call, out.coefs)

@@ -32,6 +32,7 @@ from .. import _dispatch, _distributed
 from .._ext import NORM_KINDS
 from .._work import collect, increment_version
 from ..backends.base import Coefficient, SegmentCall, SegmentOutputs
+from . import _segmented as seg
 
 F64 = torch.float64
 
@@ -296,7 +297,7 @@ def _fold(a, b, p):
 
 
 def finish_and_apply(sharded, name, first, lens, S, p, powers, weight_powers, failed, coefficient, apply,
-                     norms_dtype=None, total_dtype=None, nonfinite_error=None):  # fmt: skip
+                     norms_dtype=None, total_dtype=None, nonfinite_error=None, narrow=None):  # fmt: skip
     """Norms, coefficients and the scaling of this rank's shards, from the
     reduced powers (every coefficient 1 where another rank failed)."""
     kind = NORM_KINDS.get(p)
@@ -322,7 +323,7 @@ def finish_and_apply(sharded, name, first, lens, S, p, powers, weight_powers, fa
         fused.segment_finish(call, kind, out, coefficient)
     else:
         _torch_finish(sharded, first, lens, S, p, out, coefficient)
-    if nonfinite_error is not None and out.norms is not None and not bool(torch.isfinite(out.norms).all()):
+    if nonfinite_error is not None and out.norms is not None and seg.any_nonfinite(out.norms, narrow):
         raise RuntimeError(nonfinite_error)
     if apply and out.coefs is not None:
         coefs = torch.where(failed.to(out.coefs.device), torch.ones_like(out.coefs), out.coefs)

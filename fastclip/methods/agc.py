@@ -112,8 +112,10 @@ def _fast_path(params, clip_factor, eps, norm_type, name) -> bool:
 
 
 def _numbers_ok(clip_factor, eps) -> bool:
-    """Are clip_factor and eps plain numbers the kernels take?"""
-    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    """Are clip_factor and eps plain numbers the kernels take?  (A NaN eps is
+    not: timm's clamp_(min=nan) makes every max_norm NaN, torch's path has it.)"""
+    plain = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
+    return plain and not math.isnan(eps)
 
 
 def _arguments(params, clip_factor, eps, norm_type) -> tuple[list, float | None, bool]:
@@ -201,17 +203,24 @@ def unitwise_norm(x: torch.Tensor, norm_type: float) -> torch.Tensor:
 
 
 def _torch_path(pairs, clip_factor, eps, norm_type) -> None:
-    """timm's adaptive_clip_grad, every new grad computed before any is written."""
-    new = []
-    for w, g in pairs:
-        max_norm = unitwise_norm(w, norm_type).clamp_(min=eps).mul_(clip_factor)
-        grad_norm = unitwise_norm(g.detach(), norm_type)
-        clipped = g.detach() * (max_norm / grad_norm.clamp(min=1e-6))
-        new.append(torch.where(grad_norm < max_norm, g.detach(), clipped))
+    """timm's adaptive_clip_grad, every new grad computed before any is written
+    (so that its errors leave the grads untouched).  Grads that share memory
+    (one grad on two parameters, views of one buffer) are then clipped in
+    turn, each from the grads before it already written, as timm's loop does."""
+    new = [_timm_unit_clip(w, g, clip_factor, eps, norm_type) for w, g in pairs]
     check_writable([g for _w, g in pairs])
-    for (_w, g), n in zip(pairs, new):
-        g.detach().copy_(n)
+    in_turn = seg.share_storage([g for _w, g in pairs])
+    for (w, g), n in zip(pairs, new):
+        g.detach().copy_(_timm_unit_clip(w, g, clip_factor, eps, norm_type) if in_turn else n)
     return None
+
+
+def _timm_unit_clip(w, g, clip_factor, eps, norm_type) -> torch.Tensor:
+    """timm's new grad for one parameter (its expression and rounding)."""
+    max_norm = unitwise_norm(w, norm_type).clamp_(min=eps).mul_(clip_factor)
+    grad_norm = unitwise_norm(g.detach(), norm_type)
+    clipped = g.detach() * (max_norm / grad_norm.clamp(min=1e-6))
+    return torch.where(grad_norm < max_norm, g.detach(), clipped)
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -33,7 +33,8 @@ def clip_grad_norm_groups_(
     is float64; an empty group's norm is 0).  ``error_if_nonfinite``: any
     group with a non-finite norm raises torch's error before any grad is
     touched (torch, called group by group, would have clipped the groups
-    before it).  DTensor grads and ``process_group``: as in clip_grad_norm_.
+    before it); a group of float16 (or bfloat16) grads alone has its norm
+    checked as torch computes it, in that dtype.  DTensor grads and ``process_group``: as in clip_grad_norm_.
     """
     if torch.compiler.is_compiling():
         return _traced(groups, max_norm, norm_type, error_if_nonfinite, backend, process_group)
@@ -54,6 +55,7 @@ def clip_grad_norm_groups_(
             sharded, name, group_of, None, len(members), norm_type, powers, None, failed,
             Coefficient("clip_norm", values), True, norms_dtype=dtype,
             nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+            narrow=_narrow(grads, group_of, len(members)) if error_if_nonfinite else None,
         )  # fmt: skip
         return out.norms
     kind = FUSED_NORM_KINDS.get(norm_type)
@@ -69,6 +71,7 @@ def clip_grad_norm_groups_(
     out = seg.run(
         fused, work, kind, len(members), coefficient, first_segment=group_of, norms_dtype=dtype,
         nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None, apply=not torch_multiplies,
+        narrow=_narrow(grads, group_of, len(members)) if error_if_nonfinite else None,
     )  # fmt: skip
     if torch_multiplies:  # our norms and coefficients, torch's multiply: each group's by its own dtype's coefficient
         check_writable(grads)
@@ -137,6 +140,14 @@ def _check_grads_disjoint(grads, group_of, names) -> None:
             end = max(end, stop)
         else:
             device, end, group = dev, stop, k
+
+
+def _narrow(grads, group_of, count) -> dict:
+    """The groups whose norm torch computes in float16 / bfloat16 (seg.narrow_segments)."""
+    members = [[] for _ in range(count)]
+    for g, k in zip(grads, group_of):
+        members[k].append(g)
+    return seg.narrow_segments([seg.group_dtype(m) for m in members])
 
 
 def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:

@@ -30,7 +30,9 @@ def clip_grad_norm_per_tensor_(
     a 1-D tensor; those of parameters without a grad are not used).  Returns
     the 1-D tensor of the norms before clipping, one per grad, in order:
     float32, or float64 when a grad is float64.  ``error_if_nonfinite``: a
-    non-finite norm raises torch's error before any grad is touched.
+    non-finite norm raises torch's error before any grad is touched (a norm
+    torch computes in float16 or bfloat16, that of such a grad, counts as
+    torch has it: an fp16 norm above 65504 is inf).
     DTensor grads and ``process_group`` (grads that are this rank's shards):
     each grad's norm is its whole norm, reduced over the ranks.
     """
@@ -61,6 +63,7 @@ def clip_gathered(
     out = seg.run(
         fused, work, kind, len(grads), coefficient, norms_dtype=dtype,
         nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+        narrow=seg.narrow_segments([g.dtype for g in grads]) if error_if_nonfinite else None,
     )  # fmt: skip
     return out.norms
 
@@ -74,6 +77,7 @@ def _sharded_path(grads, single, many, positions, norm_type, error_if_nonfinite,
     out = _sharded.finish_and_apply(
         sharded, name, None, None, len(grads), norm_type, powers, None, failed, coefficient, True,
         norms_dtype=seg.norms_dtype(grads), nonfinite_error=nonfinite_message(norm_type) if error_if_nonfinite else None,
+        narrow=seg.narrow_segments([g.dtype for g in grads]) if error_if_nonfinite else None,
     )  # fmt: skip
     return out.norms
 

@@ -37,7 +37,9 @@ def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None
     bounds = [b for b in (min_value, max_value) if b is not None]
     plain = all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in bounds)
     if plain and not all(type(b) is float for b in bounds):  # torch's argument errors (Fraction, ints past 64 bits)
-        torch.empty(0).clamp_(min_value, max_value)
+        # (on float64, which holds every float: whether a bound fits each grad's
+        # dtype is check_clamp_bounds' question, answered with torch's text below)
+        torch.empty(0, dtype=torch.float64).clamp_(min_value, max_value)
     if not plain or any(math.isnan(float(b)) for b in bounds):  # tensors, NaN: torch's own op
         return _torch_path(grads, min_value, max_value)
     lo = -math.inf if min_value is None else float(min_value)
