@@ -387,10 +387,10 @@ def test_into_a_step_with_a_scaler_called_twice_raises_and_keeps_the_first(backe
     ref_scaler.unscale_(ref_opt)
     fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
     fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
-    handed = vars(opt).get("grad_scale")
+    deferred = vars(opt).get("_fastclip_into_step_pending")  # (None: the in-place path)
     with pytest.raises(RuntimeError, match=r"unscale_\(\) has already been called"):
         fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
-    assert vars(opt).get("grad_scale") is handed
+    assert vars(opt).get("_fastclip_into_step_pending") is deferred
     for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
         step_with(o, s)
     for p, q in zip(model.parameters(), model_ref.parameters()):
@@ -409,4 +409,112 @@ def test_into_a_skipped_step_leaves_parameters_and_backs_off(backend):
     scaler.update()
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+    assert scaler.get_scale() == 2.0**11
+
+
+def _assert_same_parameters(model, model_ref):
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_into_a_step_with_a_scaler_skipped_then_updated_leaves_nothing_for_the_next_step(backend):
+    """A call whose step is skipped (a norm spike guard), scaler.update(), then
+    an ordinary AMP step without the call: that step must not divide by the
+    old clip's grad_scale (nothing is set on the optimizer before its step)."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = scaler_for(), scaler_for()
+    backward(model, scaler, 4, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.01, scaler=scaler, backend=backend)  # clips hard; step skipped
+    scaler.update()
+    backward(model_ref, ref_scaler, 4, inject={})
+    ref_scaler.unscale_(ref_opt)
+    ref_scaler.update()
+    for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
+        o.zero_grad()
+        backward(m, s, 5, inject={})
+        step_with(o, s)
+    _assert_same_parameters(model, model_ref)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert not {"grad_scale", "found_inf", "_fastclip_into_step_pending"} & set(vars(opt))
+
+
+def test_into_a_step_after_the_scalers_own_unscale_then_scaler_step(backend):
+    """The usual AMP recipe with clip_grad_norm_ swapped for this (no scaler
+    argument: the grads are unscaled already): GradScaler.step hands its
+    found infs and deletes grad_scale after the step, as usual."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = scaler_for(), scaler_for()
+    for step in range(6):
+        for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
+            o.zero_grad()
+            backward(m, s, step)
+            s.unscale_(o)
+        want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+        got = fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0, equal_nan=True)
+        for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+            step_with(o, s)
+        _assert_same_parameters(model, model_ref)
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        assert not {"grad_scale", "found_inf"} & set(vars(opt))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_into_a_step_with_float64_grads_clips_in_place_exactly(backend, scaled):
+    """The step's grad_scale is float32: 1 / coefficient would round float64
+    grads to float32's precision, so float64 grads take the in-place path
+    (the recipe's own bits)."""
+    model_ref, model = make_model(backend, dtype=torch.float64), make_model(backend, dtype=torch.float64)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
+    for m, s in ((model_ref, ref_scaler), (model, scaler)):
+        backward(m, s, 4, inject={}, dtype=torch.float64)
+    if scaled:
+        ref_scaler.unscale_(ref_opt)
+    want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+    got = fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+    assert_bitwise_equal(got, want)
+    for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+        step_with(o, s)
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert_bitwise_equal(p.detach(), q.detach())
+
+
+def test_into_a_step_then_one_grad_rewritten_drops_the_clip(backend):
+    """Any grad written after the call (not only the first or the last)
+    drops the deferred clip, as the README says."""
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    backward(model, None, 4, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.01, backend=backend)
+    params = list(model.parameters())
+    params[1].grad.add_(1.0)  # a middle grad
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    for p, b, g in zip(params, before, grads):
+        torch.testing.assert_close(p.detach(), b - g, rtol=1e-6, atol=1e-6)  # unclipped SGD step
+
+
+def test_into_a_skipped_step_leaves_the_grads_scaled(backend):
+    """With a non-finite norm the fused step is skipped (found_inf) and writes
+    nothing: the grads stay as the backward left them (scaled), where torch's
+    recipe has unscaled and clipped them (inf * 0: NaN, the rest 0); the
+    parameters and the scale are the recipe's (README)."""
+    model = make_model(backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    scaler = scaler_for()
+    backward(model, scaler, 3)  # an inf
+    grads = [p.grad.clone() for p in model.parameters()]
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend)
+    step_with(opt, scaler)
+    folded = fastclip.methods.training_step.takes_grad_scale(opt) and backend != "torch"
+    if folded:
+        for p, g in zip(model.parameters(), grads):
+            assert_bitwise_equal(p.grad, g)
     assert scaler.get_scale() == 2.0**11

@@ -27,6 +27,7 @@ complex grads, other norm types, backend="torch") runs torch's recipe itself.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,9 @@ from .._errors import nonfinite_message
 from ..backends.base import FUSED_NORM_KINDS, LINF
 from ._whole import eager_under_compile, gather
 
-_HOOK = "_fastclip_into_step_hook"  # the optimizer's step post-hook that removes grad_scale after the step
-_PENDING = "_fastclip_into_step_pending"  # (coefficient, grads, their versions) of a clip deferred without a scaler
+_HOOK = "_fastclip_into_step_hook"  # the optimizer's step hooks that hand the clip over and clean up after it
+_PENDING = "_fastclip_into_step_pending"  # the clip deferred to the next step (_Pending)
+_HANDED = "_fastclip_into_step_handed"  # set while the step runs with the clip in grad_scale
 
 
 def _params(optimizer) -> list:
@@ -169,17 +171,19 @@ def clip_grad_norm_into_step_(
     One read computes the total norm (of the unscaled grads when `scaler` is
     given) and no grad is written here: for optimizers that take
     ``grad_scale`` / ``found_inf`` (torch's fused Adam, AdamW, SGD, Adagrad)
-    the coefficient goes to ``optimizer.grad_scale`` (as 1 / coefficient,
-    times the loss scale that ``scaler.step`` multiplies in), and the step
+    the coefficient goes to ``optimizer.grad_scale`` when the step starts (as
+    1 / coefficient, times the loss scale with a scaler), and the step
     divides each grad by it in its own pass.  Call ``scaler.step(optimizer)``
     (or ``optimizer.step()`` without a scaler) next; nothing is left on the
-    optimizer after that step.  Other optimizers get the in-place path
-    (:func:`unscale_clip_grad_norm_`, or clip_grad_norm_ without a scaler).
-    A non-finite norm behaves as in torch's recipe: with a scaler the step is
-    skipped (found_inf) and the scale backs off; without one the coefficient
-    (0 or NaN) reaches the parameters as it would through the grads.
-    Returns the total norm before clipping.  DTensor grads and
-    ``process_group``: the in-place path.
+    optimizer after that step, and a step that runs on other grads (the
+    call's step skipped, then zero_grad and a new backward) or after
+    ``scaler.update()`` runs without it.  Other optimizers and float64 grads
+    get the in-place path (:func:`unscale_clip_grad_norm_`, or
+    clip_grad_norm_ without a scaler).  A non-finite norm behaves as in
+    torch's recipe: with a scaler the step is skipped (found_inf) and the
+    scale backs off; without one the coefficient (0 or NaN) reaches the
+    parameters as it would through the grads.  Returns the total norm before
+    clipping.  DTensor grads and ``process_group``: the in-place path.
     """
     _apply_pending(optimizer)
     params = _params(optimizer)
@@ -187,6 +191,8 @@ def clip_grad_norm_into_step_(
         scaler = None  # unscale_ does nothing and scaler.step() runs a plain step
     folds = takes_grad_scale(optimizer) and (scaler is None or _scaler_respects_grad_scale())
     grads, plan = _plan(params, norm_type, backend, process_group) if folds else (None, None)
+    if plan is not None and torch.float64 in plan[1].dtypes:
+        plan = None  # (the step's grad_scale is float32: 1 / coefficient would round float64 grads to it)
     if plan is None:
         if scaler is not None:
             return unscale_clip_grad_norm_(
@@ -201,13 +207,11 @@ def clip_grad_norm_into_step_(
     divisor = coef.float().reciprocal()  # the fused step divides each grad by grad_scale
     if state is not None:
         # the grads are still scaled: the divisor carries the loss scale.  With the
-        # stage UNSCALED, scaler.step() hands grad_scale and the found infs to the
-        # step as they are, and deletes both after it.
-        optimizer.grad_scale = scaler._scale.float().to(divisor.device, non_blocking=True) * divisor
+        # stage UNSCALED, scaler.step() hands the found infs to the step and
+        # deletes grad_scale and found_inf after it.
+        divisor = scaler._scale.float().to(divisor.device, non_blocking=True) * divisor
         _set_unscaled(state, {plan[1].device: found})
-    else:
-        optimizer.grad_scale = divisor
-        _remove_after_step(optimizer, coef, grads)
+    _defer(optimizer, _Pending(coef, divisor, grads, _versions(grads), scaler if state is not None else None, state))
     return total
 
 
@@ -244,55 +248,83 @@ def _scaler_respects_grad_scale() -> bool:
     return _RESPECTS_GRAD_SCALE[0]
 
 
-def _remove_after_step(optimizer, coef, grads) -> None:
-    """Without a scaler nobody deletes optimizer.grad_scale: a one-shot post-step
-    hook does.  Until then the deferred clip (coefficient, grads) is kept for
-    _apply_pending, and a pre-step hook drops it if the grads were replaced or
-    rewritten since the call (a step skipped, zero_grad, a new backward): torch's
-    recipe clipped grads that are gone, so the step runs without the clip."""
-    optimizer.__dict__[_PENDING] = (coef, grads, _versions(grads))
+class _Pending(NamedTuple):
+    """A clip deferred to the optimizer's next step."""
+
+    coef: torch.Tensor  # the clip coefficient
+    divisor: torch.Tensor  # what the step divides the grads by: 1 / coef (times the loss scale with a scaler)
+    grads: list  # the grads it was computed for
+    versions: tuple  # their version counters then
+    scaler: object  # the GradScaler of the call, or None
+    scaler_state: dict | None  # its state for the optimizer, which the call set UNSCALED
+
+
+def _defer(optimizer, pending: _Pending) -> None:
+    """Keep the clip for the next step: a pre-step hook hands it to the step
+    as `grad_scale` if it still holds (the same grads, not written since, and
+    the same scaler iteration), and a post-step hook removes what is left.
+    Nothing is set on the optimizer before its step, so a call whose step
+    never runs (a skipped step, then zero_grad, a new backward, scaler.update())
+    leaves nothing that a later step, or GradScaler.step, could pick up:
+    torch's recipe clipped grads that are gone, and the step runs without it."""
+    optimizer.__dict__[_PENDING] = pending
     if vars(optimizer).get(_HOOK) is not None:
         return
 
-    def check(_opt, _args, _kwargs):
-        pending = optimizer.__dict__.get(_PENDING)
-        if pending is not None and not _unchanged(optimizer, pending):
-            optimizer.__dict__.pop("grad_scale", None)
+    def hand_over(_opt, _args, _kwargs):
+        pending = optimizer.__dict__.pop(_PENDING, None)
+        if pending is None or not _unchanged(optimizer, pending):
+            return
+        # GradScaler.step has set grad_scale already: None after unscale_ (the
+        # stage this function's scaler path sets), its scale otherwise (grads
+        # unscaled in the step); the clip multiplies in.
+        handed = optimizer.__dict__.get("grad_scale")
+        optimizer.grad_scale = pending.divisor if handed is None else handed * pending.divisor
+        optimizer.__dict__[_HANDED] = True
 
     def remove(_opt, _args, _kwargs):
-        for name in ("grad_scale", _PENDING, _HOOK):
+        # GradScaler.step deletes grad_scale and found_inf itself after the step
+        if optimizer.__dict__.pop(_HANDED, False) and "found_inf" not in optimizer.__dict__:
+            optimizer.__dict__.pop("grad_scale", None)
+        for name in (_PENDING, _HOOK):
             optimizer.__dict__.pop(name, None)
         for handle in handles:
             handle.remove()
 
-    handles = (optimizer.register_step_pre_hook(check), optimizer.register_step_post_hook(remove))
+    handles = (optimizer.register_step_pre_hook(hand_over), optimizer.register_step_post_hook(remove))
     optimizer.__dict__[_HOOK] = handles
 
 
 def _versions(grads) -> tuple:
-    """A cheap sign that the grads were not replaced or rewritten since: the
-    first and last grads' version counters (a backward or zero_grad moves them)."""
-    return tuple(g._version for g in (grads[:1] + grads[-1:])) if grads else ()
+    """A sign that the grads were not rewritten since: their version counters
+    (a backward, zero_grad or any in-place op moves them)."""
+    return tuple(g._version for g in grads)
 
 
-def _unchanged(optimizer, pending) -> bool:
+def _unchanged(optimizer, pending: _Pending) -> bool:
     """Are the optimizer's grads still the ones a deferred clip was computed
-    for (the same tensors, not written since)?"""
-    _coef, grads, versions = pending
+    for (the same tensors, not written since), in the same scaler iteration?"""
     current = [p.grad for p in _params(optimizer) if p.grad is not None]
+    grads = pending.grads
     same = len(grads) == len(current) and all(a is b for a, b in zip(grads, current))
-    return same and _versions(grads) == versions
+    if not same or _versions(grads) != pending.versions:
+        return False
+    # (scaler.update() replaces every per-optimizer state of the scaler with a new one)
+    return pending.scaler is None or pending.scaler._per_optimizer_states.get(id(optimizer)) is pending.scaler_state
 
 
 def _apply_pending(optimizer) -> None:
-    """A clip deferred to a step that has not run yet (no scaler): a second
-    call before the step sees the grads as torch's recipe leaves them, so the
-    first clip is written into them now.  If the grads were replaced since
-    (a new backward), the deferred clip is dropped with its step."""
-    pending = optimizer.__dict__.pop(_PENDING, None)
-    if pending is None:  # (a grad_scale a scaler's call set stays: scaler.step() hands it to the step)
+    """A clip deferred to a step that has not run yet: a second call before
+    the step (without a scaler) sees the grads as torch's recipe leaves them,
+    so the first clip is written into them now.  A scaler's call stays for
+    its step (a second call with that scaler raises unscale_'s error).  If
+    the grads were replaced or rewritten since (a new backward), or the
+    scaler updated, the deferred clip is dropped with its step."""
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is None:
         return
-    optimizer.__dict__.pop("grad_scale", None)
-    if _unchanged(optimizer, pending):
-        coef, grads, _versions_then = pending
-        torch._foreach_mul_(grads, coef)  # as clip_grads_with_norm_ multiplies
+    if not _unchanged(optimizer, pending):
+        optimizer.__dict__.pop(_PENDING, None)
+    elif pending.scaler is None:
+        optimizer.__dict__.pop(_PENDING, None)
+        torch._foreach_mul_(pending.grads, pending.coef)  # as clip_grads_with_norm_ multiplies
