@@ -279,3 +279,44 @@ def test_host_floats_give_the_bits_of_device_tensors(settings, fresh, seed, monk
             assert_bitwise_equal(device.mean, host.mean)
             assert_bitwise_equal(device.var, host.var)
             assert host.mean.device == host.last_coef.device == host.last_clipped.device == want.device
+
+
+@pytest.mark.parametrize("change", [(5, 2, 4), (5, 3, 2), (3, 2, 6), (2, 1, math.inf)], ids=lambda c: "->".join(map(str, c)))
+def test_warmup_steps_changed_during_warm_up_as_zclip_reads_it(backend, change, seed, monkeypatch):
+    """zclip compares len(buffer) with warmup_steps at every step: raising or
+    lowering it (even below the norms recorded) during warm-up, or making it
+    infinite, keeps every recorded norm and ends warm-up where zclip does."""
+    first, at, then = change
+    ref = patched_reference(monkeypatch, backend, warmup_steps=first)
+    ours = fastclip.ZClip(warmup_steps=first, backend=backend)
+    a, b = make_pair([(3, 5), (7,)], [torch.float32])
+    for step in range(10):
+        if step == at:
+            ref.warmup_steps = ours.warmup_steps = then
+        set_grads(step, (a, b), seed, spike_every=4)
+        assert float(ours.step(b)) == ref.step(a)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(q.grad, p.grad)
+        assert_same_state(ours, ref)
+
+
+def test_a_zero_divisor_continues_where_zclip_raises(seed):
+    """Where zclip's Python floats divide by zero (eps=0 with a zero std; a
+    negative z_thresh with a norm at the mean) it raises ZeroDivisionError;
+    fastclip never reads the statistics on the host (a GPU step would have
+    to wait), so it continues with IEEE results there: here a constant norm
+    (README: a deliberate difference)."""
+    for settings in ({"eps": 0.0, "warmup_steps": 2}, {"z_thresh": -1.0, "warmup_steps": 2}):
+        ref, ours = zclip.ZClip(**settings), fastclip.ZClip(**settings)
+        p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+        raised = False
+        for _ in range(4):
+            p.grad, q.grad = torch.full((3,), 0.1), torch.full((3,), 0.1)
+            norm = float(ours.step([q]))
+            assert math.isclose(norm, 0.1 * 3**0.5, rel_tol=1e-6)
+            assert torch.isfinite(q.grad).all()
+            try:
+                ref.step(torch.nn.ParameterList([p]))
+            except ZeroDivisionError:
+                raised = True
+        assert raised

@@ -230,13 +230,10 @@ class ZClip:
         else:
             total = whole.norm()
         norm = total.to(F64)
-        length = max(math.ceil(self.warmup_steps), 1)  # zclip initializes once len(buffer) >= warmup_steps
-        if self._record is None or len(self._record) != length:
-            self._record = torch.zeros(length, dtype=F64, device=norm.device)
-        self._record = self._record.to(norm.device)  # loaded elsewhere: follow the grads
+        self._record = self._room_for(self._steps + 1, norm.device)
         self._record[self._steps] = norm
         self._steps += 1
-        if self._steps >= length:
+        if self._steps >= self.warmup_steps:  # zclip's len(buffer) >= warmup_steps, read at every step
             self._initialize(self._record[: self._steps])
         ones = torch.ones_like(norm)
         coef = (
@@ -244,6 +241,22 @@ class ZClip:
         )
         self.last_norm, self.last_coef, self.last_clipped = total, coef, coef < 1.0
         return total
+
+    def _room_for(self, needed: int, device) -> torch.Tensor:
+        """The warm-up record on `device` with room for `needed` norms, the
+        norms recorded so far kept (warmup_steps may change during warm-up,
+        as zclip reads it at every step; an infinite one never ends it)."""
+        record = self._record
+        if record is not None and len(record) >= needed:
+            return record.to(device)  # loaded elsewhere: follow the grads
+        try:
+            length = max(math.ceil(self.warmup_steps), needed)
+        except (OverflowError, ValueError, TypeError):  # inf, NaN: grown as it fills
+            length = needed
+        grown = torch.zeros(min(length, 2 * needed + 64), dtype=F64, device=device)
+        if record is not None and self._steps:
+            grown[: self._steps] = record[: self._steps].to(device)
+        return grown
 
     def _initialize(self, norms: torch.Tensor) -> None:
         """mean and var of the warm-up norms, summed left to right as Python's sum() does."""
