@@ -309,3 +309,101 @@ def test_quantiles_of_rows_are_torch_quantile(dtype, q, seed):
         rows[3, 0] = float("inf")
         want = torch.stack([torch.quantile(r, q) for r in rows])
         assert_bitwise_equal(quantiles(rows, q), want)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_a_longer_loaded_history_is_kept_until_the_next_steps_cut(backend, global_threshold, seed, patched_torch_clip):
+    """A state dict from a run with a longer history, loaded into a clipper
+    with a shorter history_length (global mode: global_history_length is not
+    in the state dict): autoclip takes the first quantile over the whole
+    loaded history and cuts it only after that step's norm."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    shapes = clipper_shapes(backend)
+    a, b = make_pair(shapes, [torch.float32])
+    source = autoclip.QuantileClip(a, quantile=0.0, history_length=10, global_threshold=global_threshold)
+    for step in range(10):
+        set_grads(step, (a,), seed)
+        source.step()
+    saved = source.state_dict()
+    settings = {"quantile": 0.0, "history_length": 3, "global_threshold": global_threshold}
+    c, d = make_pair(shapes, [torch.float32])
+    ref, ours = autoclip.QuantileClip(c, **settings), fastclip.QuantileClip(d, **settings, backend=backend)
+    ref.load_state_dict(saved)
+    ours.load_state_dict(saved)
+    for step in range(10, 15):
+        set_grads(step, (c, d), seed)
+        ref.step(), ours.step()
+        assert_same(ours, ref, c, d)
+
+
+def test_a_global_history_turns_float64_as_autoclips(backend, seed, patched_torch_clip):
+    """autoclip's global history starts float32 and hstack promotes it once a
+    float64 total joins (a float64 grad that had none at the first step), or
+    when a float64 history was loaded."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair([(3,), (2,)], [torch.float32, torch.float64])
+    settings = {"quantile": 0.5, "global_threshold": True}
+    ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
+    for step in range(6):
+        set_grads(step, (a, b), seed, skip=1 if step == 0 else None)
+        ref.step(), ours.step()
+        assert_same(ours, ref, a, b)
+    c, d = make_pair([(3,), (2,)], [torch.float32])  # float32 grads, the float64 history loaded
+    ref2, ours2 = autoclip.QuantileClip(c, **settings), fastclip.QuantileClip(d, **settings, backend=backend)
+    ref2.load_state_dict(ref.state_dict())
+    ours2.load_state_dict(ref.state_dict())
+    for step in range(6, 10):
+        set_grads(step, (c, d), seed)
+        ref2.step(), ours2.step()
+        assert_same(ours2, ref2, c, d)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+@pytest.mark.parametrize("bad", [1.5, -0.5, math.nan, "float64 tensor"])
+def test_a_quantile_torch_refuses_set_during_the_run_raises_its_error_first(backend, global_threshold, bad, seed):
+    """autoclip takes torch.quantile of the history at every step after the
+    first: a quantile set to one torch refuses raises torch's error there,
+    before that step writes any grad."""
+    a, b = make_pair([(3,), (4,)], [torch.float32])
+    settings = {"quantile": 0.5, "global_threshold": global_threshold}
+    ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
+    set_grads(0, (a, b), seed)
+    ref.step(), ours.step()
+    value = torch.tensor(0.5, dtype=torch.float64) if bad == "float64 tensor" else bad
+    for clipper in (ref, ours):
+        if global_threshold:
+            clipper.global_quantile = value
+        else:
+            clipper.parameter_groups[0]["quantile"] = value
+    set_grads(1, (a, b), seed)
+    before = [p.grad.clone() for p in b]
+    with pytest.raises(RuntimeError) as theirs:
+        ref.step()
+    with pytest.raises(RuntimeError) as mine:
+        ours.step()
+    assert str(mine.value) == str(theirs.value)
+    for p, g in zip(b, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_a_history_length_below_one_set_during_the_run_is_refused_first(backend, global_threshold, seed):
+    """autoclip slices [-history_length:] (0 keeps all, a negative value
+    drops the oldest); the rings cannot: refused before any grad is written (README)."""
+    (b,) = list(make_pair([(3,), (4,)], [torch.float32]))[:1]
+    ours = fastclip.QuantileClip(b, global_threshold=global_threshold, backend=backend)
+    set_grads(0, (b,), seed)
+    ours.step()
+    for value in (0, -1):
+        if global_threshold:
+            ours.global_history_length = value
+        else:
+            ours.parameter_groups[0]["history_length"] = value
+        set_grads(1, (b,), seed)
+        before = [p.grad.clone() for p in b]
+        with pytest.raises(ValueError, match="history length must be greater than zero"):
+            ours.step()
+        for p, g in zip(b, before):
+            assert_bitwise_equal(p.grad, g)

@@ -126,9 +126,22 @@ class _Rings:
         return torch.cat([self.buffer[row, start:], self.buffer[row, :start]])
 
     def load(self, row: int, history: torch.Tensor) -> None:
-        history = history.detach().reshape(-1)[-self.length :].to(device=self.buffer.device, dtype=self.dtype)
+        """Row `row`'s history, as autoclip holds it.  A history longer than the
+        rings (loaded from a run with a longer history_length) is kept whole,
+        as autoclip keeps it until its next step's cut: the rings grow to it,
+        and record_keeping cuts them back after that step's norm."""
+        history = history.detach().reshape(-1)
+        if len(history) > self.length:
+            self._resize(len(history))
+        history = history.to(device=self.buffer.device, dtype=self.dtype)
         self.buffer[row, : len(history)] = history
         self.counts[row] = len(history)
+
+    def promote(self, dtype: torch.dtype) -> None:
+        """Hold float64 from now on (autoclip's hstack promotes a float32 history
+        once a float64 norm joins it; the float32 values convert exactly)."""
+        self.dtype = dtype
+        self.buffer = self.buffer.to(dtype)
 
     def to(self, device) -> None:
         self.buffer = self.buffer.to(device)
@@ -149,7 +162,7 @@ class _Rings:
         self.length = length
         self.buffer = self.buffer.new_zeros(len(histories), length)
         for r, h in enumerate(histories):
-            self.load(r, h)
+            self.load(r, h[-length:])  # the last `length` norms
 
 
 def _quantile_key(q):
@@ -298,7 +311,9 @@ class QuantileClip:
                     continue
                 place = self._row.get(p)
                 if place is None:
-                    key = (gi, _history_dtype(p.grad.dtype))
+                    loaded = self._pending.get(p)
+                    wide = p.grad.dtype == F64 or (isinstance(loaded, torch.Tensor) and loaded.dtype == F64)
+                    key = (gi, F64 if wide else F32)  # (autoclip's hstack keeps a loaded float64 history float64)
                     rings = self._rings.get(key)
                     if rings is None:
                         rings = self._rings[key] = _Rings(int(group["history_length"]), key[1], p.grad.device, gi)
@@ -343,6 +358,11 @@ class QuantileClip:
             layout = _Layout(kind, device, self._layout_of(entries, device), quantiles_now)
             # kept for the next steps while every parameter has a grad of the same kind
             self._layout = layout if gathered.positions is None and kind is not None else None
+        for rings, _q, rows, _index in layout.parts:  # what autoclip's step raises, before any grad is written
+            group = self.parameter_groups[rings.group]
+            _check_history_length(group["history_length"])
+            if bool((rings.counts if rows is None else rings.counts[rows]).any()):  # (a quantile is taken)
+                _check_quantile(group["quantile"], rings.dtype)
         thresholds = self._thresholds(layout, len(gathered.grads))
         # torch's clip_grad_norm_(p, max_norm=threshold) for every p at once: the
         # per-tensor method's coefficient is that one (float(max_norm), reciprocal, multiply)
@@ -370,14 +390,22 @@ class QuantileClip:
         params = list(chain.from_iterable(g["params"] for g in self.parameter_groups))
         whole = WholeNorm(params, resolve_name(self.backend))
         total = whole.norm()
+        _check_history_length(self.global_history_length)
+        wide = _history_dtype(total.dtype) == F64  # autoclip's hstack: float64 once a float64 norm (or history) joins
         if self._global is None:
-            self._global = _Rings(int(self.global_history_length), _history_dtype(total.dtype), total.device)
+            loaded = self._pending.pop("global_history", None)
+            wide = wide or (loaded is not None and loaded.dtype == F64)
+            self._global = _Rings(int(self.global_history_length), F64 if wide else F32, total.device)
             self._global.add_row()
-            if "global_history" in self._pending:
-                self._global.load(0, self._pending.pop("global_history"))
+            if loaded is not None:
+                self._global.load(0, loaded)
         rings = self._global
+        if wide and rings.dtype != F64:
+            rings.promote(F64)
         if rings.buffer.device != total.device:
             rings.to(total.device)
+        if bool(rings.counts.any()):  # (autoclip takes a quantile: its errors, before any grad is written)
+            _check_quantile(self.global_quantile, rings.dtype)
         threshold = rings.thresholds(None, float(self.global_quantile))[0]
         # torch's clip_grad_norm_(max_norm=threshold): float(threshold), then reciprocal and multiply
         coef = torch.clamp((total + 1e-6).reciprocal() * threshold.to(total.dtype), max=1.0)
@@ -485,6 +513,24 @@ class QuantileClip:
                 if key != "params":
                     text += f"    {key}: {group[key]}\n"
         return text + ")"
+
+
+def _check_quantile(q, dtype: torch.dtype) -> None:
+    """torch.quantile's own error for a quantile it refuses (out of [0, 1],
+    NaN, a tensor of another dtype than the history): autoclip meets it at
+    a step that takes a quantile, before that step writes any grad."""
+    if isinstance(q, torch.Tensor) or not 0.0 <= q <= 1.0:
+        device = q.device if isinstance(q, torch.Tensor) else "cpu"
+        torch.quantile(torch.zeros(1, dtype=dtype, device=device), q)
+
+
+def _check_history_length(length) -> None:
+    """A history_length set to zero or less during the run: autoclip's slice
+    [-length:] then keeps everything (0) or drops the oldest (< 0); the rings
+    cannot, so it is refused (README), with autoclip's message for such a
+    setting, before any grad is written."""
+    if int(length) <= 0:
+        raise ValueError("QuantileClip history length must be greater than zero.")
 
 
 def _history_kind(gathered) -> torch.dtype | None:
