@@ -262,3 +262,42 @@ def test_compile_reduce_overhead_step(gpu_backend):
         torch._dynamo.utils.counters["inductor"]
     )
     torch._dynamo.reset()
+
+
+def test_two_graphs_of_new_layouts_replayed_in_reverse_order(gpu_backend):
+    """Each graph captures a method whose table (and segment counters) are
+    new in that capture: the second graph, replayed first, must not depend
+    on the first having run (tables made in a capture are that graph's; the
+    counters are zeroed on the stream in every graph)."""
+    first = cuda_params([3000, 70, 5], torch.float32, scale=3.0)
+    second = cuda_params([4000, 9], torch.float32, scale=3.0)
+    want = [torch.stack([torch.linalg.vector_norm(p.grad) for p in ps]) for ps in (first, second)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    outs = []
+    with torch.cuda.stream(side):  # (no warm-up of these layouts: the captures make their tables)
+        graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+        for graph, ps in zip(graphs, (first, second)):
+            with torch.cuda.graph(graph, stream=side):
+                outs.append(fastclip.grad_stats(ps, backend=gpu_backend).per_tensor_norms)
+    torch.cuda.current_stream().wait_stream(side)
+    for graph, out, expected in zip(reversed(graphs), reversed(outs), reversed(want)):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+def test_a_table_made_on_one_stream_is_read_on_another(gpu_backend):
+    """The cached table of a layout first seen on a side stream, then used on
+    the default stream: the second call waits for the copy (an event)."""
+    params = cuda_params([5000, 33, 7], torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the copy queued behind a long kernel on the side stream
+        first = fastclip.grad_stats(params, backend=gpu_backend).per_tensor_norms
+    second = fastclip.grad_stats(params, backend=gpu_backend).per_tensor_norms  # default stream
+    torch.cuda.synchronize()
+    expected = torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+    for out in (first, second):
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)

@@ -254,6 +254,7 @@ def test_compiled_kernels_use_16_byte_loads_and_stores(arch):
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout)
     for name, c in counts.items():
-        assert c["v4_loads"] > 0, (name, c)
+        assert "finish" in name or c["v4_loads"] > 0 or "unaligned" in name, (name, c)
+        assert c["fma"] == 0, (name, c)  # launched without fp fusion: the interpreter's rounding
     assert counts["scale_kernel"]["v4_stores"] > 0
-    assert len(counts) == (5 if arch == 90 else 2)
+    assert len(counts) == (13 if arch == 90 else 2)

@@ -854,6 +854,18 @@ int launch_segments(void (*kernel)(SegmentArgs), const char* what, int device, u
 }  // namespace
 
 int segment_reduce(int device, uintptr_t stream, const SegmentArgs& args) {
+  if (args.units > 0) {
+    // The last unit of each segment (and the last segment) finds itself with
+    // these counters, which must start at 0: set here, on the stream, as the
+    // norm launch does, so that the counts hold in every CUDA graph too (a
+    // workspace first used in one capture may be used next by another graph,
+    // or by eager code, before that graph ever replays).
+    DeviceGuard guard(device);
+    check(cudaMemsetAsync(args.segment_counter, 0, sizeof(unsigned int) * static_cast<size_t>(args.segments),
+                          as_stream(stream)),
+          "cudaMemsetAsync");
+    check(cudaMemsetAsync(args.done_counter, 0, sizeof(unsigned int), as_stream(stream)), "cudaMemsetAsync");
+  }
   return launch_segments(segment_reduce_kernel, "cudaLaunchKernelExC (segment_reduce_kernel)", device, stream, args,
                          args.units);
 }

@@ -72,8 +72,8 @@ struct SegmentArgs {
   int64_t rows = 0, units = 0, segments = 0, filled = 0;  // filled: segments with units
   double* unit_parts = nullptr;         // scratch: a partial per unit (grads) ...
   double* unit_weight_parts = nullptr;  // ... and per unit (weights)
-  unsigned* segment_counter = nullptr;  // zeros, one per segment; each segment's finisher resets its own
-  unsigned* done_counter = nullptr;     // zero; reset by the total's finisher
+  unsigned* segment_counter = nullptr;  // one per segment, zeroed on the stream before each reduce launch
+  unsigned* done_counter = nullptr;     // likewise
   double* powers = nullptr;             // per segment: sum of |g|^p or max |g| (float64)
   double* weight_powers = nullptr;      // per segment, the weights' (AGC)
   unsigned long long* counts = nullptr; // [2]: elements that are inf or NaN, that are zero

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 import torch
@@ -119,11 +120,11 @@ class Workspace:
 
     def __init__(self, partials: int, device: torch.device):
         self.partials = torch.zeros(partials, dtype=torch.float64, device=device)  # one per program / block
-        self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # reset by the last program
+        self.counter = torch.zeros(1, dtype=torch.int32, device=device)  # zeroed before each launch that counts
         self.results = torch.ones(2, dtype=torch.float64, device=device)  # [clip coefficient, float64 total]
         self.coef = self.results[0]
         # The segmented kernels': a partial per unit (grads, weights), a counter per segment
-        # (reset by each segment's finisher) and one for the segments done.
+        # and one for the segments done (`counter`), zeroed on the stream before each reduce.
         self.unit_parts = torch.zeros(0, dtype=torch.float64, device=device)
         self.unit_weight_parts = torch.zeros(0, dtype=torch.float64, device=device)
         self.segment_counter = torch.zeros(0, dtype=torch.int32, device=device)
@@ -151,29 +152,60 @@ class DeviceTables:
     """Tables (int64 bytes built in C++) on the device, cached by their bytes:
     a training loop whose grads keep their addresses copies nothing after the
     first step.  A new table goes through pinned memory with a non-blocking
-    copy (no sync) and stays cached, so a CUDA graph that captured the copy
-    can replay it (tables made during a capture are never evicted)."""
+    copy (no sync), ordered on the current stream; a call on another stream
+    that takes it waits for that copy (an event, not the host).  CUDA graphs:
+    a capture takes a table made before it (by the warm-up call a capture
+    needs anyway), which is then never evicted, since the graph reads it at
+    every replay; a table made during a capture is copied only when that
+    graph replays, so it is that graph's alone (never handed to any other
+    caller) and is kept, with its pinned source, as long as the backend."""
 
     def __init__(self, size: int = 16):
         self.size = size
-        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._tables: collections.OrderedDict = collections.OrderedDict()  # key -> _TableEntry
+        self._captured: list = []  # (table, pinned source) made during captures
 
     def get(self, device: torch.device, table_bytes: bytes, extra=()) -> torch.Tensor:
         """The table as an int64 tensor on `device` (`extra`: more of the cache key)."""
         key = (device, extra, table_bytes)
-        hit = self._tables.get(key)
-        if hit is not None:
+        entry = self._tables.get(key)
+        if capturing(device):
+            if entry is not None:
+                entry.kept = True
+                return entry.table
+            table, host = to_device(table_bytes, device)
+            self._captured.append((table, host))
+            return table
+        if entry is not None:
             self._tables.move_to_end(key)
-            return hit[0]
+            if entry.event is not None:
+                stream = torch.cuda.current_stream(device)
+                if stream.cuda_stream != entry.stream:  # copied on another stream: wait for it there
+                    stream.wait_event(entry.event)
+                    entry.table.record_stream(stream)
+            return entry.table
         table, host = to_device(table_bytes, device)
-        self._tables[key] = (table, host, capturing(device))  # the pinned source stays alive for graph replay
-        evictable = [k for k, entry in self._tables.items() if not entry[2]]
+        entry = self._tables[key] = _TableEntry(table, host)
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            entry.stream, entry.event = stream.cuda_stream, torch.cuda.Event()
+            entry.event.record(stream)
+        evictable = [k for k, e in self._tables.items() if not e.kept]
         if len(evictable) > self.size:
             del self._tables[evictable[0]]  # the least recently used
         return table
 
     def __len__(self) -> int:
-        return len(self._tables)
+        return len(self._tables) + len(self._captured)
+
+
+@dataclasses.dataclass
+class _TableEntry:
+    table: torch.Tensor
+    host: torch.Tensor | None  # the pinned source of the copy
+    stream: int = 0  # the stream the copy was made on
+    event: object = None  # recorded after the copy on that stream (CUDA)
+    kept: bool = False  # a captured graph reads it: never evicted
 
 
 def to_device(table_bytes: bytes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -4,8 +4,8 @@ Per call: the grads' table (built in C++ from the gathered TensorTable, see
 csrc/common/unit_table.h) is looked up in a small cache keyed by its bytes, so
 a training loop whose grads keep their addresses copies nothing to the device
 after the first step; a new table goes through pinned memory with a
-non-blocking copy (no sync) and stays cached, so a CUDA graph that captured
-the copy can replay it (tables made during a capture are never evicted).
+non-blocking copy (no sync) and stays cached (gpu_common.DeviceTables: what
+CUDA graph captures and other streams may reuse of it).
 As with any CUDA graph, run a call before capturing: it compiles the
 kernels and builds the table outside the capture.  Then one launch for the
 norm (and coefficient), one for the scale, or one for the clamp.  Nothing
@@ -33,7 +33,14 @@ import torch
 from .._work import DTYPE_CODES, GradList, _ext
 from .base import status_dict
 from .base import Coefficient, SegmentCall, SegmentOutputs
-from .gpu_common import FLAG_DTYPES, NO_TABLE_REASON, DeviceTables, GpuBackend, capturing, clamp_bounds, segment_plan, to_device
+from .gpu_common import (
+    FLAG_DTYPES,
+    NO_TABLE_REASON,
+    DeviceTables,
+    GpuBackend,
+    clamp_bounds,
+    segment_plan,
+)
 
 
 @dataclasses.dataclass
@@ -82,15 +89,13 @@ def interpreting() -> bool:
 class _Plan:
     """One table on the device, and what the launches need to know about it."""
 
-    table: torch.Tensor  # int64, 4 columns of `rows`
-    host_table: torch.Tensor | None  # pinned source of the copy, kept alive for CUDA-graph replay
+    table: torch.Tensor | None  # int64, 4 columns of `rows` (set for each call: see _plan)
     rows: int
     units: int
     aligned: bool
     flags: dict  # HAS_F32 ... for the kernels
     search_steps: int
     overlap: bool  # some grads share memory: scale them one at a time
-    captured: bool = False  # made while a CUDA graph was being captured: the graph reads `table`, keep it
 
 
 class TritonBackend(GpuBackend):
@@ -100,7 +105,8 @@ class TritonBackend(GpuBackend):
     def __init__(self):
         super().__init__()
         self._kernels = None
-        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._plans: collections.OrderedDict = collections.OrderedDict()  # what launches need of a table
+        self._unit_tables = DeviceTables(_PLAN_CACHE_SIZE)  # the tables themselves, on the device
         self._segment_tables = DeviceTables(_PLAN_CACHE_SIZE)
         self._max_programs: dict = {}
 
@@ -177,6 +183,10 @@ class TritonBackend(GpuBackend):
         ws = self._workspace(device)
         weights = out.weight_powers is not None
         ws.ensure_segments(plan["units"], plan["segments"], weights)
+        # the counters the last unit of each segment (and the last segment) finds itself
+        # with start at 0: set on the stream, so that every CUDA graph sets them too
+        ws.segment_counter[: plan["segments"]].zero_()
+        ws.counter.zero_()
         c = coefficient or Coefficient("none")
         dummy = out.powers
         self._launch_on(
@@ -239,11 +249,15 @@ class TritonBackend(GpuBackend):
         grid = (max(1, min(items, self._grid_cap(device))),)
         if device.type != "cuda":
             kernel[grid](**args)
-        elif device.index == torch.cuda.current_device():
-            kernel[grid](**args, num_warps=self._config().num_warps)
+            return
+        # No fused multiply-add: acc + x * x rounds twice, as in the interpreter
+        # and the reference (triton's default changes between versions).
+        options = {"num_warps": self._config().num_warps, "enable_fp_fusion": False}
+        if device.index == torch.cuda.current_device():
+            kernel[grid](**args, **options)
         else:
             with torch.cuda.device(device):  # triton launches on the current device
-                kernel[grid](**args, num_warps=self._config().num_warps)
+                kernel[grid](**args, **options)
 
     # ------------------------------------------------------------ internals
 
@@ -258,6 +272,7 @@ class TritonBackend(GpuBackend):
             ws.results[0] = _ext.clip_coefficient(0.0, DTYPE_CODES[grads.result_dtype], max_norm)
             ws.results[1] = 0.0
             return total, ws.coef
+        ws.counter.zero_()  # (as the segment launch: every graph sets it)
         self._launch(
             self._k().norm_kernel, dense, plan,
             partials=ws.partials, counter=ws.counter, total_out=total, results=ws.results,
@@ -292,7 +307,21 @@ class TritonBackend(GpuBackend):
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
-            return plan
+        else:
+            plan = self._plans[key] = _Plan(
+                table=None,
+                rows=rows,
+                units=units,
+                aligned=bool(aligned),
+                flags={f"HAS_{n}": bool(dtype_mask >> DTYPE_CODES[d] & 1) for n, d in FLAG_DTYPES},
+                search_steps=max(rows - 1, 0).bit_length(),
+                overlap=_ext.tensors_overlap(grads.table),
+            )
+            if len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)  # the least recently used
+        # the table on the device, for this call's stream or CUDA graph capture (DeviceTables)
+        plan.table = self._unit_tables.get(grads.device, table_bytes, (config.unit,))
+        return plan
         table, host = to_device(table_bytes, grads.device)
         plan = _Plan(
             table=table,
@@ -304,11 +333,12 @@ class TritonBackend(GpuBackend):
             search_steps=max(rows - 1, 0).bit_length(),
             overlap=_ext.tensors_overlap(grads.table),
         )
-        plan.captured = capturing(grads.device)
+        if capture:  # see gpu_common.DeviceTables: this graph's alone, kept alive with it
+            self._captured_plans.append(plan)
+            return plan
         self._plans[key] = plan
-        evictable = [k for k, p in self._plans.items() if not p.captured]
-        if len(evictable) > _PLAN_CACHE_SIZE:
-            del self._plans[evictable[0]]  # the least recently used
+        if len(self._plans) > _PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)  # the least recently used
         return plan
 
     def _workspace_partials(self, device: torch.device) -> int:

@@ -114,10 +114,15 @@ def _store_rounded(ptr, v):
 
 @triton.jit
 def _nonfinite(x):
-    """inf or NaN, by the exponent bits (x float32 or float64)."""
+    """inf or NaN, by the exponent bits (x float32 or float64).  (One return:
+    code after a return inside a constexpr if is still type-checked when
+    compiled, and a float64 x cannot be bitcast to uint32; the interpreter
+    never runs it.)"""
     if x.dtype == tl.float64:
-        return (x.to(tl.uint64, bitcast=True) & 0x7FF0000000000000) == 0x7FF0000000000000
-    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000
+        r = (x.to(tl.uint64, bitcast=True) & 0x7FF0000000000000) == 0x7FF0000000000000
+    else:
+        r = (x.to(tl.uint32, bitcast=True) & 0x7F800000) == 0x7F800000
+    return r
 
 
 @triton.jit

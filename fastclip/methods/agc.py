@@ -207,6 +207,10 @@ def _torch_path(pairs, clip_factor, eps, norm_type) -> None:
     (so that its errors leave the grads untouched).  Grads that share memory
     (one grad on two parameters, views of one buffer) are then clipped in
     turn, each from the grads before it already written, as timm's loop does."""
+    if torch.compiler.is_compiling():  # timm's loop itself, traced
+        for w, g in pairs:
+            g.detach().copy_(_timm_unit_clip(w, g, clip_factor, eps, norm_type))
+        return None
     new = [_timm_unit_clip(w, g, clip_factor, eps, norm_type) for w, g in pairs]
     check_writable([g for _w, g in pairs])
     in_turn = seg.share_storage([g for _w, g in pairs])
