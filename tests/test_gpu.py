@@ -83,10 +83,11 @@ def test_mixed_dtypes_and_views_on_cuda(gpu_backend, seed):
 
 def test_no_host_device_sync(gpu_backend, seed):
     params = cuda_params(SIZES, torch.bfloat16)
+    nonempty = [p for p in params if p.numel()]
     total = torch.tensor(3.0, device="cuda")
     calls = [
         lambda: fastclip.clip_grad_norm_(params, 0.5, backend=gpu_backend),
-        lambda: fastclip.clip_grad_norm_(params, 1e9, norm_type="inf", backend=gpu_backend),
+        lambda: fastclip.clip_grad_norm_(nonempty, 1e9, norm_type="inf", backend=gpu_backend),  # (torch's error)
         lambda: fastclip.get_total_norm([p.grad for p in params], backend=gpu_backend),
         lambda: fastclip.clip_grads_with_norm_(params, 1.0, total, backend=gpu_backend),
         lambda: fastclip.clip_grad_value_(params, 0.1, backend=gpu_backend),
@@ -272,6 +273,8 @@ def test_two_graphs_of_new_layouts_replayed_in_reverse_order(gpu_backend):
     first = cuda_params([3000, 70, 5], torch.float32, scale=3.0)
     second = cuda_params([4000, 9], torch.float32, scale=3.0)
     want = [torch.stack([torch.linalg.vector_norm(p.grad) for p in ps]) for ps in (first, second)]
+    for sizes in ([3000, 70, 5], [4000, 9]):  # Triton compiles a kernel per row count: not in a capture
+        fastclip.grad_stats(cuda_params(sizes, torch.float32), backend=gpu_backend)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     outs = []

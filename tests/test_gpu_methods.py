@@ -43,7 +43,10 @@ def _calls(params, backend):
         lambda: fastclip.clip_grad_norm_per_tensor_(params, 0.5, backend=backend),
         lambda: fastclip.clip_grad_norm_per_tensor_(params, torch.full((len(params),), 0.3, device="cuda"),
                                                     backend=backend),  # fmt: skip
+        lambda: fastclip.clip_grad_norm_per_tensor_(params, torch.full((len(params),), 0.3),  # a host tensor
+                                                    backend=backend),  # fmt: skip
         lambda: fastclip.clip_grad_norm_groups_(groups, [0.5, 0.1], backend=backend),
+        lambda: fastclip.clip_grad_norm_groups_(groups, torch.tensor([0.5, 0.1]), backend=backend),
         lambda: fastclip.clip_grad_range_(params, -0.01, 0.02, backend=backend),
         lambda: fastclip.adaptive_clip_grad_(params, 0.02, backend=backend),
         lambda: fastclip.grad_stats(params, backend=backend),

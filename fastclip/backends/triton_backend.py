@@ -322,24 +322,6 @@ class TritonBackend(GpuBackend):
         # the table on the device, for this call's stream or CUDA graph capture (DeviceTables)
         plan.table = self._unit_tables.get(grads.device, table_bytes, (config.unit,))
         return plan
-        table, host = to_device(table_bytes, grads.device)
-        plan = _Plan(
-            table=table,
-            host_table=host,
-            rows=rows,
-            units=units,
-            aligned=bool(aligned),
-            flags={f"HAS_{n}": bool(dtype_mask >> DTYPE_CODES[d] & 1) for n, d in FLAG_DTYPES},
-            search_steps=max(rows - 1, 0).bit_length(),
-            overlap=_ext.tensors_overlap(grads.table),
-        )
-        if capture:  # see gpu_common.DeviceTables: this graph's alone, kept alive with it
-            self._captured_plans.append(plan)
-            return plan
-        self._plans[key] = plan
-        if len(self._plans) > _PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)  # the least recently used
-        return plan
 
     def _workspace_partials(self, device: torch.device) -> int:
         return self._grid_cap(device)

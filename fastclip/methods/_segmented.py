@@ -101,6 +101,16 @@ def _is_ndarray(value) -> bool:
     return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device` without waiting for it: a host tensor goes to a CUDA
+    device through pinned memory with a non-blocking copy (a plain .to()
+    from pageable host memory blocks the host until the copy is done)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def values_for(single, many, positions, device) -> torch.Tensor:
     """The float64 tensor of the values per segment the kernels read, on
     `device`, without a host sync: one value, or those at `positions` (None:
@@ -108,18 +118,15 @@ def values_for(single, many, positions, device) -> torch.Tensor:
     if single is not None:
         return torch.full((1,), single, dtype=F64, device=device)
     if isinstance(many, torch.Tensor) and many.shape[0] == 1:  # a 0-dim tensor: one value for all
-        return many.to(device=device, dtype=F64)
-    if positions is None:
+        return to_device(many.to(F64), device)
+    if positions is None or (isinstance(many, torch.Tensor) and list(positions) == list(range(len(many)))):
         if isinstance(many, torch.Tensor):
-            return many.to(device=device, dtype=F64)
+            return to_device(many.to(F64), device)
         positions = range(len(many))
     if isinstance(many, torch.Tensor):
-        index = torch.as_tensor(positions, dtype=torch.long).to(many.device, non_blocking=True)
-        return many.index_select(0, index).to(device=device, dtype=F64)
-    picked = torch.tensor([many[i] for i in positions], dtype=F64)
-    if device.type == "cuda":
-        return picked.pin_memory().to(device, non_blocking=True)
-    return picked.to(device)
+        index = to_device(torch.as_tensor(positions, dtype=torch.long), many.device)
+        return to_device(many.index_select(0, index).to(F64), device)
+    return to_device(torch.tensor([many[i] for i in positions], dtype=F64), device)
 
 
 def narrow_segments(dtypes) -> dict:

@@ -163,7 +163,7 @@ def _torch_vector(sharded, members, firsts, slices, S, p, counts, weights_wanted
                 index = torch.arange(firsts[k], firsts[k] + x.shape[0], device=device)
             else:
                 values = _powers_of(x.reshape(1, -1), p, dim=1)
-                index = torch.tensor([firsts[k]], device=device)
+                index = torch.full((1,), firsts[k], dtype=torch.long, device=device)
             _fold_into(target, index, values.to(device), p)
         if count is not None:
             count[0] += (~torch.isfinite(g)).sum().to(device)
@@ -249,7 +249,7 @@ def reduced_powers(sharded, first, lens, S, p, name, counts=False, weights=False
             total_w = torch.zeros(S, dtype=F64, device=state.device) if weights else None
             total_c = torch.zeros(2, dtype=torch.int64, device=state.device) if counts else None
             failed_any = torch.zeros((), dtype=torch.bool, device=state.device)
-        index = torch.tensor(ids, dtype=torch.long, device=total_p.device)
+        index = seg.to_device(torch.tensor(ids, dtype=torch.long), total_p.device)
         _fold_into(total_p, index, vp.to(total_p.device), p)
         if weights:
             _fold_into(total_w, index, vw.to(total_w.device), p)
@@ -273,7 +273,7 @@ def _pack(vp, vw, vc, failed, p, device) -> torch.Tensor:
     values = torch.cat(parts)
     flags = torch.isnan(values).to(F64)
     values = torch.nan_to_num(values, nan=0.0)
-    tail = [torch.tensor([1.0 if failed else 0.0], dtype=F64, device=device)]
+    tail = [torch.full((1,), 1.0 if failed else 0.0, dtype=F64, device=device)]
     if vc is not None:
         tail.append(vc.to(device, F64))
     return torch.cat([values, flags, *tail])

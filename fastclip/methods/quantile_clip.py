@@ -67,7 +67,7 @@ def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
 
 def _index_on(index: torch.Tensor, device) -> torch.Tensor:
     """A host index tensor on `device`, without waiting for the device."""
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+    return seg.to_device(index, device)
 
 
 class _Rings:
