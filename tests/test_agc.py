@@ -360,3 +360,54 @@ def test_a_unit_norm_beyond_the_grad_dtype_clips_where_timm_zeroes(backend):
     else:
         unit_norms = p.grad.float().norm(dim=1)
         torch.testing.assert_close(unit_norms, torch.full((2,), 0.1), rtol=2e-3, atol=0)  # 0.01 * ||W_i|| = 0.1
+
+
+def _exact_agc(w: torch.Tensor, g: torch.Tensor, clip_factor, eps, norm_type) -> torch.Tensor:
+    """timm's formula in float64 from the float64 values (the exact result)."""
+    from fastclip.methods.agc import unitwise_norm  # (timm's)
+
+    w, g = w.detach().double(), g.double()
+    max_norm = unitwise_norm(w, norm_type).clamp(min=eps) * clip_factor
+    grad_norm = unitwise_norm(g, norm_type)
+    return torch.where(grad_norm < max_norm, g, g * (max_norm / grad_norm.clamp(min=1e-6)))
+
+
+@needs_timm
+@pytest.mark.parametrize(
+    "dtype, norm_type", [(torch.float16, 2.0), (torch.bfloat16, 2.0), (torch.float16, 1.0), (torch.float32, 1.0)]
+)
+def test_a_few_ulps_from_timm_and_no_further_from_exact(backend, dtype, norm_type, seed):
+    """README: an fp16/bf16 unit's result differs from timm's by a few ulps of
+    its dtype (timm rounds its norms and coefficient to the grads' dtype,
+    fastclip's are float32/float64), an fp32 one by timm's float32 rounding
+    of the norms (relative 1e-5 for L1 units of 40000), and neither is
+    further from the float64-exact result than timm's."""
+    params = random_params(shapes_for(backend), [dtype], scale=0.05)
+    ours, theirs = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(ours, 0.03, norm_type=norm_type, backend=backend)
+    TIMM.adaptive_clip_grad(theirs, 0.03, norm_type=norm_type)
+    rtol = 1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    our_error = timm_error = 0.0
+    for p, q, orig in zip(ours, theirs, params):
+        if p.grad is None or p.grad.numel() == 0:
+            continue
+        torch.testing.assert_close(p.grad.double(), q.grad.double(), rtol=rtol, atol=torch.finfo(dtype).tiny)
+        exact = _exact_agc(orig, orig.grad, 0.03, 1e-3, norm_type)
+        our_error += (p.grad.double() - exact).abs().sum().item()
+        timm_error += (q.grad.double() - exact).abs().sum().item()
+    assert our_error <= timm_error * (1 + 1e-9)
+
+
+@needs_timm
+@pytest.mark.parametrize("name", ["2", "1", "inf"])
+def test_a_numeric_norm_type_string_is_that_number(backend, name, seed):
+    """README: norm_type may be a numeric string (timm hands it to
+    Tensor.norm, which takes it for a matrix norm and raises)."""
+    params = random_params(shapes_for(backend)[:3], [torch.float32], scale=0.05)
+    ours, by_number = clone_params(params), clone_params(params)
+    fastclip.adaptive_clip_grad_(ours, 0.03, norm_type=name, backend=backend)
+    fastclip.adaptive_clip_grad_(by_number, 0.03, norm_type=float(name), backend=backend)
+    for p, q in zip(ours, by_number):
+        assert_bitwise_equal(p.grad, q.grad)
+    with pytest.raises(RuntimeError):
+        TIMM.adaptive_clip_grad(clone_params(params), 0.03, norm_type=name)

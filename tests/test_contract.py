@@ -17,6 +17,7 @@ import torch
 import fastclip
 
 from .helpers import (
+    FUSED,
     UNWRITABLE,
     assert_raises_leaving_grads,
     with_unwritable_grad,
@@ -644,6 +645,37 @@ def test_modified_grads_bump_the_version_counter(backend, seed):
     v = params[0].grad._version
     fastclip.clip_grad_value_(params, 0.01, backend=backend)
     assert params[0].grad._version > v
+
+
+def test_a_call_that_scales_by_exactly_1_bumps_the_version_counter_as_readme_says(backend, seed):
+    """README (deliberate differences): no scaling pass when the coefficient
+    is exactly 1, so the CPU backend leaves the counter alone then, where
+    torch's always-run multiply bumps it; the GPU backends decide on the
+    device and bump it on every call, like torch."""
+    params = make_params([(4, 4), (9,)])
+    before = [p.grad._version for p in params]
+    fastclip.clip_grad_norm_(params, 1e9, backend=backend)
+    after = [p.grad._version for p in params]
+    if backend == "cpu" or (backend == "auto" and "cpu" in FUSED):
+        assert after == before
+    else:
+        assert all(a > b for a, b in zip(after, before))
+
+
+def test_clip_grad_value_leaves_a_nans_bits_where_torchs_vector_clamp_quiets_it(backend):
+    """README (deliberate differences, NaN payloads): a signalling fp16 NaN
+    (0xfc01) in a tensor of 64 elements stays as it is here; torch's
+    vectorised clamp makes it quiet (0xfe01).  NaN stays NaN either way."""
+    grad = torch.zeros(64, dtype=torch.float16)
+    grad.view(torch.int16)[3] = 0xFC01 - 0x10000
+    ours, ref = make_params([(64,)], dtype=torch.float16), make_params([(64,)], dtype=torch.float16)
+    ours[0].grad, ref[0].grad = grad.clone(), grad.clone()
+    fastclip.clip_grad_value_(ours, 0.5, backend=backend)
+    torch.nn.utils.clip_grad_value_(ref, 0.5)
+    bits = lambda p: p.grad.view(torch.int16)[3].item() & 0xFFFF  # noqa: E731
+    assert torch.isnan(ours[0].grad[3]) and torch.isnan(ref[0].grad[3])
+    if backend == "cpu" or (backend == "auto" and "cpu" in FUSED):
+        assert (bits(ours[0]), bits(ref[0])) == (0xFC01, 0xFE01)
 
 
 def test_no_grad_like_wrapper_metadata():

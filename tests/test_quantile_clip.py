@@ -407,3 +407,24 @@ def test_a_history_length_below_one_set_during_the_run_is_refused_first(backend,
             ours.step()
         for p, g in zip(b, before):
             assert_bitwise_equal(p.grad, g)
+
+
+def test_a_history_length_change_cuts_a_gradless_parameters_history_at_once(backend, seed, patched_torch_clip):
+    """README (differences): when a group's history_length changes at a step
+    where a parameter has no grad, its history is cut at that step here;
+    autoclip cuts it at that parameter's next step with a grad (after using
+    the longer history for one more quantile)."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair([(3,), (4,)], [torch.float32])
+    ref, ours = autoclip.QuantileClip(a, history_length=6), fastclip.QuantileClip(b, history_length=6, backend=backend)
+    for step in range(5):
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+    for clipper in (ref, ours):
+        clipper.parameter_groups[0]["history_length"] = 2
+    set_grads(5, (a, b), seed, skip=1)  # the second parameter has no grad at the change
+    ref.step(), ours.step()
+    theirs, mine = histories(ref.state_dict()), histories(ours.state_dict())
+    assert [len(h) for h in theirs] == [2, 5] and [len(h) for h in mine] == [2, 2]
+    assert_bitwise_equal(mine[1], theirs[1][-2:])

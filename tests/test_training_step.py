@@ -518,3 +518,25 @@ def test_into_a_skipped_step_leaves_the_grads_scaled(backend):
         for p, g in zip(model.parameters(), grads):
             assert_bitwise_equal(p.grad, g)
     assert scaler.get_scale() == 2.0**11
+
+
+def test_unscale_a_float64_grad_whose_squares_overflow_counts_as_non_finite(backend):
+    """README (differences): the inf check rides on the norm, so a finite
+    float64 grad whose squares overflow float64 counts as non-finite (the
+    step is skipped); torch's unscale_ checks element by element and steps."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64, device=device()))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = scaler_for()
+    scaler.scale(torch.ones((), device=device()))  # (creates the scale)
+    p.grad = torch.tensor([1e200, 1.0, -2.0], dtype=torch.float64, device=device())
+    ref_p = torch.nn.Parameter(p.detach().clone())
+    ref_p.grad = p.grad.clone()
+    ref_opt, ref_scaler = torch.optim.SGD([ref_p], lr=0.1), scaler_for()
+    ref_scaler.scale(torch.ones((), device=device()))
+    ref_scaler.unscale_(ref_opt)  # torch's recipe: every element is finite
+    found_of = lambda s, o: sum(float(v) for v in s._per_optimizer_states[id(o)]["found_inf_per_device"].values())  # noqa: E731
+    torch_found = found_of(ref_scaler, ref_opt)
+    total = fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, backend=backend)
+    found = found_of(scaler, opt)
+    assert torch_found == 0.0 and math.isinf(float(total))
+    assert found == (0.0 if backend == "torch" else 1.0)

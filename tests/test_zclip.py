@@ -305,7 +305,10 @@ def test_a_zero_divisor_continues_where_zclip_raises(seed):
     negative z_thresh with a norm at the mean) it raises ZeroDivisionError;
     fastclip never reads the statistics on the host (a GPU step would have
     to wait), so it continues with IEEE results there: here a constant norm
-    (README: a deliberate difference)."""
+    (README: a deliberate difference).  eps=0: a NaN z-score, no spike, the
+    statistics stay; then a norm above the mean: an infinite z-score, clipped
+    to the mean.  z_thresh=-1: a NaN threshold, nothing clipped, and the
+    statistics NaN for good."""
     for settings in ({"eps": 0.0, "warmup_steps": 2}, {"z_thresh": -1.0, "warmup_steps": 2}):
         ref, ours = zclip.ZClip(**settings), fastclip.ZClip(**settings)
         p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
@@ -314,9 +317,17 @@ def test_a_zero_divisor_continues_where_zclip_raises(seed):
             p.grad, q.grad = torch.full((3,), 0.1), torch.full((3,), 0.1)
             norm = float(ours.step([q]))
             assert math.isclose(norm, 0.1 * 3**0.5, rel_tol=1e-6)
-            assert torch.isfinite(q.grad).all()
+            assert torch.equal(q.grad, torch.full((3,), 0.1))  # nothing clipped
             try:
                 ref.step(torch.nn.ParameterList([p]))
             except ZeroDivisionError:
                 raised = True
         assert raised
+        mean = float(ours.mean)
+        if "eps" in settings:
+            assert math.isclose(mean, 0.1 * 3**0.5, rel_tol=1e-6) and float(ours.var) == 0.0
+            q.grad = torch.full((3,), 0.2)  # above the mean: z = inf, a spike clipped to the mean
+            ours.step([q])
+            assert math.isclose(q.grad.norm().item(), mean, rel_tol=1e-5)
+        else:
+            assert math.isnan(mean) and math.isnan(float(ours.var))
