@@ -102,3 +102,20 @@ def test_benchmark_cli_refuses_a_selection_that_runs_nothing(capsys):
         bench_main(["--quick", "--ops", "zclip", "--no-save"])  # the quick suite has no ZClip case
     assert info.value.code == 2
     assert "no case of the quick suite runs zclip" in capsys.readouterr().err
+
+
+def test_host_benchmark_cli_runs_and_writes_its_files(tmp_path, capsys):
+    """`python -m benchmarks.host` (smoke test: few tensors, one round): its
+    table has every implementation, and its JSON what the README quotes."""
+    import json
+
+    from benchmarks.host import main as host_main
+
+    assert host_main(["--count", "20", "--size", "8", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch clip_grad_norm_", "fastclip clip_grad_norm_", "fastclip ZClip.step", "fastclip grad_stats"):
+        assert f"| {name} |" in out
+    (path,) = tmp_path.glob("*_host.json")
+    rows = json.loads(path.read_text())["results"]
+    assert {r["implementation"] for r in rows} >= {"torch clip_grad_norm_", "fastclip get_total_norm"}
+    assert all(r["median_ms"] > 0 and r["torch_over_this"] > 0 for r in rows)
