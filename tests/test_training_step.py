@@ -540,3 +540,89 @@ def test_unscale_a_float64_grad_whose_squares_overflow_counts_as_non_finite(back
     found = found_of(scaler, opt)
     assert torch_found == 0.0 and math.isinf(float(total))
     assert found == (0.0 if backend == "torch" else 1.0)
+
+
+def test_into_a_step_with_a_scaler_then_grads_written_still_unscales(backend):
+    """A grad written after a scaler's call (here a no-op mul_) drops the
+    deferred clip, but the step must still divide by the loss scale, as the
+    grads it steps on are scaled (a max_norm that does not clip: the result
+    is the recipe's)."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = scaler_for(), scaler_for()
+    for m, s in ((model_ref, ref_scaler), (model, scaler)):
+        backward(m, s, 2, inject={})
+    ref_scaler.unscale_(ref_opt)
+    fastclip.clip_grad_norm_into_step_(opt, 1e9, scaler=scaler, backend=backend)
+    for p in model.parameters():
+        p.grad.mul_(1.0)
+    for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+        step_with(o, s)
+    _assert_same_parameters(model, model_ref)
+    assert not {"grad_scale", "found_inf", "_fastclip_into_step_pending"} & set(vars(opt))
+
+
+def test_into_a_step_with_a_scaler_then_a_call_without_one(backend):
+    """A scaler's call, then a call without the scaler before the step: the
+    second sees the grads unscaled and clipped, as torch's recipe leaves them."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = scaler_for(), scaler_for()
+    for m, s in ((model_ref, ref_scaler), (model, scaler)):
+        backward(m, s, 4, inject={})  # clips hard
+    ref_scaler.unscale_(ref_opt)
+    want = [fastclip.clip_grad_norm_(model_ref.parameters(), m, backend=backend) for m in (0.5, 0.2)]
+    got = [fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend),
+           fastclip.clip_grad_norm_into_step_(opt, 0.2, backend=backend)]  # fmt: skip
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=0)
+    for o, s in ((ref_opt, ref_scaler), (opt, scaler)):
+        step_with(o, s)
+    _assert_same_parameters(model, model_ref)
+
+
+def test_into_a_step_beside_other_step_hooks_and_a_step_that_raises(backend):
+    """The hooks stay registered (torch walks its hook dicts while they run:
+    a hook that removed itself would break a post-step hook registered after
+    it), and a step that raises after the hand-over leaves no grad_scale for
+    the next step."""
+    model_ref, model = make_model(backend), make_model(backend)
+    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    backward(model, None, 4, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    seen = []
+    opt.register_step_post_hook(lambda *_: seen.append(1))
+
+    def failing_closure():
+        raise KeyError("a closure that fails")
+
+    with pytest.raises(KeyError):
+        opt.step(failing_closure)
+    for m, o in ((model_ref, ref_opt), (model, opt)):
+        o.zero_grad()
+        backward(m, None, 5, inject={})
+        o.step()  # a plain step: the failed one's clip must not reach it
+    _assert_same_parameters(model, model_ref)
+    assert seen == [1] and not {"grad_scale", "_fastclip_into_step_handed"} & set(vars(opt))
+    backward(model, None, 6, inject={})
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    opt.step()
+    assert seen == [1, 1]
+
+
+def test_into_a_step_keeps_no_grads_of_a_dropped_clip_alive(backend):
+    """A call whose step never runs, then zero_grad(set_to_none=True): the old
+    grads are freed (the deferred clip holds weak references)."""
+    import gc
+    import weakref
+
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    backward(model, None, 4, inject={})
+    old = [weakref.ref(p.grad) for p in model.parameters()]
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in old)

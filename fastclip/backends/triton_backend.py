@@ -89,7 +89,7 @@ def interpreting() -> bool:
 class _Plan:
     """One table on the device, and what the launches need to know about it."""
 
-    table: torch.Tensor | None  # int64, 4 columns of `rows` (set for each call: see _plan)
+    table: torch.Tensor | None  # int64, 4 columns of `rows` (None in the cache: each call's copy has it)
     rows: int
     units: int
     aligned: bool
@@ -319,9 +319,9 @@ class TritonBackend(GpuBackend):
             )
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)  # the least recently used
-        # the table on the device, for this call's stream or CUDA graph capture (DeviceTables)
-        plan.table = self._unit_tables.get(grads.device, table_bytes, (config.unit,))
-        return plan
+        # the table on the device, for this call's stream or CUDA graph capture (DeviceTables):
+        # this call's own copy of the plan (the cached one is shared)
+        return dataclasses.replace(plan, table=self._unit_tables.get(grads.device, table_bytes, (config.unit,)))
 
     def _workspace_partials(self, device: torch.device) -> int:
         return self._grid_cap(device)

@@ -27,6 +27,7 @@ complex grads, other norm types, backend="torch") runs torch's recipe itself.
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -36,9 +37,9 @@ from .._errors import nonfinite_message
 from ..backends.base import FUSED_NORM_KINDS, LINF
 from ._whole import eager_under_compile, gather
 
-_HOOK = "_fastclip_into_step_hook"  # the optimizer's step hooks that hand the clip over and clean up after it
+_HOOK = "_fastclip_into_step_hooks"  # the optimizer's step hooks that hand the clip over and clean up after it
 _PENDING = "_fastclip_into_step_pending"  # the clip deferred to the next step (_Pending)
-_HANDED = "_fastclip_into_step_handed"  # set while the step runs with the clip in grad_scale
+_HANDED = "_fastclip_into_step_handed"  # the grad_scale handed to the step now running
 
 
 def _params(optimizer) -> list:
@@ -185,10 +186,10 @@ def clip_grad_norm_into_step_(
     parameters as it would through the grads.  Returns the total norm before
     clipping.  DTensor grads and ``process_group``: the in-place path.
     """
-    _apply_pending(optimizer)
-    params = _params(optimizer)
     if scaler is not None and not scaler.is_enabled():
         scaler = None  # unscale_ does nothing and scaler.step() runs a plain step
+    _apply_pending(optimizer, scaler)
+    params = _params(optimizer)
     folds = takes_grad_scale(optimizer) and (scaler is None or _scaler_respects_grad_scale())
     grads, plan = _plan(params, norm_type, backend, process_group) if folds else (None, None)
     if plan is not None and torch.float64 in plan[1].dtypes:
@@ -203,15 +204,18 @@ def clip_grad_norm_into_step_(
     if scaler is not None:
         state = _scaler_state(scaler, optimizer, "unscale_")
         _check_fp16(grads)
-    total, coef, _inv, found = _norms(plan, max_norm, scaler, False, norm_type)
+    total, coef, inv, found = _norms(plan, max_norm, scaler, False, norm_type)
     divisor = coef.float().reciprocal()  # the fused step divides each grad by grad_scale
+    loss_scale = None
     if state is not None:
         # the grads are still scaled: the divisor carries the loss scale.  With the
         # stage UNSCALED, scaler.step() hands the found infs to the step and
         # deletes grad_scale and found_inf after it.
-        divisor = scaler._scale.float().to(divisor.device, non_blocking=True) * divisor
+        loss_scale = scaler._scale.float().to(divisor.device, non_blocking=True)
+        divisor = loss_scale * divisor
         _set_unscaled(state, {plan[1].device: found})
-    _defer(optimizer, _Pending(coef, divisor, grads, _versions(grads), scaler if state is not None else None, state))
+    _defer(optimizer, _Pending(coef, divisor, [weakref.ref(g) for g in grads], _versions(grads),
+                               scaler if state is not None else None, state, loss_scale, inv))  # fmt: skip
     return total
 
 
@@ -253,46 +257,69 @@ class _Pending(NamedTuple):
 
     coef: torch.Tensor  # the clip coefficient
     divisor: torch.Tensor  # what the step divides the grads by: 1 / coef (times the loss scale with a scaler)
-    grads: list  # the grads it was computed for
+    grads: list  # weak references to the grads it was computed for (a dropped clip keeps none alive)
     versions: tuple  # their version counters then
     scaler: object  # the GradScaler of the call, or None
     scaler_state: dict | None  # its state for the optimizer, which the call set UNSCALED
+    loss_scale: torch.Tensor | None  # with a scaler: its scale, and the inverse the call unscaled by
+    inv_scale: torch.Tensor | None
 
 
 def _defer(optimizer, pending: _Pending) -> None:
     """Keep the clip for the next step: a pre-step hook hands it to the step
-    as `grad_scale` if it still holds (the same grads, not written since, and
-    the same scaler iteration), and a post-step hook removes what is left.
+    as `grad_scale`, and a post-step hook removes it after the step.
     Nothing is set on the optimizer before its step, so a call whose step
     never runs (a skipped step, then zero_grad, a new backward, scaler.update())
     leaves nothing that a later step, or GradScaler.step, could pick up:
-    torch's recipe clipped grads that are gone, and the step runs without it."""
+    torch's recipe clipped grads that are gone, and the step runs without it.
+    The two hooks are registered once per optimizer and stay (a hook that
+    removed itself would change torch's hook dict while torch walks it)."""
     optimizer.__dict__[_PENDING] = pending
-    if vars(optimizer).get(_HOOK) is not None:
+    if vars(optimizer).get(_HOOK) is None:
+        optimizer.__dict__[_HOOK] = (
+            optimizer.register_step_pre_hook(_hand_over),
+            optimizer.register_step_post_hook(_after_step),
+        )
+
+
+def _hand_over(optimizer, _args, _kwargs) -> None:
+    """Pre-step hook: the deferred clip's divisor into `grad_scale`, if it still holds.
+
+    GradScaler.step has set grad_scale already: None after unscale_ (the stage
+    this function's scaler path sets), its scale otherwise (grads unscaled in
+    the step); the clip multiplies in.  With a scaler, if the grads were
+    written since the call (in the same scaler iteration), the clip no longer
+    applies but the unscale still must: the step divides by the loss scale
+    alone, as torch's recipe would unscale the grads it steps on."""
+    _clear_stale_hand_over(optimizer)
+    pending = optimizer.__dict__.pop(_PENDING, None)
+    if pending is None or not _same_iteration(optimizer, pending):
         return
+    divisor = pending.divisor if _unchanged(optimizer, pending) else pending.loss_scale
+    if divisor is None:
+        return
+    handed = optimizer.__dict__.get("grad_scale")
+    optimizer.grad_scale = divisor if handed is None else handed * divisor
+    optimizer.__dict__[_HANDED] = optimizer.grad_scale
 
-    def hand_over(_opt, _args, _kwargs):
-        pending = optimizer.__dict__.pop(_PENDING, None)
-        if pending is None or not _unchanged(optimizer, pending):
-            return
-        # GradScaler.step has set grad_scale already: None after unscale_ (the
-        # stage this function's scaler path sets), its scale otherwise (grads
-        # unscaled in the step); the clip multiplies in.
-        handed = optimizer.__dict__.get("grad_scale")
-        optimizer.grad_scale = pending.divisor if handed is None else handed * pending.divisor
-        optimizer.__dict__[_HANDED] = True
 
-    def remove(_opt, _args, _kwargs):
-        # GradScaler.step deletes grad_scale and found_inf itself after the step
-        if optimizer.__dict__.pop(_HANDED, False) and "found_inf" not in optimizer.__dict__:
+def _after_step(optimizer, _args, _kwargs) -> None:
+    """Post-step hook: remove the grad_scale the pre-step hook set (GradScaler.step
+    deletes grad_scale and found_inf itself, after the step)."""
+    handed = optimizer.__dict__.pop(_HANDED, None)
+    if handed is not None and "found_inf" not in optimizer.__dict__:
+        optimizer.__dict__.pop("grad_scale", None)
+
+
+def _clear_stale_hand_over(optimizer) -> None:
+    """A step that raised after the hand-over ran no post-step hook: the
+    grad_scale it was handed, if still there as it was, is removed."""
+    handed = optimizer.__dict__.pop(_HANDED, None)
+    if handed is not None and optimizer.__dict__.get("grad_scale") is handed:
+        if "found_inf" in optimizer.__dict__:
+            optimizer.grad_scale = None  # (GradScaler after unscale_ hands None, and deletes it after the step)
+        else:
             optimizer.__dict__.pop("grad_scale", None)
-        for name in (_PENDING, _HOOK):
-            optimizer.__dict__.pop(name, None)
-        for handle in handles:
-            handle.remove()
-
-    handles = (optimizer.register_step_pre_hook(hand_over), optimizer.register_step_post_hook(remove))
-    optimizer.__dict__[_HOOK] = handles
 
 
 def _versions(grads) -> tuple:
@@ -301,30 +328,49 @@ def _versions(grads) -> tuple:
     return tuple(g._version for g in grads)
 
 
+def _current_grads(optimizer) -> list:
+    return [p.grad for p in _params(optimizer) if p.grad is not None]
+
+
 def _unchanged(optimizer, pending: _Pending) -> bool:
     """Are the optimizer's grads still the ones a deferred clip was computed
-    for (the same tensors, not written since), in the same scaler iteration?"""
-    current = [p.grad for p in _params(optimizer) if p.grad is not None]
-    grads = pending.grads
-    same = len(grads) == len(current) and all(a is b for a, b in zip(grads, current))
-    if not same or _versions(grads) != pending.versions:
-        return False
-    # (scaler.update() replaces every per-optimizer state of the scaler with a new one)
+    for (the same tensors, not written since)?"""
+    current = _current_grads(optimizer)
+    refs = pending.grads
+    same = len(refs) == len(current) and all(r() is g for r, g in zip(refs, current))
+    return same and _versions(current) == pending.versions
+
+
+def _same_iteration(optimizer, pending: _Pending) -> bool:
+    """With a scaler: has it not been updated since the call?  (scaler.update()
+    replaces every per-optimizer state of the scaler with a new one.)"""
     return pending.scaler is None or pending.scaler._per_optimizer_states.get(id(optimizer)) is pending.scaler_state
 
 
-def _apply_pending(optimizer) -> None:
-    """A clip deferred to a step that has not run yet: a second call before
-    the step (without a scaler) sees the grads as torch's recipe leaves them,
-    so the first clip is written into them now.  A scaler's call stays for
-    its step (a second call with that scaler raises unscale_'s error).  If
-    the grads were replaced or rewritten since (a new backward), or the
-    scaler updated, the deferred clip is dropped with its step."""
+def _apply_pending(optimizer, scaler) -> None:
+    """A clip deferred to a step that has not run yet, before another call: a
+    second call sees the grads as torch's recipe leaves them after the
+    first, so the first clip (with a scaler's call, the unscale too, unless
+    this call brings that scaler, whose unscale_ error then follows) is
+    written into them now.  If the grads were replaced or rewritten since (a
+    new backward), or the scaler updated, the deferred clip is dropped with
+    its step."""
+    _clear_stale_hand_over(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None:
         return
+    same_iteration = _same_iteration(optimizer, pending)
+    if pending.scaler is not None and same_iteration and scaler is pending.scaler:
+        return  # (its unscale_ error comes next, nothing touched; the first call's hand-over stays for the step)
+    optimizer.__dict__.pop(_PENDING, None)
+    if not same_iteration:
+        return
+    grads = _current_grads(optimizer)
     if not _unchanged(optimizer, pending):
-        optimizer.__dict__.pop(_PENDING, None)
-    elif pending.scaler is None:
-        optimizer.__dict__.pop(_PENDING, None)
-        torch._foreach_mul_(pending.grads, pending.coef)  # as clip_grads_with_norm_ multiplies
+        if pending.scaler is not None:  # rewritten grads: the clip is gone, the unscale is owed
+            torch._foreach_mul_(grads, pending.inv_scale)
+        return
+    if pending.scaler is None:
+        torch._foreach_mul_(grads, pending.coef)  # as clip_grads_with_norm_ multiplies
+    else:  # unscale and clip at once, as unscale_clip_grad_norm_ does
+        torch._foreach_mul_(grads, pending.inv_scale.double() * pending.coef.double())
