@@ -175,8 +175,8 @@ def clip_grad_norm_into_step_(
     the coefficient goes to ``optimizer.grad_scale`` when the step starts (as
     1 / coefficient, times the loss scale with a scaler), and the step
     divides each grad by it in its own pass.  Call ``scaler.step(optimizer)``
-    (or ``optimizer.step()`` without a scaler) next; nothing is left on the
-    optimizer after that step, and a step that runs on other grads (the
+    (or ``optimizer.step()`` without a scaler) next; no grad_scale is left on
+    the optimizer after that step, and a step that runs on other grads (the
     call's step skipped, then zero_grad and a new backward) or after
     ``scaler.update()`` runs without it.  Other optimizers and float64 grads
     get the in-place path (:func:`unscale_clip_grad_norm_`, or
