@@ -417,18 +417,27 @@ def _assert_same_parameters(model, model_ref):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def fused_twins(backend, optimizer_cls=torch.optim.SGD, scaled=True, step=None, dtype=torch.float32):
+    """Two equal models, a fused `optimizer_cls` (lr 0.05) on each and, when
+    `scaled`, a GradScaler each: (model_ref, model, ref_opt, opt, ref_scaler,
+    scaler); with `step`, both have run that step's backward (no injection)."""
+    model_ref, model = make_model(backend, dtype=dtype), make_model(backend, dtype=dtype)
+    ref_opt = optimizer_cls(model_ref.parameters(), lr=0.05, fused=True)
+    opt = optimizer_cls(model.parameters(), lr=0.05, fused=True)
+    ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
+    if step is not None:
+        for m, s in ((model_ref, ref_scaler), (model, scaler)):
+            backward(m, s, step, inject={}, dtype=dtype)
+    return model_ref, model, ref_opt, opt, ref_scaler, scaler
+
+
 def test_into_a_step_with_a_scaler_skipped_then_updated_leaves_nothing_for_the_next_step(backend):
     """A call whose step is skipped (a norm spike guard), scaler.update(), then
     an ordinary AMP step without the call: that step must not divide by the
     old clip's grad_scale (nothing is set on the optimizer before its step)."""
-    model_ref, model = make_model(backend), make_model(backend)
-    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
-    ref_scaler, scaler = scaler_for(), scaler_for()
-    backward(model, scaler, 4, inject={})
+    model_ref, model, ref_opt, opt, ref_scaler, scaler = fused_twins(backend, step=4)
     fastclip.clip_grad_norm_into_step_(opt, 0.01, scaler=scaler, backend=backend)  # clips hard; step skipped
     scaler.update()
-    backward(model_ref, ref_scaler, 4, inject={})
     ref_scaler.unscale_(ref_opt)
     ref_scaler.update()
     for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
@@ -444,10 +453,7 @@ def test_into_a_step_after_the_scalers_own_unscale_then_scaler_step(backend):
     """The usual AMP recipe with clip_grad_norm_ swapped for this (no scaler
     argument: the grads are unscaled already): GradScaler.step hands its
     found infs and deletes grad_scale after the step, as usual."""
-    model_ref, model = make_model(backend), make_model(backend)
-    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
-    ref_scaler, scaler = scaler_for(), scaler_for()
+    model_ref, model, ref_opt, opt, ref_scaler, scaler = fused_twins(backend, torch.optim.AdamW)
     for step in range(6):
         for m, o, s in ((model_ref, ref_opt, ref_scaler), (model, opt, scaler)):
             o.zero_grad()
@@ -468,12 +474,8 @@ def test_into_a_step_with_float64_grads_clips_in_place_exactly(backend, scaled):
     """The step's grad_scale is float32: 1 / coefficient would round float64
     grads to float32's precision, so float64 grads take the in-place path
     (the recipe's own bits)."""
-    model_ref, model = make_model(backend, dtype=torch.float64), make_model(backend, dtype=torch.float64)
-    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
-    ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
-    for m, s in ((model_ref, ref_scaler), (model, scaler)):
-        backward(m, s, 4, inject={}, dtype=torch.float64)
+    model_ref, model, ref_opt, opt, ref_scaler, scaler = fused_twins(backend, scaled=scaled, step=4,
+                                                                     dtype=torch.float64)  # fmt: skip
     if scaled:
         ref_scaler.unscale_(ref_opt)
     want = fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
@@ -547,12 +549,7 @@ def test_into_a_step_with_a_scaler_then_grads_written_still_unscales(backend):
     deferred clip, but the step must still divide by the loss scale, as the
     grads it steps on are scaled (a max_norm that does not clip: the result
     is the recipe's)."""
-    model_ref, model = make_model(backend), make_model(backend)
-    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
-    ref_scaler, scaler = scaler_for(), scaler_for()
-    for m, s in ((model_ref, ref_scaler), (model, scaler)):
-        backward(m, s, 2, inject={})
+    model_ref, model, ref_opt, opt, ref_scaler, scaler = fused_twins(backend, step=2)
     ref_scaler.unscale_(ref_opt)
     fastclip.clip_grad_norm_into_step_(opt, 1e9, scaler=scaler, backend=backend)
     for p in model.parameters():
@@ -566,12 +563,7 @@ def test_into_a_step_with_a_scaler_then_grads_written_still_unscales(backend):
 def test_into_a_step_with_a_scaler_then_a_call_without_one(backend):
     """A scaler's call, then a call without the scaler before the step: the
     second sees the grads unscaled and clipped, as torch's recipe leaves them."""
-    model_ref, model = make_model(backend), make_model(backend)
-    ref_opt = torch.optim.AdamW(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
-    ref_scaler, scaler = scaler_for(), scaler_for()
-    for m, s in ((model_ref, ref_scaler), (model, scaler)):
-        backward(m, s, 4, inject={})  # clips hard
+    model_ref, model, ref_opt, opt, ref_scaler, scaler = fused_twins(backend, torch.optim.AdamW, step=4)  # clips hard
     ref_scaler.unscale_(ref_opt)
     want = [fastclip.clip_grad_norm_(model_ref.parameters(), m, backend=backend) for m in (0.5, 0.2)]
     got = [fastclip.clip_grad_norm_into_step_(opt, 0.5, scaler=scaler, backend=backend),
@@ -587,9 +579,7 @@ def test_into_a_step_beside_other_step_hooks_and_a_step_that_raises(backend):
     a hook that removed itself would break a post-step hook registered after
     it), and a step that raises after the hand-over leaves no grad_scale for
     the next step."""
-    model_ref, model = make_model(backend), make_model(backend)
-    ref_opt = torch.optim.SGD(model_ref.parameters(), lr=0.05, fused=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, fused=True)
+    model_ref, model, ref_opt, opt, _, _ = fused_twins(backend, scaled=False)
     backward(model, None, 4, inject={})
     fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
     seen = []
