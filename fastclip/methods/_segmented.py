@@ -155,7 +155,7 @@ def any_nonfinite(norms: torch.Tensor, narrow: dict | None = None) -> bool:
     whose torch norm is float16 / bfloat16, rounded to that first)?  A host sync."""
     bad = ~torch.isfinite(norms).all()
     for dtype, ids in (narrow or {}).items():
-        index = torch.tensor(ids, dtype=torch.long).to(norms.device)
+        index = to_device(torch.tensor(ids, dtype=torch.long), norms.device)
         bad = bad | ~torch.isfinite(norms.index_select(0, index).to(dtype)).all()
     return bool(bad)
 

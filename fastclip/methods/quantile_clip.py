@@ -65,11 +65,6 @@ def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
     return torch.where(torch.isnan(rows.amax(dim=1)), torch.full_like(value, math.nan), value)
 
 
-def _index_on(index: torch.Tensor, device) -> torch.Tensor:
-    """A host index tensor on `device`, without waiting for the device."""
-    return seg.to_device(index, device)
-
-
 class _Rings:
     """The histories of some parameters: row r of a [rows, length] ring buffer
     on the device, with the counts of recorded norms in a host int64 tensor
@@ -99,7 +94,7 @@ class _Rings:
                 continue
             positions = (filled == n).nonzero().reshape(-1)
             picked = positions if rows is None else rows[positions]
-            out[_index_on(positions, device)] = quantiles(self.buffer[_index_on(picked, device), :n], q)
+            out[seg.to_device(positions, device)] = quantiles(self.buffer[seg.to_device(picked, device), :n], q)
         return out
 
     def record(self, rows: torch.Tensor | None, values: torch.Tensor) -> None:
@@ -111,7 +106,7 @@ class _Rings:
             self.buffer[:, int(columns[0])] = values
         else:
             every = torch.arange(len(self.counts)) if rows is None else rows
-            self.buffer[_index_on(every, device), _index_on(columns, device)] = values
+            self.buffer[seg.to_device(every, device), seg.to_device(columns, device)] = values
         if rows is None:
             self.counts += 1
         else:
@@ -337,7 +332,7 @@ class QuantileClip:
             if positions == list(range(positions[0], positions[0] + len(positions))):
                 index = slice(positions[0], positions[0] + len(positions))
             else:
-                index = _index_on(torch.tensor(positions, dtype=torch.long), device)
+                index = seg.to_device(torch.tensor(positions, dtype=torch.long), device)
             parts.append((rings, float(self.parameter_groups[rings.group]["quantile"]), rows, index))
         return parts
 
