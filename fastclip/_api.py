@@ -144,15 +144,18 @@ def clip_grad_norm_(
 
 
 def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
-    total, coef_total, failed_elsewhere, local_work = _distributed.total_norm(
-        grads, norm_type, error_if_nonfinite, foreach, name, process_group, work
-    )
+    return clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work).total
+
+
+def clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
+    """clip_grad_norm_ of sharded grads; returns the ShardedTotal (_distributed.total_norm)."""
+    sharded = _distributed.total_norm(grads, norm_type, error_if_nonfinite, foreach, name, process_group, work)
     if grads:
         max_norm = float(max_norm)
-        coef = torch.clamp(max_norm / (coef_total + 1e-6), max=1.0)
-        coef = torch.where(failed_elsewhere, torch.ones_like(coef), coef)  # that rank raised: leave the grads
-        _scale_grads(grads, coef, foreach, name, work, local_work)
-    return total
+        coef = torch.clamp(max_norm / (sharded.coef_total + 1e-6), max=1.0)
+        coef = torch.where(sharded.failed_elsewhere, torch.ones_like(coef), coef)  # that rank raised: leave the grads
+        _scale_grads(grads, coef, foreach, name, work, sharded.local_work)
+    return sharded
 
 
 def get_total_norm(

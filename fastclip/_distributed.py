@@ -256,6 +256,9 @@ class ShardedTotal(NamedTuple):
     coef_total: torch.Tensor  # float32 (float64 for float64 grads): what the coefficient is computed from
     failed_elsewhere: torch.Tensor  # 0-dim bool: another rank's local norm failed, leave the grads alone
     local_work: object  # GradList of this rank's local tensors, in the order of `tensors`, or None
+    # float64 0-dim: the total rounded as the dtype that every rank's grads promote to (the
+    # same bits on every rank, where `total` is in this rank's dtype): for clippers' statistics
+    agreed: torch.Tensor
 
 
 def total_norm(
@@ -343,7 +346,20 @@ def total_norm(
     # The local GradList is in the order of `tensors` when one call took them
     # all: plain tensors, or DTensors of one spec that were not redistributed.
     in_order = len(local_works) == 1 and len(by_spec) <= 1 and not partial
-    return ShardedTotal(total, coef_total, state[_FAILED] > 0, local_works[0] if in_order else None)
+    agreed = _rounded_as_everyone(wide, state[_DTYPES:] > 0)
+    return ShardedTotal(total, coef_total, state[_FAILED] > 0, local_works[0] if in_order else None, agreed)
+
+
+def _rounded_as_everyone(wide: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """`wide` (float64) rounded as `wide.to(dtype)` rounds it, for the dtype
+    that the dtypes flagged in `present` (one flag per _RESULT_DTYPES) promote
+    to, the default dtype if none: chosen on the device, so no host sync."""
+    f16, bf16, f32, f64 = present.unbind()
+    as_dtype = {d: wide.to(d).to(torch.float64) for d in _RESULT_DTYPES}
+    rounded = torch.where(f16, as_dtype[torch.float16], wide.to(torch.get_default_dtype()).to(torch.float64))
+    rounded = torch.where(bf16, as_dtype[torch.bfloat16], rounded)
+    rounded = torch.where(f32 | (f16 & bf16), as_dtype[torch.float32], rounded)
+    return torch.where(f64, wide, rounded)
 
 
 def _norm_dtypes(tensors) -> set:

@@ -903,6 +903,90 @@ def segmented_methods_on_a_2d_mesh(rank, world):
     _check_dtensor_agc(mesh, shared_grads(shapes, torch.float32, seed=78), [g * 0.01 for g in full], placements)
 
 
+@scenario(2, 4)
+def agc_when_a_rank_holds_nothing_of_a_unit(rank, world):
+    """AGC's inf-norm over process_group= with an empty piece (no rank sees the
+    whole unit, so none may refuse it as empty), and Shard(0) DTensors with
+    fewer rows than ranks (FSDP2's small layers: a rank holds no unit)."""
+    from torch.distributed.tensor import Shard, init_device_mesh
+
+    import fastclip
+
+    shapes = [(3,), (9, 1), (3, 5)]
+    weights = shared_grads(shapes, torch.float32, seed=79)
+    full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=80)]
+    full[2][1] *= 100  # a unit that clips
+    for backend in backends():
+        ref = params_with(full)
+        for q, w in zip(ref, weights):
+            q.data.copy_(w)
+        timm_agc(ref, 0.02, 1e-3, INF)
+        mine = params_with(_rows(full, rank, world, dim=1))
+        for q, w in zip(mine, _rows(weights, rank, world, dim=1)):
+            q.data = w
+        fastclip.adaptive_clip_grad_(mine, 0.02, 1e-3, INF, backend=backend, process_group=dist.group.WORLD)
+        for q, r in zip(mine, _rows([x.grad for x in ref], rank, world, dim=1)):
+            torch.testing.assert_close(q.grad, r, rtol=1e-5, atol=1e-9)
+    mesh = init_device_mesh("cpu", (world,))
+    _check_dtensor_agc(mesh, weights[2:], full[2:], [[Shard(0)]])  # (3, 5) over 4 ranks: the last has no row
+
+
+@scenario(2, 4)
+def norm_groups_when_a_rank_has_no_grad_in_a_group(rank, world):
+    """clip_grad_norm_groups_(process_group=): a rank whose piece of a
+    parameter is empty may have left its grad None; the groups' norms still
+    line up (rank 0 holds all of group 0, rank 1 all of group 1, others none)."""
+    import fastclip
+
+    main, mtp = torch.full((4,), 3.0), torch.full((4,), 4.0)  # norms 6 and 8
+    for backend in backends():
+        params = params_with([main, mtp])
+        for i in range(2):
+            if i != rank:
+                params[i].grad = None
+        norms = fastclip.clip_grad_norm_groups_([params[:1], params[1:]], 1.0, backend=backend,
+                                                process_group=dist.group.WORLD)  # fmt: skip
+        assert norms.tolist() == [6.0, 8.0], norms
+        if rank < 2:
+            torch.testing.assert_close(params[rank].grad, torch.full((4,), 0.5))
+
+
+@scenario(2)
+def zclip_when_ranks_hold_different_dtypes(rank, world):
+    """ZClip(process_group=) with float32 pieces on rank 0 and bfloat16 ones on
+    rank 1: every rank keeps the statistics of ZClip on the whole grads (whose
+    norm is float32) and clips with its coefficient, though each rank returns
+    the norm in its own dtype, as clip_grad_norm_ does."""
+    import fastclip
+
+    for backend in backends():
+        # the whole as the shards' sums take the bfloat16 norm: accumulated exactly (fused), or in bfloat16 (torch)
+        whole = fastclip.ZClip(warmup_steps=3, max_grad_norm=None, backend="torch" if backend == "torch" else "cpu")
+        ours = fastclip.ZClip(warmup_steps=3, max_grad_norm=None, backend=backend, process_group=dist.group.WORLD)
+        clipped = []
+        for step in range(7):
+            g = torch.Generator().manual_seed(100 + step)
+            scale = 40.0 if step == 5 else 1.0
+            full = [torch.randn(50, generator=g) * scale, (torch.randn(50, generator=g) * scale).to(torch.bfloat16)]
+            ref = params_with(full)
+            want = whole.step(ref)
+            mine = params_with([full[rank]])
+            got = ours.step(mine)
+            assert got.dtype == full[rank].dtype
+            assert_close(got, want)
+            coefs = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(coefs, ours.last_coef.to(torch.float64))
+            assert len({c.item() for c in coefs}) == 1, coefs  # one coefficient on every rank
+            torch.testing.assert_close(ours.last_coef, whole.last_coef, rtol=1e-6, atol=0)  # (sums in another order)
+            torch.testing.assert_close(mine[0].grad, ref[rank].grad)
+            clipped.append(bool(ours.last_clipped))
+        assert clipped == [i == 5 for i in range(7)]
+        means = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(means, ours.mean)
+        assert len({m.item() for m in means}) == 1, means  # the same statistics on every rank
+        torch.testing.assert_close(ours.mean, whole.mean, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- driver
 
 

@@ -128,7 +128,7 @@ def _local_vector(sharded, members, first, lens, S, kind, p, name, counts, weigh
     device = tensors[0].device if tensors else None
     firsts = [first[i] for i in members] if first is not None else list(members)
     slices = [lens[i] for i in members] if lens is not None else None
-    if kind is not None and tensors:
+    if kind is not None and tensors and S > 0:  # (S == 0: Shard(0) shards without rows, say; torch's empty vectors)
         _grads, work, why = collect(tensors, False)
         fused = _dispatch.select(name, work, why) if work is not None else None
         if fused is not None and not (fused.needs_dense and work.strided_indices()):
@@ -203,9 +203,10 @@ def reduced_powers(sharded, first, lens, S, p, name, counts=False, weights=False
     int64) on the collective's device, and a 0-dim bool that is true when the
     local reduction failed on another rank.
 
-    Each reduction group reduces a vector of only the segments its tensors
-    touch (the ranks reduced together hold the same ones, in the same
-    order), scattered into the whole vector after."""
+    Each mesh's reduction group reduces a vector of only the segments its
+    tensors touch (the ranks reduced together hold the same ones, in the
+    same order), scattered into the whole vector after; a process group
+    reduces the whole vector."""
     import torch.distributed as dist
 
     kind = NORM_KINDS.get(p)
@@ -213,7 +214,8 @@ def reduced_powers(sharded, first, lens, S, p, name, counts=False, weights=False
     total_p = total_w = total_c = failed_any = None
     failure = None
     for key, (mesh, dims, members) in sharded.groups.items():
-        ids = _segments_of(sharded, members, first, lens)
+        # process_group: every segment (a rank may lack a group's grads: its None grads; ids must line up)
+        ids = list(range(S)) if key == "process_group" else _segments_of(sharded, members, first, lens)
         compact = {s: k for k, s in enumerate(ids)}
         # each member's first segment among the group's (a tensor with no rows here has none: the one before)
         local_first, last = [0] * len(sharded.local), 0
@@ -309,6 +311,8 @@ def finish_and_apply(sharded, name, first, lens, S, p, powers, weight_powers, fa
         coefs=torch.ones(S, dtype=F64, device=device) if coefficient.mode != "none" else None,
         total=torch.zeros((), dtype=total_dtype, device=device) if total_dtype is not None else None,
     )
+    if S == 0:  # nothing here (AGC: only Shard(0) shards without rows): nothing to finish or scale
+        return out
     fused, work = _named_work(sharded, name) if kind is not None else (None, None)
     call = None
     if fused is not None:

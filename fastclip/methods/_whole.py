@@ -41,6 +41,7 @@ class WholeNorm:
     def __init__(self, params: list, name: str, process_group=None):
         self.name = name
         self.process_group = process_group
+        self.agreed = None  # with process_group=: the norm as every rank rounds it (float64)
         self.grads, self.fused, self.work = gather(params, name, process_group)
 
     @property
@@ -53,17 +54,29 @@ class WholeNorm:
         """The total 2-norm, a plain 0-dim tensor (torch's dtype: the grads' promoted one)."""
         if self.fused is not None:
             return self.fused.norm(self.work, L2)
-        total = _api.get_total_norm(self.grads, 2.0, backend=self.name, process_group=self.process_group)
+        if self.process_group is not None:
+            sharded = _distributed.total_norm(self.grads, 2.0, False, None, self.name, self.process_group)
+            self.agreed = sharded.agreed
+            return sharded.total
+        total = _api.get_total_norm(self.grads, 2.0, backend=self.name)
         return _distributed.full_value(total)
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """torch's clip_grad_norm_(grads, max_norm); returns the norm before clipping."""
         if self.fused is not None and not self.work.scales_unlike_torch(self.work.result_dtype):
             return self.fused.clip_norm(self.work, L2, float(max_norm), False)[0]
-        total = _api.clip_grad_norm_(
-            _ops.holders(self.grads), max_norm, backend=self.name, process_group=self.process_group
-        )
+        if self.process_group is not None:
+            sharded = _api.clip_sharded(self.grads, max_norm, 2.0, False, None, self.name, self.process_group)
+            self.agreed = sharded.agreed
+            return sharded.total
+        total = _api.clip_grad_norm_(_ops.holders(self.grads), max_norm, backend=self.name)
         return _distributed.full_value(total)
+
+    def value(self, total: torch.Tensor) -> torch.Tensor:
+        """The norm `total` (from norm() or clip()) as float64, the same bits on
+        every rank (with process_group=, ranks holding other dtypes round the
+        total otherwise: this is the rounding of the dtype all ranks promote to)."""
+        return self.agreed if self.agreed is not None else total.to(torch.float64)
 
     def scale(self, coef: torch.Tensor, like_a_float: bool = False) -> None:
         """Every grad times the 0-dim `coef`, as torch's `grad.mul_(coef)`

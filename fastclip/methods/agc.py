@@ -135,8 +135,8 @@ def _sharded_path(pairs, clip_factor, eps, p, name, process_group) -> None:
     hold a part of it (methods/_sharded.py)."""
     grads, weights = [g for _, g in pairs], [w for w, _ in pairs]
     _sharded.check_norm_type(p, grads, process_group)
-    if p == math.inf:
-        _check_no_empty_unit(pairs)  # global shapes (process_group: this rank's), before any collective
+    if p == math.inf and process_group is None:  # DTensors' global shapes, before any collective
+        _check_no_empty_unit(pairs)  # (process_group: an empty piece adds nothing; no rank sees the whole)
     sharded = _sharded.Sharded(grads, weights, process_group, agc=True)
     first, lens, count = sharded.agc_segments()
     powers, wpowers, _c, failed = _sharded.reduced_powers(sharded, first, lens, count, p, name, weights=True)

@@ -176,9 +176,9 @@ class ZClip:
             # The host is the device: reading a value waits for nothing, and a
             # dozen float operations cost less than the dozens of tensor ops
             # (the same float64 operations, so the same bits).
-            ops, norm, mean, var = _FLOATS, total.item(), self._mean.item(), self._var.item()
+            ops, norm, mean, var = _FLOATS, whole.value(total).item(), self._mean.item(), self._var.item()
         else:
-            ops, norm, mean, var = _TENSORS, total.to(F64), self._mean, self._var
+            ops, norm, mean, var = _TENSORS, whole.value(total), self._mean, self._var
         coef, clipped, mean, var = self._coefficient_and_ema(norm, mean, var, ops)
         if ops is _FLOATS:
             scale = coef != 1.0
@@ -229,7 +229,7 @@ class ZClip:
             total = whole.clip(self.max_grad_norm)
         else:
             total = whole.norm()
-        norm = total.to(F64)
+        norm = whole.value(total)
         self._record = self._room_for(self._steps + 1, norm.device)
         self._record[self._steps] = norm
         self._steps += 1
