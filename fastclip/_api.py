@@ -18,6 +18,7 @@ from typing_extensions import deprecated
 
 from . import _dispatch, _distributed, _ops, _work
 from ._errors import check_clip_value, check_writable, empty_inf_norm_message, nonfinite_message, unwritable
+from ._no_grad import no_grad
 from ._work import as_list, collect
 from .backends import torch_ref
 from .backends.base import FUSED_NORM_KINDS, LINF
@@ -66,6 +67,7 @@ def _check_no_empty_for_inf(grads, kind: int, foreach) -> None:
         raise RuntimeError(empty_inf_norm_message(foreach))
 
 
+@no_grad
 def clip_grad_norm_(
     parameters,
     max_norm,
@@ -158,6 +160,7 @@ def clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, 
     return sharded
 
 
+@no_grad
 def get_total_norm(
     tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend=None, process_group=None
 ) -> torch.Tensor:
@@ -186,6 +189,7 @@ def get_total_norm(
     return total
 
 
+@no_grad
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, backend=None) -> None:
     """Scale gradients by ``min(max_norm / (total_norm + 1e-6), 1)``, in place
     (``torch.nn.utils.clip_grads_with_norm_``); skipped when that is exactly 1.
@@ -260,6 +264,7 @@ def _version_of(t: torch.Tensor):
         return None
 
 
+@no_grad
 def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> None:
     """Clamp every gradient to [-clip_value, clip_value], in place, in one pass
     that writes only what changes (``torch.nn.utils.clip_grad_value_``).

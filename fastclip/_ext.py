@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-
 # (plain imports, not importlib: tests simulate a missing extension through __import__)
 try:
     from . import _cpu as cpu

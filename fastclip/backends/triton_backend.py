@@ -31,8 +31,7 @@ import struct
 import torch
 
 from .._work import DTYPE_CODES, GradList, _ext
-from .base import status_dict
-from .base import Coefficient, SegmentCall, SegmentOutputs
+from .base import Coefficient, SegmentCall, SegmentOutputs, status_dict
 from .gpu_common import (
     FLAG_DTYPES,
     NO_TABLE_REASON,

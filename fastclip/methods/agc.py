@@ -18,6 +18,7 @@ import torch
 
 from .. import _dispatch, _distributed, _ext, _ops
 from .._errors import check_writable
+from .._no_grad import no_grad
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
 from . import _segmented as seg
 from . import _sharded
@@ -30,6 +31,7 @@ _EMPTY_DIM_INF = (
 )
 
 
+@no_grad
 def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend=None, process_group=None):
     """AGC in place, as ``timm.utils.adaptive_clip_grad`` (same arguments and defaults).
 

@@ -14,6 +14,7 @@ import torch
 
 from .. import _dispatch, _distributed, _ops
 from .._errors import check_writable, empty_inf_norm_message, nonfinite_message
+from .._no_grad import no_grad
 from .._work import as_list
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
@@ -21,6 +22,7 @@ from . import _segmented as seg
 from . import _sharded
 
 
+@no_grad
 def clip_grad_norm_groups_(
     groups, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
 ) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .._dispatch import resolve_name
+from .._no_grad import no_grad
 from . import _segmented as seg
 from ._whole import WholeNorm, eager_under_compile
 from .per_tensor import clip_gathered, clip_grad_norm_per_tensor_
@@ -289,6 +290,7 @@ class QuantileClip:
 
     # ------------------------------------------------------------ the step
 
+    @no_grad
     @eager_under_compile  # state on the host: under torch.compile this runs eagerly
     def step(self) -> None:
         """Clip the grads in place (call after backward, before the optimizer step)."""

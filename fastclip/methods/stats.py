@@ -14,6 +14,7 @@ import torch
 
 from .. import _dispatch, _distributed, _ops
 from .._errors import empty_inf_norm_message
+from .._no_grad import no_grad
 from .._work import promoted_dtype
 from ..backends import torch_ref
 from ..backends.base import FUSED_NORM_KINDS, LINF, Coefficient
@@ -30,6 +31,7 @@ class GradStats(NamedTuple):
     num_zeros: torch.Tensor  # 0-dim int64: elements that are zero (either sign)
 
 
+@no_grad
 def grad_stats(parameters, norm_type=2.0, *, backend=None, process_group=None) -> GradStats:
     """Statistics of the gradients of ``parameters``, in one read, nothing written.
 

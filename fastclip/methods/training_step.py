@@ -34,6 +34,7 @@ import torch
 
 from .. import _api, _dispatch
 from .._errors import nonfinite_message
+from .._no_grad import no_grad
 from ..backends.base import FUSED_NORM_KINDS, LINF
 from ._whole import eager_under_compile, gather
 
@@ -97,6 +98,7 @@ def _norms(plan, max_norm, scaler, error_if_nonfinite, norm_type):
     return total, coef, inv, found
 
 
+@no_grad
 @eager_under_compile  # state on the host: under torch.compile this runs eagerly
 def unscale_clip_grad_norm_(
     scaler, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False, *, backend=None, process_group=None
@@ -163,6 +165,7 @@ def takes_grad_scale(optimizer) -> bool:
     )
 
 
+@no_grad
 @eager_under_compile  # state on the host: under torch.compile this runs eagerly
 def clip_grad_norm_into_step_(
     optimizer, max_norm, norm_type=2.0, *, scaler=None, backend=None, process_group=None

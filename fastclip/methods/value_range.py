@@ -16,11 +16,13 @@ import torch
 
 from .. import _dispatch, _distributed, _ops
 from .._errors import check_clamp_bounds, check_writable
+from .._no_grad import no_grad
 from . import _segmented as seg
 
 _NO_BOUND = "torch.clamp: At least one of 'min' or 'max' must not be None"
 
 
+@no_grad
 def clip_grad_range_(parameters, min_value=None, max_value=None, *, backend=None) -> None:
     """Clamp every gradient to ``[min_value, max_value]`` in place, as
     ``grad.clamp_(min_value, max_value)`` does; either bound may be None, not

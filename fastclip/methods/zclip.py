@@ -36,6 +36,7 @@ import operator
 import torch
 
 from .._dispatch import resolve_name
+from .._no_grad import no_grad
 from ._whole import WholeNorm, eager_under_compile, params_of
 
 F64 = torch.float64
@@ -162,6 +163,7 @@ class ZClip:
 
     # ------------------------------------------------------------ the step
 
+    @no_grad
     @eager_under_compile  # state on the host: under torch.compile this runs eagerly
     def step(self, model_or_parameters) -> torch.Tensor:
         """Clip the grads in place; returns their total norm before clipping."""
