@@ -17,7 +17,14 @@ import torch
 from typing_extensions import deprecated
 
 from . import _dispatch, _distributed, _ops, _work
-from ._errors import check_clip_value, check_writable, empty_inf_norm_message, nonfinite_message, unwritable
+from ._errors import (
+    check_clamp_like_torch,
+    check_clip_value,
+    check_writable,
+    empty_inf_norm_message,
+    nonfinite_message,
+    unwritable,
+)
 from ._no_grad import no_grad
 from ._work import as_list, collect
 from .backends import torch_ref
@@ -112,7 +119,7 @@ def clip_grad_norm_(
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and not parameters:
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)  # (past no_grad)
     grads, work, why = _gather(name, parameters, True)
     if process_group is not None or _has_dtensor(grads, work):
         grads = grads if grads is not None else [p.grad for p in parameters if p.grad is not None]
@@ -206,7 +213,11 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
         return None
     plan = _elementwise_plan(name, grads, work, why)
     if plan is None or plan[1].scales_unlike_torch(getattr(total_norm, "dtype", None)):
-        check_writable(_grads_of(grads, parameters))
+        grads = _grads_of(grads, parameters)
+        if unwritable(grads):  # torch raises on reaching that grad: here before any is written
+            max_norm = float(max_norm)  # (torch's errors for its arguments come first)
+            torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+            check_writable(grads)
         return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     fused, work = plan
     max_norm = float(max_norm)
@@ -281,7 +292,11 @@ def clip_grad_value_(parameters, clip_value, foreach=None, *, backend=None) -> N
         grads, work, why = _gather(name, [_distributed.local_tensor(g) for g in grads], False, sign_matters)
     plan = _elementwise_plan(name, grads, work, why)
     if plan is None:
-        check_writable(_grads_of(grads, parameters))
+        grads = _grads_of(grads, parameters)
+        if unwritable(grads):  # torch raises on reaching that grad: here before any is written
+            check_clamp_like_torch(grads, clip_value_f)
+        if any(g.layout != torch.strided for g in grads):  # torch's error on reaching a sparse grad, say,
+            torch_ref.clip_grad_value_(_ops.holders([g.clone() for g in grads]), clip_value, foreach)  # on copies
         return torch_ref.clip_grad_value_(parameters, clip_value, foreach)
     fused, work = plan
     check_clip_value(clip_value_f, work.tensors, work.dtypes)  # before any write, unlike torch

@@ -60,6 +60,24 @@ def check_clip_value(clip_value: float, tensors, dtypes) -> None:
     raise RuntimeError(f"value cannot be converted to type {_CLAMP_LIMITS[first][1]} without overflow")
 
 
+def check_clamp_like_torch(grads, clip_value: float) -> None:
+    """torch's first error for clip_grad_value_(grads, clip_value), raised
+    before any grad is written: torch clamps group by group (device, dtype),
+    and in a group meets a grad it cannot write (expand()) or a clip_value
+    the group's dtype cannot hold, whichever comes first (torch has written
+    the grads before it by then)."""
+    if not grads:
+        return
+    limit_ok = clip_value != clip_value or abs(clip_value) == float("inf")
+    groups = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([list(grads)])
+    for (_device, dtype), ([tensors], _) in groups.items():
+        limit = _CLAMP_LIMITS.get(dtype)
+        for t in tensors:
+            check_writable([t])
+            if not limit_ok and limit is not None and abs(clip_value) > limit[0]:
+                raise RuntimeError(f"value cannot be converted to type {limit[1]} without overflow")
+
+
 def check_clamp_bounds(bounds, tensors, dtypes=None) -> None:
     """Raise torch's RuntimeError if a bound of grad.clamp_(lo, hi) does not fit
     the dtype of one of `tensors` (the first such tensor in order, as a loop

@@ -9,6 +9,7 @@ its grads bit-identical to what torch does with that norm; on the torch path
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -317,6 +318,39 @@ def test_an_unwritable_grad_raises_torchs_error_before_any_write(backend, which,
         "clip_grads_with_norm_": lambda ps: fastclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(50.0), backend=backend),
     }[which]
     assert_raises_leaving_grads(call, params, RuntimeError, f"{UNWRITABLE}|cannot serve")
+
+
+def test_with_an_unwritable_grad_torchs_argument_errors_come_first(backend):
+    """torch checks max_norm, total_norm and clip_value before it meets a grad
+    it cannot write (in its grouped clamp: the first grad of the overflowing
+    group first); fastclip raises the same error, with nothing written."""
+    cases = [  # (function name, arguments after the parameters, skip the plain grad)
+        ("clip_grads_with_norm_", ("abc", torch.tensor(5.0)), False),
+        ("clip_grads_with_norm_", (1.0, 5.0), False),  # a float total: torch's TypeError
+        ("clip_grad_value_", (1e39,), False),  # the plain grad comes first: the overflow
+        ("clip_grad_value_", (1e39,), True),  # the unwritable one alone: its own error
+    ]
+    for name, args, alone in cases:
+        params = lambda: with_unwritable_grad(make_params([(3, 3)], scale=10.0))[1 if alone else 0 :]  # noqa: E731
+        theirs = outcome(getattr(torch.nn.utils, name), params(), *args)
+        assert theirs[0] == "raise"
+        ours = lambda ps: getattr(fastclip, name)(ps, *args, backend=backend)  # noqa: E731,B023
+        if backend in ("auto", "torch"):
+            assert_raises_leaving_grads(ours, params(), theirs[1], re.escape(theirs[2][:60]))
+        else:  # a named fused backend refuses such a grad
+            assert_raises_leaving_grads(ours, params(), (theirs[1], fastclip.BackendError), "cannot serve")
+
+
+def test_a_sparse_grad_beside_dense_ones_leaves_them_unclamped(backend):
+    """torch's clip_grad_value_ clamps the dense grads, then raises on the sparse one; here nothing is written."""
+    dense = torch.nn.Parameter(torch.zeros(3))
+    dense.grad = torch.tensor([5.0, -5.0, 0.5])
+    sparse = torch.nn.Parameter(torch.zeros(5))
+    sparse.grad = torch.tensor([0.0, 3.0, 0.0, 4.0, 0.0]).to_sparse()
+    before = dense.grad.clone()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        fastclip.clip_grad_value_([dense, sparse], 1.0, backend=backend)
+    assert_bitwise_equal(dense.grad, before)
 
 
 def test_nonfinite_check_comes_before_max_norm_conversion(backend):

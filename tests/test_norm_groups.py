@@ -164,6 +164,21 @@ def test_groups_sharing_grad_memory_raise_and_leave_grads(backend, seed):
     assert norms.shape == (2,)
 
 
+def test_a_meta_grad_beside_others_raises_before_any_write(backend, seed):
+    """The norms come back on the first grad's device: a meta grad's norm
+    cannot be copied there, which is found before any grad is written."""
+    if backend not in ("auto", "torch"):
+        pytest.skip("a named fused backend refuses meta grads (BackendError)")
+    params = random_params([(30,)], [torch.float32], scale=10.0)
+    meta = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    meta.grad = torch.zeros(4, device="meta")
+    clip = lambda ps: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], 0.1, backend=backend)  # noqa: E731
+    before = params[0].grad.clone()
+    with pytest.raises(NotImplementedError, match="meta"):
+        clip(params + [meta])
+    assert_bitwise_equal(params[0].grad, before)
+
+
 def test_an_unwritable_grad_raises_before_any_write(backend, seed):
     params = with_unwritable_grad(random_params([(30,), (4, 4)], [torch.float32], scale=10.0))
     clip = lambda ps: fastclip.clip_grad_norm_groups_([ps[:2], ps[2:]], 0.1, backend=backend)  # noqa: E731

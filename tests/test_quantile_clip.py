@@ -428,3 +428,55 @@ def test_a_history_length_change_cuts_a_gradless_parameters_history_at_once(back
     theirs, mine = histories(ref.state_dict()), histories(ours.state_dict())
     assert [len(h) for h in theirs] == [2, 5] and [len(h) for h in mine] == [2, 2]
     assert_bitwise_equal(mine[1], theirs[1][-2:])
+
+
+def test_a_history_length_below_one_from_the_start_is_refused_first(backend, seed):
+    """Before any history exists (the first step, or after a load): the same ValueError, grads untouched."""
+    (b,) = list(make_pair([(3,), (4,)], [torch.float32]))[:1]
+    ours = fastclip.QuantileClip(b, backend=backend)
+    ours.parameter_groups[0]["history_length"] = -3  # (the constructor refuses it, as autoclip's)
+    set_grads(0, (b,), seed)
+    before = [p.grad.clone() for p in b]
+    with pytest.raises(ValueError, match="history length must be greater than zero"):
+        ours.step()
+    for p, g in zip(b, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+@pytest.mark.parametrize("global_threshold", [False, True], ids=["per-parameter", "global"])
+def test_a_huge_history_length_keeps_every_norm_as_autoclip(backend, global_threshold, seed, patched_torch_clip):
+    """history_length=2**40 ("keep everything": autoclip's hstack grows as
+    norms come): the rings grow with the history instead of being allocated
+    whole, past their first 64 columns."""
+    if backend != "torch":
+        patched_torch_clip(backend)
+    a, b = make_pair([(3,), (4,)], [torch.float32])
+    settings = {"history_length": 2**40, "quantile": 0.3, "global_threshold": global_threshold}
+    ref, ours = autoclip.QuantileClip(a, **settings), fastclip.QuantileClip(b, **settings, backend=backend)
+    for step in range(70 if not interpreted(backend) else 66):
+        set_grads(step, (a, b), seed)
+        ref.step(), ours.step()
+        for p, q in zip(a, b):
+            assert_bitwise_equal(q.grad, p.grad)
+    theirs, mine = histories(ref.state_dict()), histories(ours.state_dict())
+    assert [len(h) for h in mine] == [len(h) for h in theirs]
+
+
+def test_a_bad_state_dict_leaves_the_clipper_as_it_was(seed):
+    """An entry that is not a dict is refused before anything changes; an
+    empty entry (no history yet) loads, as autoclip starts a history then."""
+    (b,) = list(make_pair([(3,), (4,)], [torch.float32]))[:1]
+    ours = fastclip.QuantileClip(b, history_length=5)
+    for step in range(3):
+        set_grads(step, (b,), seed)
+        ours.step()
+    good = ours.state_dict()
+    key = next(iter(good["state"]))
+    with pytest.raises(TypeError):
+        ours.load_state_dict({**good, "state": {**good["state"], key: 1.5}})
+    assert [len(h) for h in histories(ours.state_dict())] == [3, 3]
+    ours.load_state_dict({**good, "state": {**good["state"], key: {}}})
+    assert [len(h) for h in histories(ours.state_dict())] == [3]
+    set_grads(3, (b,), seed)
+    ours.step()
+    assert sorted(len(h) for h in histories(ours.state_dict())) == [1, 4]

@@ -168,6 +168,44 @@ def test_refusals_leave_grads_and_scaler_untouched(backend):
     assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 3.0], ids=["fused", "torch-recipe"])
+@pytest.mark.parametrize("how", ["unscale", "into"])
+def test_a_bad_max_norm_raises_before_the_grads_are_unscaled(backend, how, norm_type):
+    """torch's recipe unscales, then its clip_grad_norm_ raises for max_norm;
+    here the error comes first and a retry works (norm 3: the recipe's path)."""
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = scaler_for()
+    backward(model, scaler, 1)
+    grads = [p.grad.clone() for p in model.parameters()]
+    call = fastclip.unscale_clip_grad_norm_ if how == "unscale" else None
+    for bad, exc in (("abc", ValueError), ([1.0, 2.0], TypeError)):
+        with pytest.raises(exc):
+            if call is not None:
+                call(scaler, opt, bad, norm_type, backend=backend)
+            else:
+                fastclip.clip_grad_norm_into_step_(opt, bad, norm_type, scaler=scaler, backend=backend)
+        for p, g in zip(model.parameters(), grads):
+            assert_bitwise_equal(p.grad, g)
+        assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY
+    fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, norm_type, backend=backend)  # the retry
+
+
+def test_fp16_grads_with_a_norm_type_torch_refuses_get_the_fp16_error_first(backend):
+    """torch's recipe: unscale_ refuses fp16 grads before clip_grad_norm_ reads norm_type."""
+    model = make_model(backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = scaler_for()
+    backward(model, scaler, 1)
+    first = next(model.parameters())
+    if hasattr(first, "grad_dtype"):
+        first.grad_dtype = None
+    first.grad = first.grad.half()
+    for norm_type in ("fro", None):
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients."):
+            fastclip.unscale_clip_grad_norm_(scaler, opt, 1.0, norm_type, backend=backend)
+
+
 def test_disabled_scaler_is_clip_grad_norm(backend):
     a, b = make_model(backend), make_model(backend)
     scaler = torch.amp.GradScaler(device().type, enabled=False)

@@ -336,3 +336,51 @@ def test_a_zero_divisor_continues_where_zclip_raises(seed):
             assert math.isclose(q.grad.norm().item(), mean, rel_tol=1e-5)
         else:
             assert math.isnan(mean) and math.isnan(float(ours.var))
+
+
+@pytest.mark.parametrize("warmup_steps", [None, "3"])
+def test_a_warmup_steps_zclip_cannot_compare_raises_before_any_write(backend, warmup_steps, seed):
+    """zclip compares len(buffer) >= warmup_steps before its warm-up clip: its TypeError, grads untouched."""
+    a, b = make_pair([(5, 4), (3,)], [torch.float32])
+    set_grads(0, (a, b), seed)
+    for p in b.parameters():
+        p.grad.mul_(100.0)  # (a clip would change them)
+    before = [p.grad.clone() for p in b.parameters()]
+    with pytest.raises(TypeError) as theirs:
+        zclip.ZClip(warmup_steps=warmup_steps).step(a)
+    ours = fastclip.ZClip(warmup_steps=warmup_steps, backend=backend)
+    with pytest.raises(TypeError) as mine:
+        ours.step(b)
+    assert str(mine.value) == str(theirs.value)
+    for p, g in zip(b.parameters(), before):
+        assert_bitwise_equal(p.grad, g)
+    assert ours.buffer.numel() == 0
+
+
+def test_a_numeric_string_max_grad_norm_clips_in_warm_up_as_zclip(backend, seed):
+    """zclip's warm-up hands max_grad_norm to clip_grad_norm_, which takes float() of it."""
+    a, b = make_pair([(5, 4), (3,)], [torch.float32])
+    set_grads(0, (a, b), seed)
+    for p, q in zip(a.parameters(), b.parameters()):
+        p.grad.mul_(100.0), q.grad.mul_(100.0)
+    want = zclip.ZClip(max_grad_norm="1.0").step(a)
+    got = fastclip.ZClip(max_grad_norm="1.0", backend=backend).step(b)
+    torch.testing.assert_close(float(got), want, rtol=1e-6, atol=0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=0)
+
+
+def test_a_bad_state_dict_leaves_the_clipper_as_it_was(seed):
+    a, b = make_pair([(5, 4), (3,)], [torch.float32])
+    clip = fastclip.ZClip(warmup_steps=2)
+    for step in range(4):
+        set_grads(step, (a, b), seed)
+        clip.step(b)
+    good = clip.state_dict()
+    for broken in ({k: v for k, v in good.items() if k != "mean"}, {**good, "steps": "x"}, {**good, "mean": 1.5}):
+        with pytest.raises((KeyError, ValueError, AttributeError)):
+            clip.load_state_dict({**broken, "alpha": 0.5})
+        now = clip.state_dict()
+        assert now["alpha"] == good["alpha"] and now["steps"] == good["steps"]
+        assert_bitwise_equal(now["mean"], good["mean"])
+        assert_bitwise_equal(now["var"], good["var"])

@@ -161,6 +161,9 @@ def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonf
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
     check_writable(grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    # the result first: its errors (a meta norm cannot be copied) before any write
+    result = torch.stack([n.to(device=device, dtype=dtype) for n in norms]) if norms else torch.empty(0, dtype=dtype)
     for k, (gs, n) in enumerate(zip(by_group, norms)):
         if not gs:
             continue
@@ -171,8 +174,7 @@ def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonf
             m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
             coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
         torch_ref.scale_grads(gs, coef)
-    device = grads[0].device if grads else torch.device("cpu")
-    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]) if norms else torch.empty(0, dtype=dtype)
+    return result
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -94,6 +94,8 @@ def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, d
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
     check_writable(grads)
+    device = grads[0].device
+    result = torch.stack([n.to(device=device, dtype=dtype) for n in norms])  # (its errors too before any write)
     for i, g in enumerate(grads):
         if in_turn:
             norms[i] = torch_ref.get_total_norm([g], norm_type)
@@ -105,8 +107,7 @@ def _torch_path(grads, single, many, positions, norm_type, error_if_nonfinite, d
             m = m.to(device=n.device, dtype=n.dtype) if isinstance(m, torch.Tensor) else m
             coef = torch.clamp((n + 1e-6).reciprocal() * m, max=1.0)
         torch_ref.scale_grads([g], coef)
-    device = grads[0].device
-    return torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]) if in_turn else result
 
 
 # ---------------------------------------------------------------- torch.compile

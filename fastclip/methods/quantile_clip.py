@@ -66,21 +66,35 @@ def quantiles(rows: torch.Tensor, q: float) -> torch.Tensor:
     return torch.where(torch.isnan(rows.amax(dim=1)), torch.full_like(value, math.nan), value)
 
 
+_FIRST_COLUMNS = 64  # a history's room at first: it doubles as norms come, up to history_length
+
+
 class _Rings:
     """The histories of some parameters: row r of a [rows, length] ring buffer
     on the device, with the counts of recorded norms in a host int64 tensor
     (a step is a few tensor ops however many rows there are).  `rows`
-    arguments: a host long tensor of row indices, or None for all rows in order."""
+    arguments: a host long tensor of row indices, or None for all rows in order.
+    The buffer's columns grow as norms are recorded (a history_length of
+    2**40, autoclip's way of keeping everything, costs what is recorded)."""
 
     def __init__(self, length: int, dtype: torch.dtype, device: torch.device, group: int = 0):
         self.length, self.dtype, self.group = length, dtype, group
-        self.buffer = torch.zeros(0, length, dtype=dtype, device=device)
+        self.buffer = torch.zeros(0, min(length, _FIRST_COLUMNS), dtype=dtype, device=device)
         self.counts = torch.zeros(0, dtype=torch.long)
 
     def add_row(self) -> int:
-        self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(1, self.length)])
+        self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(1, self.buffer.shape[1])])
         self.counts = torch.cat([self.counts, self.counts.new_zeros(1)])
         return len(self.counts) - 1
+
+    def _room(self, needed: int) -> None:
+        """At least min(needed, length) columns.  No row has wrapped while the
+        buffer is narrower than `length`, so the new columns go at the end."""
+        have = self.buffer.shape[1]
+        want = min(needed, self.length)
+        if want > have:
+            grown = min(self.length, max(want, 2 * have))
+            self.buffer = torch.cat([self.buffer, self.buffer.new_zeros(len(self.counts), grown - have)], dim=1)
 
     def thresholds(self, rows: torch.Tensor | None, q: float) -> torch.Tensor:
         """Per row in `rows`, the quantile of its history (inf if empty)."""
@@ -102,6 +116,8 @@ class _Rings:
         """Append values[i] to row rows[i]'s history (the oldest is overwritten when full)."""
         device = self.buffer.device
         counts = self.counts if rows is None else self.counts[rows]
+        if len(counts):
+            self._room(int(counts.max()) + 1)
         columns = counts % self.length
         if rows is None and len(columns) and bool((columns == columns[0]).all()):
             self.buffer[:, int(columns[0])] = values
@@ -129,6 +145,7 @@ class _Rings:
         history = history.detach().reshape(-1)
         if len(history) > self.length:
             self._resize(len(history))
+        self._room(len(history))
         history = history.to(device=self.buffer.device, dtype=self.dtype)
         self.buffer[row, : len(history)] = history
         self.counts[row] = len(history)
@@ -156,7 +173,7 @@ class _Rings:
     def _resize(self, length: int) -> None:
         histories = [self.history(r) for r in range(len(self.counts))]
         self.length = length
-        self.buffer = self.buffer.new_zeros(len(histories), length)
+        self.buffer = self.buffer.new_zeros(len(histories), min(length, _FIRST_COLUMNS))
         for r, h in enumerate(histories):
             self.load(r, h[-length:])  # the last `length` norms
 
@@ -301,6 +318,9 @@ class QuantileClip:
 
     def _entries(self) -> list:
         """(parameter, rings, row) for every parameter with a grad, in group order."""
+        for group in self.parameter_groups:  # (before any rings are made for them)
+            if any(p.grad is not None for p in group["params"]):
+                _check_history_length(group["history_length"])
         entries = []
         for gi, group in enumerate(self.parameter_groups):
             for p in group["params"]:
@@ -480,17 +500,24 @@ class QuantileClip:
                 chain.from_iterable(g["params"] for g in self.parameter_groups),
             )
         )
+        pending = {}  # read whole before anything changes: a bad entry leaves the clipper as it was
+        for key, value in loaded["state"].items():
+            if key in by_id:
+                if not isinstance(value, dict):
+                    raise TypeError(
+                        f"QuantileClip.load_state_dict: a parameter's state is a dict (its 'history'), "
+                        f"not {type(value).__name__}"
+                    )
+                if "history" in value:  # (an empty state: no history yet, as autoclip starts one)
+                    pending[by_id[key]] = value["history"]
+            elif key == "global_history" and isinstance(value, torch.Tensor):
+                pending["global_history"] = value
         for local, saved in zip(self.parameter_groups, saved_groups):
             saved["params"] = local["params"]
         self.parameter_groups = saved_groups
-        self._rings, self._row, self._global, self._pending = {}, {}, None, {}
+        self._rings, self._row, self._global, self._pending = {}, {}, None, pending
         self._params = list(chain.from_iterable(g["params"] for g in self.parameter_groups))
         self._layout = None
-        for key, value in loaded["state"].items():
-            if key in by_id:
-                self._pending[by_id[key]] = value["history"]
-            elif key == "global_history" and isinstance(value, torch.Tensor):
-                self._pending["global_history"] = value
 
     @classmethod
     def as_optimizer(

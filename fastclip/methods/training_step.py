@@ -51,7 +51,10 @@ def _plan(params: list, norm_type, backend, process_group) -> tuple:
     """(the grads, (fused backend, GradList, norm kind)) for plain grads on
     one device, else (the grads, None): torch's recipe."""
     name = _dispatch.resolve_name(backend)
-    kind = FUSED_NORM_KINDS.get(float(norm_type))
+    try:
+        kind = FUSED_NORM_KINDS.get(float(norm_type))
+    except (TypeError, ValueError):
+        kind = None  # torch's recipe: its error, after unscale_'s own checks (_check_clip_arguments)
     grads, fused, work = gather(params, "torch" if kind is None else name, process_group)
     if fused is not None and work.scales_unlike_torch(work.result_dtype):  # (see GradList): torch's recipe
         fused = None
@@ -69,6 +72,13 @@ def _scaler_state(scaler, optimizer, action: str) -> dict:
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
     return state
+
+
+def _check_clip_arguments(max_norm, norm_type) -> None:
+    """What torch's clip_grad_norm_ raises for these (float() of each), before
+    unscale_ touches the grads and the scaler's state."""
+    float(norm_type)
+    float(max_norm)
 
 
 def _check_fp16(grads) -> None:
@@ -126,11 +136,12 @@ def unscale_clip_grad_norm_(
     state = _scaler_state(scaler, optimizer, "unscale_")
     grads, plan = _plan(params, norm_type, backend, process_group)
     _check_fp16(grads)
-    if plan is None:  # torch's recipe
-        if error_if_nonfinite:  # raise before unscale_ touches anything (a read more; the check syncs anyway)
+    if plan is None:  # torch's recipe, its errors raised before unscale_ touches anything
+        if error_if_nonfinite:  # (a read more; the check syncs anyway)
             norm = _api.get_total_norm(grads, norm_type, backend=backend, process_group=process_group)
             if not bool(torch.isfinite(norm)):
                 raise RuntimeError(nonfinite_message(float(norm_type)))
+        _check_clip_arguments(max_norm, norm_type)
         scaler.unscale_(optimizer)
         return clip()
     total, coef, inv, found = _norms(plan, max_norm, scaler, error_if_nonfinite, norm_type)

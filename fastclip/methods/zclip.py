@@ -227,20 +227,22 @@ class ZClip:
         return coef, clipped, new_mean, new_var
 
     def _warm_up(self, whole: WholeNorm) -> torch.Tensor:
-        if self.max_grad_norm is not None:
-            total = whole.clip(self.max_grad_norm)
+        # zclip's len(buffer) >= warmup_steps, read at every step (and its TypeError for a
+        # warmup_steps such as None, here before any write)
+        done = self._steps + 1 >= self.warmup_steps
+        max_norm = None if self.max_grad_norm is None else float(self.max_grad_norm)  # (as clip_grad_norm_ takes it)
+        if max_norm is not None:
+            total = whole.clip(max_norm)
         else:
             total = whole.norm()
         norm = whole.value(total)
         self._record = self._room_for(self._steps + 1, norm.device)
         self._record[self._steps] = norm
         self._steps += 1
-        if self._steps >= self.warmup_steps:  # zclip's len(buffer) >= warmup_steps, read at every step
+        if done:
             self._initialize(self._record[: self._steps])
         ones = torch.ones_like(norm)
-        coef = (
-            torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).to(F64) if self.max_grad_norm is not None else ones
-        )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).to(F64) if max_norm is not None else ones
         self.last_norm, self.last_coef, self.last_clipped = total, coef, coef < 1.0
         return total
 
@@ -289,12 +291,15 @@ class ZClip:
     def load_state_dict(self, state_dict: dict) -> None:
         """Continue from a state_dict(): the next step gives the same bits as it
         would have without the interruption."""
-        for k in _CONFIG:
-            setattr(self, k, state_dict[k])
-        self._steps = int(state_dict["steps"])
-        self._record, self._mean, self._var = (
+        # read whole before anything changes: a bad state leaves the clipper as it was
+        config = {k: state_dict[k] for k in _CONFIG}
+        steps = int(state_dict["steps"])
+        record, mean, var = (
             None if state_dict[k] is None else state_dict[k].detach().to(F64).clone() for k in ("buffer", "mean", "var")
         )
+        for k, v in config.items():
+            setattr(self, k, v)
+        self._steps, self._record, self._mean, self._var = steps, record, mean, var
         if self._mean is not None:  # statistics follow the grads' device at the next step
             self._record = None
 
