@@ -119,7 +119,9 @@ def clip_grad_norm_(
         is_generator = isinstance(parameters, types.GeneratorType)
         parameters = list(parameters)
         if is_generator and not parameters:
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)  # (past no_grad)
+            warnings.warn(  # (stacklevel: past no_grad's wrapper, at the caller)
+                "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+            )
     grads, work, why = _gather(name, parameters, True)
     if process_group is not None or _has_dtensor(grads, work):
         grads = grads if grads is not None else [p.grad for p in parameters if p.grad is not None]

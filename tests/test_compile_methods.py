@@ -180,3 +180,35 @@ def test_ops_module_imports_none_of_the_functions_it_runs():
     assert not any("_api" in i or "methods" in i for i in imported), imported
     for name in ("clip_grad_norm_", "per_tensor", "groups", "range", "agc", "stats"):
         assert name in _ops._REGISTERED
+
+
+def test_bounds_and_agc_numbers_that_change_between_calls_compile_again(seed):
+    """A number argument is a constant of the graph: a new value recompiles
+    (dynamo then offers it as a symbolic float, which the traced checks must
+    take: math.isnan cannot) and still gives the eager bits, with fullgraph=True."""
+    fn, counter = _compiled(lambda ps, lo: (fastclip.clip_grad_range_(ps, lo, 2.0), fastclip.adaptive_clip_grad_(ps, lo)))
+    for lo in (1.0, 0.5, 0.25):
+        params = _params("cpu")
+        eager = clone_params(params)
+        fn(params, lo)
+        fastclip.clip_grad_range_(eager, lo, 2.0)
+        fastclip.adaptive_clip_grad_(eager, lo)
+        for p, q in zip(params, eager):
+            assert_bitwise_equal(p.grad, q.grad)
+    assert counter.frame_count >= 2
+
+
+def test_a_max_norm_schedule_given_as_a_tensor_compiles_once(seed):
+    """README: a changing Python max_norm recompiles per value (a custom op
+    takes no symbolic float); as a 0-dim tensor it is a graph input (torch's
+    own functions traced: one graph for every value)."""
+    fn, counter = _compiled(lambda ps, mx: fastclip.clip_grad_norm_(ps, mx))
+    for i in range(10):
+        params = _params("cpu")
+        eager = clone_params(params)
+        got = fn(params, torch.tensor(0.05 + 0.05 * i))
+        want = torch.nn.utils.clip_grad_norm_(eager, 0.05 + 0.05 * i)
+        torch.testing.assert_close(got, want)
+        for p, q in zip(params, eager):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert counter.frame_count == 1

@@ -22,7 +22,8 @@ def _params(views_of_one_buffer: bool, seed: int):
     for shape in shapes:
         n = torch.Size(shape).numel()
         p = torch.nn.Parameter(torch.zeros(shape))
-        p.grad = flat[start : start + n].view(shape) if views_of_one_buffer else flat[start : start + n].view(shape).clone()
+        view = flat[start : start + n].view(shape)
+        p.grad = view if views_of_one_buffer else view.clone()
         params.append(p)
         start += n
     return params
@@ -35,8 +36,12 @@ def _needing_grad(value) -> torch.Tensor:
 CALLS = {
     "clip_grad_norm_": lambda ps, b, t: fastclip.clip_grad_norm_(ps, t(1.0), backend=b),
     "clip_grads_with_norm_": lambda ps, b, t: fastclip.clip_grads_with_norm_(ps, 1.0, t(5.0), backend=b),
-    "clip_grad_norm_per_tensor_": lambda ps, b, t: fastclip.clip_grad_norm_per_tensor_(ps, t([0.5, 1.0, 2.0]), backend=b),
-    "clip_grad_norm_groups_": lambda ps, b, t: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], t([0.5, 1.0]), backend=b),
+    "clip_grad_norm_per_tensor_": lambda ps, b, t: fastclip.clip_grad_norm_per_tensor_(
+        ps, t([0.5, 1.0, 2.0]), backend=b
+    ),
+    "clip_grad_norm_groups_": lambda ps, b, t: fastclip.clip_grad_norm_groups_(
+        [ps[:1], ps[1:]], t([0.5, 1.0]), backend=b
+    ),
     "clip_grad_range_": lambda ps, b, t: fastclip.clip_grad_range_(ps, t(-1.0), t(0.5), backend=b),
     "get_total_norm": lambda ps, b, t: fastclip.get_total_norm([p.grad for p in ps], backend=b),
 }

@@ -117,7 +117,7 @@ def _numbers_ok(clip_factor, eps) -> bool:
     """Are clip_factor and eps plain numbers the kernels take?  (A NaN eps is
     not: timm's clamp_(min=nan) makes every max_norm NaN, torch's path has it.)"""
     plain = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (clip_factor, eps))
-    return plain and not math.isnan(eps)
+    return plain and eps == eps  # (not NaN: math.isnan cannot take the symbolic float of a traced call)
 
 
 def _arguments(params, clip_factor, eps, norm_type) -> tuple[list, float | None, bool]:

@@ -80,7 +80,8 @@ def _traced(parameters, min_value, max_value, backend):
     """Under torch.compile: the grads are read in traced code, the work is the generic op."""
     _params, grads, _positions = seg.grads_of(parameters)
     bounds = [b for b in (min_value, max_value) if b is not None]
-    numbers_ok = all(isinstance(b, numbers.Real) and not isinstance(b, bool) and not math.isnan(b) for b in bounds)
+    # (b == b: not NaN; math.isnan cannot take the symbolic float of a traced call)
+    numbers_ok = all(isinstance(b, numbers.Real) and not isinstance(b, bool) and b == b for b in bounds)
     if not _ops.plain(grads) or not numbers_ok:  # torch's own op, traced
         for g in grads:
             g.clamp_(min_value, max_value)
