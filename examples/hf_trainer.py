@@ -2,10 +2,11 @@
 
   --mode patch  the Trainer's own clipping (`max_grad_norm`, through
                 accelerate and torch.nn.utils.clip_grad_norm_) runs fastclip's
-                fused kernels after one fastclip.patch();
+                fused kernels inside `with fastclip.patched():`;
   --mode zclip  ZClip instead of a fixed max_grad_norm: a TrainerCallback
                 steps fastclip.ZClip in `on_pre_optimizer_step` (set
-                max_grad_norm=0 so the Trainer does not clip as well).
+                max_grad_norm=0 so the Trainer does not clip as well; the
+                clipper has no fixed cap either, so its z-score decides).
 
     python examples/hf_trainer.py --mode patch --steps 20
 
@@ -26,6 +27,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import fastclip
 
 VOCAB, SEQ = 64, 16
+# no fixed cap (max_grad_norm=None) and a low z_thresh: the z-score decides, on a few steps of a short run
+ZCLIP_SETTINGS = {"warmup_steps": 5, "z_thresh": 1.0, "max_grad_norm": None}
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -67,11 +70,11 @@ def train(mode: str, ours: bool, steps: int, max_norm: float = 0.5) -> list[floa
     callbacks = []
     if mode == "zclip":
         if ours:
-            clipper = fastclip.ZClip(warmup_steps=5, max_grad_norm=max_norm)
+            clipper = fastclip.ZClip(**ZCLIP_SETTINGS)
         else:
             import zclip
 
-            clipper = zclip.ZClip(warmup_steps=5, max_grad_norm=max_norm)
+            clipper = zclip.ZClip(**ZCLIP_SETTINGS)
         callbacks.append(ZClipCallback(clipper))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(

@@ -46,6 +46,10 @@ def _timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2
     return _agc.adaptive_clip_grad_(parameters, clip_factor, eps, norm_type)
 
 
+# under timm's own name, as fastclip's functions in torch.nn.utils carry torch's
+_timm_adaptive_clip_grad.__name__ = _timm_adaptive_clip_grad.__qualname__ = "adaptive_clip_grad"
+
+
 def _targets() -> dict:
     """module -> the attributes fastclip replaces there (timm's, if loaded)."""
     targets = dict(_TARGETS)
@@ -106,7 +110,9 @@ def unpatch() -> bool:
 
 
 def is_patched() -> bool:
-    """Do torch.nn.utils' clipping functions point at fastclip?"""
+    """Do torch.nn.utils' clipping functions (and timm's AGC, where timm is
+    loaded) point at fastclip?  False after timm is loaded into a patched
+    process, until patch() is called again to route timm's names too."""
     return all(
         getattr(module, attribute, None) is _ours(attribute)
         for module, attributes in _targets().items()
