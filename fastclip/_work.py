@@ -27,7 +27,7 @@ _grad_of = attrgetter("grad")
 _dtype_of = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _device_of = attrgetter("device")
-_PLAIN_TENSOR = {torch.Tensor}
+_PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}  # (a Parameter adds no behaviour to its data)
 _CPU = torch.device("cpu")
 
 
@@ -110,7 +110,9 @@ def collect(items: list, from_params: bool, sign_matters: bool = False) -> tuple
     clip_value), so views with torch's negative bit must go to torch; only
     the general path checks for them."""
     if _ext is not None:
-        grads, table, dtype_mask, cuda_index = _ext.collect(items, from_params, DTYPE_CODES, torch.Tensor)
+        grads, table, dtype_mask, cuda_index = _ext.collect(
+            items, from_params, DTYPE_CODES, torch.Tensor, torch.nn.Parameter
+        )
         if table is not None and not sign_matters:
             device = _CPU if cuda_index < 0 else _cuda_device(cuda_index)
             return grads, GradList(grads, device, _dtypes_of_mask(dtype_mask), table=table), ""
@@ -131,7 +133,8 @@ def _dtypes_of_mask(mask: int) -> frozenset:
 
 def describe(grads: list, sign_matters: bool = False) -> tuple[GradList | None, str]:
     """Return (GradList, "") or (None, why the fused backends cannot take these grads)."""
-    if set(map(type, grads)) != _PLAIN_TENSOR:
+    types = set(map(type, grads))
+    if not types or not types <= _PLAIN_TENSORS:
         return None, "grads that are not plain torch.Tensor (tensor subclasses such as DTensor)"
     dtypes = list(map(_dtype_of, grads))
     distinct = set(dtypes)

@@ -26,6 +26,7 @@ from .helpers import (
     assert_grads_bitwise_equal,
     assert_same_outcome,
     check_clip_grad_norm,
+    check_total_norm,
     clone_params,
     grads_of,
     interpreted,
@@ -727,3 +728,14 @@ def test_generator_input_for_elementwise_functions(backend, seed):
     fastclip.clip_grads_with_norm_((p for p in params), 0.5, torch.tensor(3.0), backend=backend)
     torch.nn.utils.clip_grads_with_norm_((p for p in ref), 0.5, torch.tensor(3.0))
     assert_grads_bitwise_equal(params, ref)
+
+
+def test_get_total_norm_of_the_parameters_themselves(backend, seed):
+    """get_total_norm(model.parameters()), the weights' norm, as torch takes it:
+    nn.Parameter adds nothing to its data, so the fused backends read them."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 3), (40,), (2, 5)]]
+    total = fastclip.get_total_norm(params, backend=backend)
+    want = torch.nn.utils.get_total_norm(params)
+    check_total_norm(total, want, [p.detach() for p in params], 2.0, backend)
+    assert type(total) is torch.Tensor and not total.requires_grad

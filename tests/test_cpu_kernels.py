@@ -297,7 +297,7 @@ def test_more_than_2_to_the_31_elements():
 def test_dtype_codes_match_the_extension():
     for dtype, code in DTYPE_CODES.items():
         t = torch.ones(3, dtype=dtype)
-        assert _ext.collect([t], False, DTYPE_CODES, torch.Tensor)[1].dtypes == [code]
+        assert _ext.collect([t], False, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)[1].dtypes == [code]
 
 
 @pytest.fixture(params=["dlpack", "attributes"])
@@ -311,6 +311,10 @@ def gather(request):
     _ext.set_dlpack_exchange_api(capsule)
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
 def test_fast_gather_leaves_unusual_tensors_to_the_general_path(gather):
     unusual = [
         torch.ones(3, 3).t(),
@@ -319,11 +323,14 @@ def test_fast_gather_leaves_unusual_tensors_to_the_general_path(gather):
         torch.ones(3, dtype=torch.complex64),
         torch.ones(3, dtype=torch.int64),
         torch.ones(3, device="meta"),
-        torch.ones(3).as_subclass(torch.nn.Parameter),
+        torch.ones(3).as_subclass(_Subclass),  # (a subclass; nn.Parameter is read as a plain tensor)
     ]
     for t in unusual:
-        tensors, table, _, _ = _ext.collect([torch.ones(2), t], False, DTYPE_CODES, torch.Tensor)
+        tensors, table, _, _ = _ext.collect([torch.ones(2), t], False, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
         assert table is None and len(tensors) == 2 and tensors[1] is t
+    weight = torch.nn.Parameter(torch.ones(3))  # get_total_norm(model.parameters()): read as a tensor
+    _tensors, table, _, _ = _ext.collect([torch.ones(2), weight], False, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
+    assert table is not None and table.numels == [2, 3] and table.ptrs[1] == weight.data_ptr()
 
 
 def test_fast_gather_tables(gather, seed):
@@ -338,7 +345,7 @@ def test_fast_gather_tables(gather, seed):
         torch.randn(2, 2).double(),
         torch.ones(1, 6).t(),
     ]
-    got, table, mask, device = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor)
+    got, table, mask, device = _ext.collect(tensors, False, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
     assert device == -1  # the CPU
     assert got == tensors and table is not None
     assert table.ptrs == [t.data_ptr() for t in tensors]
@@ -348,10 +355,10 @@ def test_fast_gather_tables(gather, seed):
     # from parameters: None grads skipped, AttributeError for non-parameters
     ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
     ps[0].grad, ps[2].grad = torch.ones(2), torch.ones(2)
-    got, table, _, _ = _ext.collect(ps, True, DTYPE_CODES, torch.Tensor)
+    got, table, _, _ = _ext.collect(ps, True, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
     assert got == [ps[0].grad, ps[2].grad] and len(table) == 2
     with pytest.raises(AttributeError, match="'tuple' object has no attribute 'grad'"):
-        _ext.collect([ps[0], (1, 2)], True, DTYPE_CODES, torch.Tensor)
+        _ext.collect([ps[0], (1, 2)], True, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
 
 
 def test_clip_through_the_attribute_gather(gather, seed):

@@ -105,7 +105,7 @@ def test_agc_table_is_the_table_agc_builds_in_python(seed):
         else:
             p.grad = torch.randn(shape).to(p.dtype)
         params.append(p)
-    grads, table, _mask, _device = cpu.collect(params, True, DTYPE_CODES, torch.Tensor)
+    grads, table, _mask, _device = cpu.collect(params, True, DTYPE_CODES, torch.Tensor, torch.nn.Parameter)
     got, count = cpu.agc_table(table, params, grads, torch.Tensor, torch.nn.Parameter)
     first, lens, want_count = agc._segments(grads)
     want = table_of(grads, first, lens, want_count, [p.detach() for p in params])

@@ -195,14 +195,16 @@ PYBIND11_MODULE(_cpu, m) {
 
   m.def(
       "collect",
-      [](const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain) {
-        Collected c = collect(items, from_params, codes, plain);
+      [](const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain,
+         const py::handle& parameter) {
+        Collected c = collect(items, from_params, codes, plain, parameter);
         py::object table = c.complete ? py::cast(std::move(c.table)) : py::none();
         return py::make_tuple(c.tensors, table, c.dtype_mask, c.cuda_device);
       },
-      py::arg("items"), py::arg("from_params"), py::arg("codes"), py::arg("plain"),
+      py::arg("items"), py::arg("from_params"), py::arg("codes"), py::arg("plain"), py::arg("parameter"),
       "(tensors, TensorTable or None, dtype bit mask, CUDA device index or -1 for CPU): the table only if "
-      "every tensor is a plain, contiguous tensor of a known dtype, all on the CPU or all on one CUDA device.");
+      "every tensor is a plain tensor (or parameter), contiguous, of a known dtype, all on the CPU or all on one "
+      "CUDA device.");
 
   m.def("agc_table", &agc_table, py::arg("grads"), py::arg("weights"), py::arg("grad_list"), py::arg("plain"),
         py::arg("parameter"),

@@ -201,7 +201,8 @@ py::object agc_table(const TensorTable& grads, const py::list& weights, const py
   return py::make_tuple(py::cast(std::move(out)), count);
 }
 
-Collected collect(const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain) {
+Collected collect(const py::list& items, bool from_params, const py::dict& codes, const py::handle& plain,
+                  const py::handle& parameter) {
   static PyObject* const grad_name = interned("grad");
   TensorAccess access(plain.ptr());
   Collected out;
@@ -228,8 +229,10 @@ Collected collect(const py::list& items, bool from_params, const py::dict& codes
     }
     PyList_SET_ITEM(out.tensors.ptr(), found++, tensor);  // steals the reference
     if (!complete) continue;
-    // Only exact torch.Tensor: subclasses (DTensor, Parameter, ...) take the general path.
-    complete = reinterpret_cast<PyObject*>(Py_TYPE(tensor)) == access.type &&
+    // Only exact torch.Tensor or nn.Parameter (which adds no behaviour of its
+    // own): other subclasses (DTensor, ...) take the general path.
+    const PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(tensor));
+    complete = (type == access.type || type == parameter.ptr()) &&
                (g_dlpack != nullptr ? describe_with_dlpack(tensor, out)
                                     : describe_with_attributes(tensor, codes.ptr(), access, out));
   }

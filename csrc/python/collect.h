@@ -25,9 +25,10 @@ struct Collected {
 };
 
 // `items`: a list of parameters (from_params: read .grad, skip None) or of
-// tensors.  `codes`: dict torch.dtype -> dtype code.  `plain`: torch.Tensor.
+// tensors.  `codes`: dict torch.dtype -> dtype code.  `plain`: torch.Tensor;
+// `parameter`: nn.Parameter (a tensor get_total_norm may be given: read alike).
 Collected collect(const pybind11::list& items, bool from_params, const pybind11::dict& codes,
-                  const pybind11::handle& plain);
+                  const pybind11::handle& plain, const pybind11::handle& parameter);
 
 // AGC's table: `grads` (collect's table of `grad_list`, every grad dense) with,
 // beside grad i, the parameter weights[i] (same shape, device, dense), and
