@@ -802,7 +802,6 @@ def segmented_methods_over_a_process_group(rank, world):
 def agc_over_a_process_group(rank, world):
     """process_group=: every rank holds a part of every unit (shards along dim 1,
     1-D tensors along dim 0): the units' norms are reduced over the group."""
-    import fastclip
 
     for backend in backends():
         for p in (2.0, 1.0, INF):
@@ -810,18 +809,27 @@ def agc_over_a_process_group(rank, world):
             weights = shared_grads(shapes, torch.float32, seed=72)
             full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=73)]
             full[0][::2] *= 10  # every other unit of the first tensor clips
-            ref = params_with(full)
-            for q, w in zip(ref, weights):
-                q.data.copy_(w)
-            timm_agc(ref, 0.02, 1e-3, p)
-            mine = params_with(_rows(full, rank, world, dim=1))
-            for q, w in zip(mine, _rows(weights, rank, world, dim=1)):
-                q.data = w
-            fastclip.adaptive_clip_grad_(mine, 0.02, 1e-3, p, backend=backend, process_group=dist.group.WORLD)
-            for q, r in zip(mine, _rows([x.grad for x in ref], rank, world, dim=1)):
-                torch.testing.assert_close(q.grad, r, rtol=1e-5, atol=1e-9)
+            ref = _check_agc_over_the_group(rank, world, weights, full, p, backend)
             clipped = [bool((x.grad != g).any(dim=-1).any()) for x, g in zip(ref[:1], full[:1])]
             assert any(clipped)  # the comparison saw clipping
+
+
+def _check_agc_over_the_group(rank, world, weights, full, p, backend) -> list:
+    """fastclip's AGC over process_group= on this rank's pieces (cut along dim 1)
+    against timm's code on the whole tensors; returns the whole parameters."""
+    import fastclip
+
+    ref = params_with(full)
+    for q, w in zip(ref, weights):
+        q.data.copy_(w)
+    timm_agc(ref, 0.02, 1e-3, p)
+    mine = params_with(_rows(full, rank, world, dim=1))
+    for q, w in zip(mine, _rows(weights, rank, world, dim=1)):
+        q.data = w
+    fastclip.adaptive_clip_grad_(mine, 0.02, 1e-3, p, backend=backend, process_group=dist.group.WORLD)
+    for q, r in zip(mine, _rows([x.grad for x in ref], rank, world, dim=1)):
+        torch.testing.assert_close(q.grad, r, rtol=1e-5, atol=1e-9)
+    return ref
 
 
 @scenario(2, 4)
@@ -910,23 +918,13 @@ def agc_when_a_rank_holds_nothing_of_a_unit(rank, world):
     fewer rows than ranks (FSDP2's small layers: a rank holds no unit)."""
     from torch.distributed.tensor import Shard, init_device_mesh
 
-    import fastclip
 
     shapes = [(3,), (9, 1), (3, 5)]
     weights = shared_grads(shapes, torch.float32, seed=79)
     full = [g * 0.01 for g in shared_grads(shapes, torch.float32, seed=80)]
     full[2][1] *= 100  # a unit that clips
     for backend in backends():
-        ref = params_with(full)
-        for q, w in zip(ref, weights):
-            q.data.copy_(w)
-        timm_agc(ref, 0.02, 1e-3, INF)
-        mine = params_with(_rows(full, rank, world, dim=1))
-        for q, w in zip(mine, _rows(weights, rank, world, dim=1)):
-            q.data = w
-        fastclip.adaptive_clip_grad_(mine, 0.02, 1e-3, INF, backend=backend, process_group=dist.group.WORLD)
-        for q, r in zip(mine, _rows([x.grad for x in ref], rank, world, dim=1)):
-            torch.testing.assert_close(q.grad, r, rtol=1e-5, atol=1e-9)
+        _check_agc_over_the_group(rank, world, weights, full, INF, backend)
     mesh = init_device_mesh("cpu", (world,))
     _check_dtensor_agc(mesh, weights[2:], full[2:], [[Shard(0)]])  # (3, 5) over 4 ranks: the last has no row
 

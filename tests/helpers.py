@@ -306,6 +306,18 @@ def with_unwritable_grad(params):
     return params + [p]
 
 
+def assert_a_meta_grad_raises_first(clip, params) -> None:
+    """clip(params + [a parameter with a meta grad]) raises (its norm cannot be
+    copied to the first grad's device) before writing the other grads."""
+    meta = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    meta.grad = torch.zeros(4, device="meta")
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(NotImplementedError, match="meta"):
+        clip(params + [meta])
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
 def assert_raises_leaving_grads(fn, params, exc, match):
     """fn(params) raises `exc` (matching `match`) and every grad keeps its bits."""
     before = grads_of(params)
