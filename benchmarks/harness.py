@@ -207,8 +207,12 @@ def run_case(
         if device == "cuda" and name in impls:
             result.host[name] = []
     for r in range(rounds + 1):  # round 0 warms up
+        # rotated, and reversed every other round: each implementation follows a
+        # different one from round to round (torch's OpenMP worker spins for a
+        # while after its calls and slows whatever runs next)
         shift = r % len(entries)
-        for name, fn, modifies in entries[shift:] + entries[:shift]:
+        order = entries[shift:] + entries[:shift]
+        for name, fn, modifies in order[::-1] if r % 2 else order:
             if modifies:
                 restore()
             evict()

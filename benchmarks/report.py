@@ -134,9 +134,13 @@ def markdown(rows: list[dict], machine: dict) -> str:
         )
     out += [
         "",
-        "GB/s counts the bytes the operation needs at least (read once; clipping: read, then read and write; "
-        "AGC: one read of the weights and the grads); "
-        "'of floor' is the time of the fastest plain read (and in-place write) of the same bytes in the same run "
+        "GB/s counts the bytes the operation needs at least, in grad bytes: 1x (one read: no clip, few values "
+        "change, statistics, ZClip), 2x (a read and a write: most values change), 3x (clipping: a read, then a "
+        "read and a write), 2x (AGC: one read of the weights and of the grads), 8x (the clip in a fused AdamW "
+        "step: one read of the grads, plus the step's read of parameters, grads and both moments and its "
+        "writes of parameters and moments); "
+        "'of floor' is the time of the fastest plain pass of the same kind over the same bytes in the same run "
+        "(a read, an in-place write, both; for the step cases a read plus a fused AdamW step alone) "
         "divided by the operation's time.  'vs baseline' is against the baseline row of each case: torch.nn.utils "
         "for torch's functions; for the methods, what a user runs instead (benchmarks/methods.py): a loop of "
         "clip_grad_norm_([p]) (per-tensor), a loop of clamp_(lo, hi) (range), timm's adaptive_clip_grad (AGC), "
