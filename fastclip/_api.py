@@ -163,7 +163,7 @@ def clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, 
     sharded = _distributed.total_norm(grads, norm_type, error_if_nonfinite, foreach, name, process_group, work)
     if grads:
         max_norm = float(max_norm)
-        coef = torch.clamp(max_norm / (sharded.coef_total + 1e-6), max=1.0)
+        coef = sharded.coefficient(max_norm)
         coef = torch.where(sharded.failed_elsewhere, torch.ones_like(coef), coef)  # that rank raised: leave the grads
         _scale_grads(grads, coef, foreach, name, work, sharded.local_work)
     return sharded
@@ -217,8 +217,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     if plan is None or plan[1].scales_unlike_torch(getattr(total_norm, "dtype", None)):
         grads = _grads_of(grads, parameters)
         if unwritable(grads):  # torch raises on reaching that grad: here before any is written
-            max_norm = float(max_norm)  # (torch's errors for its arguments come first)
-            torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+            # (torch's errors for its arguments come first: its own code on copies, which it can write)
+            torch_ref.clip_grads_with_norm_(_ops.holders([g.clone() for g in grads]), max_norm, total_norm, foreach)
             check_writable(grads)
         return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     fused, work = plan

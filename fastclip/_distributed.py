@@ -253,12 +253,43 @@ def _split_by_spec(tensors: list, cls) -> tuple[list, dict]:
 
 class ShardedTotal(NamedTuple):
     total: torch.Tensor  # as torch's get_total_norm returns it, reduced over the ranks
-    coef_total: torch.Tensor  # float32 (float64 for float64 grads): what the coefficient is computed from
+    wide: torch.Tensor  # float64 0-dim: the reduced norm before its rounding
+    present: torch.Tensor  # bool, one per _RESULT_DTYPES: does some rank hold grads of that dtype
+    # the float64 flag of `present` is this rank's own (DTensors: their dtypes are the same on every
+    # rank; error_if_nonfinite: all ranks' were read); else it is chosen on the device
+    everyone_known: bool
+    local_float64: bool  # this rank holds float64 grads (or, everyone_known, some rank does)
     failed_elsewhere: torch.Tensor  # 0-dim bool: another rank's local norm failed, leave the grads alone
     local_work: object  # GradList of this rank's local tensors, in the order of `tensors`, or None
-    # float64 0-dim: the total rounded as the dtype that every rank's grads promote to (the
-    # same bits on every rank, where `total` is in this rank's dtype): for clippers' statistics
-    agreed: torch.Tensor
+
+    def coefficient(self, max_norm: float, for_this_rank: bool = True) -> torch.Tensor:
+        """torch's clamp(max_norm / (total + 1e-6), max=1) for the total as all
+        ranks' grads promote, so the same on every rank: float64 arithmetic if
+        some rank holds float64 grads, else float32 (chosen on the device where
+        this rank cannot know).  for_this_rank: in the dtype this rank
+        multiplies its grads by (float32 unless it holds float64 grads: torch's
+        multiply takes a float64 coefficient in float32 for float32 grads);
+        else float64, the same bits on every rank."""
+        if self.local_float64:
+            return torch.clamp(max_norm / (self.wide + 1e-6), max=1.0)
+        c32 = torch.clamp(max_norm / (self.wide.to(torch.float32) + 1e-6), max=1.0)
+        if self.everyone_known:
+            return c32 if for_this_rank else c32.double()
+        c64 = torch.clamp(max_norm / (self.wide + 1e-6), max=1.0)
+        everyone = torch.where(self.present[-1], c64, c32.double())
+        return everyone.to(torch.float32) if for_this_rank else everyone
+
+    def agreed(self) -> torch.Tensor:
+        """The total (float64) rounded as the dtype every rank's grads promote
+        to: the same bits on every rank, where `total` is in this rank's dtype
+        (chosen on the device, so no host sync)."""
+        f16, bf16, f32, f64 = self.present.unbind()
+        wide = self.wide
+        as_dtype = {d: wide.to(d).to(torch.float64) for d in _RESULT_DTYPES}
+        rounded = torch.where(f16, as_dtype[torch.float16], wide.to(torch.get_default_dtype()).to(torch.float64))
+        rounded = torch.where(bf16, as_dtype[torch.bfloat16], rounded)
+        rounded = torch.where(f32 | (f16 & bf16), as_dtype[torch.float32], rounded)
+        return torch.where(f64, wide, rounded)
 
 
 def total_norm(
@@ -336,7 +367,6 @@ def total_norm(
         everyone = {d for d, present in zip(_RESULT_DTYPES, flags[1:]) if present > 0}
         result_dtype = promoted_dtype(everyone) if everyone else result_dtype
     total = wide.to(result_dtype)
-    coef_total = wide.to(torch.float64 if result_dtype == torch.float64 else torch.float32)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # every rank sees the same total
         raise RuntimeError(nonfinite_message(p))
     if mesh is not None:
@@ -346,20 +376,11 @@ def total_norm(
     # The local GradList is in the order of `tensors` when one call took them
     # all: plain tensors, or DTensors of one spec that were not redistributed.
     in_order = len(local_works) == 1 and len(by_spec) <= 1 and not partial
-    agreed = _rounded_as_everyone(wide, state[_DTYPES:] > 0)
-    return ShardedTotal(total, coef_total, state[_FAILED] > 0, local_works[0] if in_order else None, agreed)
-
-
-def _rounded_as_everyone(wide: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """`wide` (float64) rounded as `wide.to(dtype)` rounds it, for the dtype
-    that the dtypes flagged in `present` (one flag per _RESULT_DTYPES) promote
-    to, the default dtype if none: chosen on the device, so no host sync."""
-    f16, bf16, f32, f64 = present.unbind()
-    as_dtype = {d: wide.to(d).to(torch.float64) for d in _RESULT_DTYPES}
-    rounded = torch.where(f16, as_dtype[torch.float16], wide.to(torch.get_default_dtype()).to(torch.float64))
-    rounded = torch.where(bf16, as_dtype[torch.bfloat16], rounded)
-    rounded = torch.where(f32 | (f16 & bf16), as_dtype[torch.float32], rounded)
-    return torch.where(f64, wide, rounded)
+    everyone_known = process_group is None or error_if_nonfinite
+    return ShardedTotal(
+        total, wide, state[_DTYPES:] > 0, everyone_known, result_dtype == torch.float64, state[_FAILED] > 0,
+        local_works[0] if in_order else None,
+    )
 
 
 def _norm_dtypes(tensors) -> set:

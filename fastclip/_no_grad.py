@@ -9,11 +9,21 @@ import functools
 
 import torch
 
+_set_grad_enabled = torch._C._set_grad_enabled
+
 
 def no_grad(fn):
     @functools.wraps(fn)
     def without_autograd(*args, **kwargs):
-        with torch.no_grad():
+        if torch.compiler.is_compiling():  # traced: the context manager dynamo knows
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        if not torch.is_grad_enabled():  # (the common case inside an outer entry point or no_grad block)
             return fn(*args, **kwargs)
+        _set_grad_enabled(False)  # (a context manager costs a few microseconds a call)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set_grad_enabled(True)
 
     return without_autograd

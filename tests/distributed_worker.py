@@ -951,38 +951,45 @@ def norm_groups_when_a_rank_has_no_grad_in_a_group(rank, world):
 
 @scenario(2)
 def zclip_when_ranks_hold_different_dtypes(rank, world):
-    """ZClip(process_group=) with float32 pieces on rank 0 and bfloat16 ones on
-    rank 1: every rank keeps the statistics of ZClip on the whole grads (whose
-    norm is float32) and clips with its coefficient, though each rank returns
-    the norm in its own dtype, as clip_grad_norm_ does."""
+    """ZClip(process_group=) with float32 pieces on rank 0 and bfloat16 (or
+    float64) ones on rank 1: every rank keeps the statistics of ZClip on the
+    whole grads (whose norm is float32, or float64) and clips with its
+    coefficient, also in warm-up (max_grad_norm: clip_grad_norm_'s
+    coefficient, float64 arithmetic when a rank holds float64 grads), though
+    each rank returns the norm in its own dtype, as clip_grad_norm_ does."""
     import fastclip
 
-    for backend in backends():
-        # the whole as the shards' sums take the bfloat16 norm: accumulated exactly (fused), or in bfloat16 (torch)
-        whole = fastclip.ZClip(warmup_steps=3, max_grad_norm=None, backend="torch" if backend == "torch" else "cpu")
-        ours = fastclip.ZClip(warmup_steps=3, max_grad_norm=None, backend=backend, process_group=dist.group.WORLD)
-        clipped = []
-        for step in range(7):
-            g = torch.Generator().manual_seed(100 + step)
-            scale = 40.0 if step == 5 else 1.0
-            full = [torch.randn(50, generator=g) * scale, (torch.randn(50, generator=g) * scale).to(torch.bfloat16)]
-            ref = params_with(full)
-            want = whole.step(ref)
-            mine = params_with([full[rank]])
-            got = ours.step(mine)
-            assert got.dtype == full[rank].dtype
-            assert_close(got, want)
-            coefs = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(coefs, ours.last_coef.to(torch.float64))
-            assert len({c.item() for c in coefs}) == 1, coefs  # one coefficient on every rank
-            torch.testing.assert_close(ours.last_coef, whole.last_coef, rtol=1e-6, atol=0)  # (sums in another order)
-            torch.testing.assert_close(mine[0].grad, ref[rank].grad)
-            clipped.append(bool(ours.last_clipped))
-        assert clipped == [i == 5 for i in range(7)]
-        means = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(means, ours.mean)
-        assert len({m.item() for m in means}) == 1, means  # the same statistics on every rank
-        torch.testing.assert_close(ours.mean, whole.mean, rtol=1e-6, atol=0)
+    for other, max_grad_norm in ((torch.bfloat16, None), (torch.float64, 5.0)):
+        for backend in backends():
+            # the whole as the shards' sums take a bfloat16 norm: accumulated exactly (fused), or in bfloat16 (torch)
+            settings = {"warmup_steps": 3, "max_grad_norm": max_grad_norm}
+            whole = fastclip.ZClip(**settings, backend="torch" if backend == "torch" else "cpu")
+            ours = fastclip.ZClip(**settings, backend=backend, process_group=dist.group.WORLD)
+            clipped = []
+            for step in range(7):
+                g = torch.Generator().manual_seed(100 + step)
+                scale = 40.0 if step == 5 else 1.0
+                full = [torch.randn(50, generator=g) * scale, (torch.randn(50, generator=g) * scale).to(other)]
+                ref = params_with(full)
+                want = whole.step(ref)
+                mine = params_with([full[rank]])
+                got = ours.step(mine)
+                assert got.dtype == full[rank].dtype
+                assert_close(got, want)
+                coefs = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+                dist.all_gather(coefs, ours.last_coef.to(torch.float64))
+                assert len({c.item() for c in coefs}) == 1, (step, coefs)  # one coefficient on every rank
+                torch.testing.assert_close(ours.last_coef, whole.last_coef, rtol=1e-6, atol=0)  # (sums in another order)
+                if rank == 0:  # torch multiplies float32 grads by a coefficient taken in float32
+                    torch.testing.assert_close(mine[0].grad, full[0] * ours.last_coef.float(), rtol=0, atol=0)
+                torch.testing.assert_close(mine[0].grad, ref[rank].grad)
+                clipped.append(bool(ours.last_clipped))
+            # (max_grad_norm 5 is below every norm: every step clips, warm-up included)
+            assert clipped == ([True] * 7 if max_grad_norm else [i == 5 for i in range(7)])
+            means = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(means, ours.mean)
+            assert len({m.item() for m in means}) == 1, means  # the same statistics on every rank
+            torch.testing.assert_close(ours.mean, whole.mean, rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------- driver

@@ -328,6 +328,7 @@ def test_with_an_unwritable_grad_torchs_argument_errors_come_first(backend):
     cases = [  # (function name, arguments after the parameters, skip the plain grad)
         ("clip_grads_with_norm_", ("abc", torch.tensor(5.0)), False),
         ("clip_grads_with_norm_", (1.0, 5.0), False),  # a float total: torch's TypeError
+        ("clip_grads_with_norm_", (1.0, torch.tensor([10.0, 20.0])), False),  # its multiply's error
         ("clip_grad_value_", (1e39,), False),  # the plain grad comes first: the overflow
         ("clip_grad_value_", (1e39,), True),  # the unwritable one alone: its own error
     ]

@@ -1,6 +1,9 @@
 """Every entry point runs without autograd, as torch's clip functions do: a
 max_norm, bound or total_norm tensor that requires grad changes nothing (no
-graph on the grads, no refusal to write a leaf), on every backend."""
+graph on the grads, no refusal to write a leaf), on every backend; and every
+torch op an entry point runs on the grads runs with grad mode off.  (For
+clip_grad_norm_ and clip_grads_with_norm_ torch's own functions, which
+fastclip's torch paths call, turn it off too.)"""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ def _needing_grad(value) -> torch.Tensor:
 CALLS = {
     "clip_grad_norm_": lambda ps, b, t: fastclip.clip_grad_norm_(ps, t(1.0), backend=b),
     "clip_grads_with_norm_": lambda ps, b, t: fastclip.clip_grads_with_norm_(ps, 1.0, t(5.0), backend=b),
+    "get_total_norm of the parameters": lambda ps, b, t: fastclip.get_total_norm(ps, backend=b),
     "clip_grad_norm_per_tensor_": lambda ps, b, t: fastclip.clip_grad_norm_per_tensor_(
         ps, t([0.5, 1.0, 2.0]), backend=b
     ),
@@ -43,7 +47,6 @@ CALLS = {
         [ps[:1], ps[1:]], t([0.5, 1.0]), backend=b
     ),
     "clip_grad_range_": lambda ps, b, t: fastclip.clip_grad_range_(ps, t(-1.0), t(0.5), backend=b),
-    "get_total_norm": lambda ps, b, t: fastclip.get_total_norm([p.grad for p in ps], backend=b),
 }
 
 
@@ -75,3 +78,36 @@ def test_grads_that_require_grad_are_written_without_a_graph(backend, seed):
     for p, q in zip(params, plain):
         assert p.grad.grad_fn is None
         torch.testing.assert_close(p.grad.detach(), q.grad.detach())
+
+
+class _Recording(torch.Tensor):
+    """A grad that records the grad mode of every torch op run on it (such
+    grads take the plain-torch paths, the ones autograd could see)."""
+
+    modes: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.modes.append(torch.is_grad_enabled())
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+ENTRY_POINTS = {
+    "clip_grad_norm_per_tensor_": lambda ps: fastclip.clip_grad_norm_per_tensor_(ps, 0.5),
+    "clip_grad_norm_groups_": lambda ps: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], 0.5),
+    "clip_grad_range_": lambda ps: fastclip.clip_grad_range_(ps, -0.1, 0.1),
+    "adaptive_clip_grad_": lambda ps: fastclip.adaptive_clip_grad_(ps, 0.01),
+    "grad_stats": lambda ps: fastclip.grad_stats(ps),
+    "ZClip.step": lambda ps: fastclip.ZClip(warmup_steps=1).step(ps),
+    "QuantileClip.step": lambda ps: fastclip.QuantileClip(ps).step(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_every_op_of_an_entry_point_runs_with_grad_mode_off(name, seed):
+    params = _params(False, seed)
+    for p in params:
+        p.grad = p.grad.as_subclass(_Recording)
+    _Recording.modes = []
+    ENTRY_POINTS[name](params)
+    assert _Recording.modes and not any(_Recording.modes)

@@ -42,6 +42,7 @@ class WholeNorm:
         self.name = name
         self.process_group = process_group
         self.agreed = None  # with process_group=: the norm as every rank rounds it (float64)
+        self.coef = None  # with process_group=, after clip(): the coefficient it used (the same on every rank)
         self.grads, self.fused, self.work = gather(params, name, process_group)
 
     @property
@@ -56,7 +57,7 @@ class WholeNorm:
             return self.fused.norm(self.work, L2)
         if self.process_group is not None:
             sharded = _distributed.total_norm(self.grads, 2.0, False, None, self.name, self.process_group)
-            self.agreed = sharded.agreed
+            self.agreed = sharded.agreed()
             return sharded.total
         total = _api.get_total_norm(self.grads, 2.0, backend=self.name)
         return _distributed.full_value(total)
@@ -67,7 +68,7 @@ class WholeNorm:
             return self.fused.clip_norm(self.work, L2, float(max_norm), False)[0]
         if self.process_group is not None:
             sharded = _api.clip_sharded(self.grads, max_norm, 2.0, False, None, self.name, self.process_group)
-            self.agreed = sharded.agreed
+            self.agreed, self.coef = sharded.agreed(), sharded.coefficient(float(max_norm), for_this_rank=False)
             return sharded.total
         total = _api.clip_grad_norm_(_ops.holders(self.grads), max_norm, backend=self.name)
         return _distributed.full_value(total)

@@ -242,7 +242,12 @@ class ZClip:
         if done:
             self._initialize(self._record[: self._steps])
         ones = torch.ones_like(norm)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).to(F64) if max_norm is not None else ones
+        if max_norm is None:
+            coef = ones
+        elif whole.coef is not None:  # process_group=: the coefficient every rank clipped with
+            coef = whole.coef.to(F64)
+        else:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).to(F64)
         self.last_norm, self.last_coef, self.last_clipped = total, coef, coef < 1.0
         return total
 
