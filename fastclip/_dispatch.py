@@ -14,7 +14,7 @@ import os
 import warnings
 
 from ._errors import BackendError
-from ._work import GradList
+from ._work import NOT_TENSORS, GradList
 from .backends import torch_ref
 from .backends.base import FusedBackend
 from .backends.cpu import CpuBackend
@@ -58,6 +58,8 @@ def select(name: str, grads: GradList | None, why_not_fused: str) -> FusedBacken
     if not backend.available:
         raise BackendError(f"fastclip backend {name!r} is not available: {backend.status()['reason']}")
     if grads is None:
+        if why_not_fused == NOT_TENSORS:  # not a backend's limit: torch raises its own error for them
+            return None
         raise BackendError(f"fastclip backend {name!r} cannot serve {why_not_fused}; use backend='auto' or 'torch'")
     if not backend.serves(grads):
         raise BackendError(

@@ -28,6 +28,7 @@ _dtype_of = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _device_of = attrgetter("device")
 _PLAIN_TENSORS = {torch.Tensor, torch.nn.Parameter}  # (a Parameter adds no behaviour to its data)
+NOT_TENSORS = "items that are not tensors"  # (torch raises its own error for them, whatever the backend)
 _CPU = torch.device("cpu")
 
 
@@ -134,6 +135,8 @@ def _dtypes_of_mask(mask: int) -> frozenset:
 def describe(grads: list, sign_matters: bool = False) -> tuple[GradList | None, str]:
     """Return (GradList, "") or (None, why the fused backends cannot take these grads)."""
     types = set(map(type, grads))
+    if not all(issubclass(t, torch.Tensor) for t in types):
+        return None, NOT_TENSORS
     if not types or not types <= _PLAIN_TENSORS:
         return None, "grads that are not plain torch.Tensor (tensor subclasses such as DTensor)"
     dtypes = list(map(_dtype_of, grads))

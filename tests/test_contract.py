@@ -740,3 +740,11 @@ def test_get_total_norm_of_the_parameters_themselves(backend, seed):
     want = torch.nn.utils.get_total_norm(params)
     check_total_norm(total, want, [p.detach() for p in params], 2.0, backend)
     assert type(total) is torch.Tensor and not total.requires_grad
+
+
+def test_get_total_norm_of_items_that_are_not_tensors_raises_torchs_error(backend):
+    """Not a backend's limit: every backend gives torch's own error (a named one too)."""
+    for items in ([torch.ones(3), (1.0, 2.0)], [torch.ones(3), None], [[1.0, 2.0]]):
+        assert_same_outcome(
+            outcome(fastclip.get_total_norm, items, backend=backend), outcome(torch.nn.utils.get_total_norm, items)
+        )
