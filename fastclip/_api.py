@@ -125,7 +125,7 @@ def clip_grad_norm_(
     grads, work, why = _gather(name, parameters, True)
     if process_group is not None or _has_dtensor(grads, work):
         grads = grads if grads is not None else [p.grad for p in parameters if p.grad is not None]
-        return _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work)
+        return clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work).total
     plan = _norm_plan(name, grads, work, why, norm_type)
     if plan is not None:
         fused, work, kind = plan
@@ -152,10 +152,6 @@ def clip_grad_norm_(
     if aborted:
         raise RuntimeError(nonfinite_message(float(norm_type)))
     return total
-
-
-def _clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):
-    return clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work).total
 
 
 def clip_sharded(grads, max_norm, norm_type, error_if_nonfinite, foreach, name, process_group, work=None):

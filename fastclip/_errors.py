@@ -68,14 +68,11 @@ def check_clamp_like_torch(grads, clip_value: float) -> None:
     the grads before it by then)."""
     if not grads:
         return
-    limit_ok = clip_value != clip_value or abs(clip_value) == float("inf")
     groups = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([list(grads)])
     for (_device, dtype), ([tensors], _) in groups.items():
-        limit = _CLAMP_LIMITS.get(dtype)
         for t in tensors:
             check_writable([t])
-            if not limit_ok and limit is not None and abs(clip_value) > limit[0]:
-                raise RuntimeError(f"value cannot be converted to type {limit[1]} without overflow")
+            check_clip_value(clip_value, [t], (dtype,))
 
 
 def check_clamp_bounds(bounds, tensors, dtypes=None) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .. import _dispatch
 from .._ext import cpu as _ext
-from .._work import GradList, as_list, collect
+from .._work import GradList, as_list, collect, promoted_dtype
 from ..backends.base import Coefficient, FusedBackend, SegmentCall, SegmentOutputs
 
 F64 = torch.float64
@@ -144,10 +144,7 @@ def narrow_segments(dtypes) -> dict:
 
 def group_dtype(grads):
     """The dtype torch's norm of these grads comes back in (None: no grads)."""
-    dtype = None
-    for g in grads:
-        dtype = g.dtype if dtype is None else torch.promote_types(dtype, g.dtype)
-    return dtype
+    return promoted_dtype(g.dtype for g in grads) if grads else None
 
 
 def any_nonfinite(norms: torch.Tensor, narrow: dict | None = None) -> bool:

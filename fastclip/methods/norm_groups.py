@@ -144,19 +144,22 @@ def _check_grads_disjoint(grads, group_of, names) -> None:
             device, end, group = dev, stop, k
 
 
+def _by_group(grads, group_of, count) -> list:
+    """Each group's grads, in order."""
+    by_group = [[] for _ in range(count)]
+    for g, k in zip(grads, group_of):
+        by_group[k].append(g)
+    return by_group
+
+
 def _narrow(grads, group_of, count) -> dict:
     """The groups whose norm torch computes in float16 / bfloat16 (seg.narrow_segments)."""
-    members = [[] for _ in range(count)]
-    for g, k in zip(grads, group_of):
-        members[k].append(g)
-    return seg.narrow_segments([seg.group_dtype(m) for m in members])
+    return seg.narrow_segments([seg.group_dtype(m) for m in _by_group(grads, group_of, count)])
 
 
 def _torch_path(members, grads, group_of, single, many, norm_type, error_if_nonfinite, dtype) -> torch.Tensor:
     """torch's clip_grad_norm_ on each group, its errors raised before any grad is touched."""
-    by_group = [[] for _ in members]
-    for g, k in zip(grads, group_of):
-        by_group[k].append(g)
+    by_group = _by_group(grads, group_of, len(members))
     norms = [torch_ref.get_total_norm(gs, norm_type) for gs in by_group]
     if error_if_nonfinite and not all(bool(torch.isfinite(n)) for n in norms):
         raise RuntimeError(nonfinite_message(norm_type))
