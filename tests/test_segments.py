@@ -254,6 +254,36 @@ def test_results_do_not_depend_on_the_thread_count(seed):
     torch.testing.assert_close(results[0][0][:40], want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("isa", cpu.available_isas() if cpu is not None else [])
+def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, seed):
+    """AGC's rows: the grad row and the weight row are summed in one loop
+    (fp32, fp64), or one after the other (fp16, bf16).  Either way each
+    row's sums are the bits the kernel gives for it alone, across the length
+    from which a run is walked as four streams (16 KB) and rows longer than
+    half a work unit (read unit by unit, not packed)."""
+    old = cpu.isa()
+    cpu.select_isa(isa)
+    try:
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for rows, length in ((40, 3), (9, 17), (30, 300), (3, 2047), (2, 2049), (3, 4100), (2, 9000), (2, 20_000)):
+                g = (torch.randn(rows, length, dtype=torch.float64) * 0.01).to(dtype)
+                w = torch.randn(rows, length, dtype=torch.float64).to(dtype)
+                for kind in (1, 2, 3):
+                    p, pw = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+                    cpu.segments(table_of([g], [0], [length], rows, [w]), kind, 1, 1,
+                                 powers=p.data_ptr(), weight_powers=pw.data_ptr())  # fmt: skip
+                    for t, got in ((g, p), (w, pw)):
+                        alone = torch.zeros(rows, dtype=torch.float64)
+                        cpu.segments(table_of([t], [0], [length], rows), kind, 1, 1, powers=alone.data_ptr())
+                        assert_bitwise_equal(got, alone)
+                        x = t.double().abs()
+                        want = {1: x.sum(1), 2: x.square().sum(1), 3: x.amax(1)}[kind]
+                        rel = 1e-12 if dtype in (torch.float32, torch.float64) else 1e-5
+                        torch.testing.assert_close(got, want, rtol=rel, atol=0)
+    finally:
+        cpu.select_isa(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_agc_in_one_call_equals_its_three_steps(dtype, seed):
     """The CPU clips AGC's rows as it reads them where a work unit holds them

@@ -25,6 +25,10 @@ using CountFn = int64_t (*)(const void* data, int64_t n, int64_t stride);
 // The same over `rows` consecutive dense runs of `len` elements (AGC's small
 // dim-0 slices), one value per row into out[]: per-call costs paid once.
 using ReduceRowsFn = void (*)(const void* data, int64_t rows, int64_t len, double* out);
+// AGC: grads and weights of one dtype, each row of both in one loop, the bits of two
+// ReduceRowsFn calls (null for the dtypes and norms that make those two calls).
+using ReduceRowPairsFn = void (*)(const void* grads, const void* weights, int64_t rows, int64_t len, double* gout,
+                                  double* wout);
 // Row r times coefs[r], skipping rows whose coefficient is exactly 1.
 using ScaleRowsFn = void (*)(void* data, int64_t rows, int64_t len, const double* coefs);
 // x = x * coef, computed in the grad's opmath type (float, or double for fp64).
@@ -42,6 +46,7 @@ struct RowKernels {
   StatsFn stats[3][kNumDTypes];
   CountFn count_nonfinite[kNumDTypes];  // elements that are inf or NaN
   ReduceRowsFn reduce_rows[3][kNumDTypes];
+  ReduceRowPairsFn reduce_row_pairs[3][kNumDTypes] = {};
   ScaleRowsFn scale_rows[kNumDTypes];
   ScaleFn scale[kNumDTypes];
   ClampFn clamp[kNumDTypes];

@@ -184,10 +184,18 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
       const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
       const int64_t es = element_size(t.dtype);
       double* g = &grad[static_cast<size_t>(unit.partial)];
-      k.reduce_rows[ki][d](t.data + unit.begin * es, unit.pieces, unit.piece, g);
-      if (weights) {
+      const char* gdata = t.data + unit.begin * es;
+      if (!weights) {
+        k.reduce_rows[ki][d](gdata, unit.pieces, unit.piece, g);
+      } else {
         double* w = &weight[static_cast<size_t>(unit.partial)];
-        k.reduce_rows[ki][wd](t.weight + unit.begin * element_size(t.weight_dtype), unit.pieces, unit.piece, w);
+        const char* wdata = t.weight + unit.begin * element_size(t.weight_dtype);
+        if (d == wd && k.reduce_row_pairs[ki][d] != nullptr) {  // each grad row with its weight row
+          k.reduce_row_pairs[ki][d](gdata, wdata, unit.pieces, unit.piece, g, w);
+        } else {
+          k.reduce_rows[ki][d](gdata, unit.pieces, unit.piece, g);
+          k.reduce_rows[ki][wd](wdata, unit.pieces, unit.piece, w);
+        }
         if (agc != nullptr) {  // each row is its own segment: its coefficient is known now
           for (int32_t r = 0; r < unit.pieces; ++r) {
             const double coef = segment_coefficient(kAgc, kind, segment_is_wide(unit.segment + r), g[r], w[r], 0.0,
@@ -201,7 +209,19 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
       return;
     }
     int64_t slot = unit.partial;
+    const int d = static_cast<int>(t.dtype);
+    // AGC's long rows, dense: the grad run and its weight run in one loop
+    const ReduceRowPairsFn pair = weights && !counting && t.strided == nullptr && t.weight_dtype == t.dtype
+                                      ? k.reduce_row_pairs[ki][d]
+                                      : nullptr;
     for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
+      if (pair != nullptr) {
+        const int64_t es = element_size(t.dtype);  // (one value: the bits the fold below would give)
+        pair(t.data + begin * es, t.weight + begin * es, 1, end - begin, &grad[static_cast<size_t>(slot)],
+             &weight[static_cast<size_t>(slot)]);
+        ++slot;
+        return;
+      }
       Fold fold(kind);
       for_each_run(Unit{unit.tensor, 1, begin, end, 0, end - begin, 0},
                    [&](const TensorSpec& rt, char* p, int64_t m, int64_t s) {
