@@ -163,6 +163,19 @@ def test_no_grads_gives_a_zero_norm(backend):
     assert float(clip.step([p])) == 0.0 == zclip.ZClip(warmup_steps=1).step(torch.nn.ParameterList([p]))
 
 
+def test_a_module_without_parameters_is_a_step_without_grads(backend):
+    """Deliberate difference: zclip's next(model.parameters()) raises a bare
+    StopIteration; fastclip's step is that of a model whose parameters have
+    no grads (norm 0, nothing clipped), which is also what it does for an
+    empty list."""
+    with pytest.raises(StopIteration):
+        zclip.ZClip(warmup_steps=1).step(torch.nn.ReLU())
+    for empty in (torch.nn.ReLU(), []):
+        clip = fastclip.ZClip(warmup_steps=1, backend=backend)
+        assert float(clip.step(empty)) == 0.0
+        assert not bool(clip.last_clipped)
+
+
 def test_arguments_checked_like_zclip():
     for kwargs in ({"mode": "other"}, {"clip_option": "max"}, {"mode": "ZSCORE", "clip_option": "Mean"}):
         theirs = ours = None
