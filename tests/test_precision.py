@@ -100,6 +100,16 @@ def test_fp32_sum_of_squares_beyond_range_still_clips(fused):
     assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
 
 
+def test_fp32_total_beyond_float32s_range_zeroes_as_torch(fused):
+    # the float64 sum is finite, but the total the coefficient takes is float32: inf, as torch's
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.full((2,), 3e38), torch.full((2,), 3e38)
+    total = fastclip.clip_grad_norm_([p], 1.0, backend=fused)
+    ref_total = torch.nn.utils.clip_grad_norm_([q], 1.0)
+    assert total.item() == ref_total.item() == math.inf
+    assert torch.equal(p.grad, q.grad) and torch.all(p.grad == 0)
+
+
 @pytest.mark.parametrize("scale", [1e20, 3e-20, 1e-22, 1e-25, 0.0])
 @pytest.mark.parametrize("norm_type", [1, 2])
 def test_bf16_sums_beyond_float32s_range_on_the_cpu(scale, norm_type, seed):

@@ -325,8 +325,10 @@ def test_a_zero_divisor_continues_where_zclip_raises(seed):
     to wait), so it continues with IEEE results there: here a constant norm
     (README: a deliberate difference).  eps=0: a NaN z-score, no spike, the
     statistics stay; then a norm above the mean: an infinite z-score, clipped
-    to the mean.  z_thresh=-1: a NaN threshold, nothing clipped, and the
-    statistics NaN for good."""
+    to the mean.  z_thresh=-1: a NaN threshold (0 / -0: zero variance),
+    nothing clipped, and the statistics NaN for good; with a variance, a
+    threshold of +inf (-σ / -0), nothing clipped, the mean +inf and the
+    variance NaN for good."""
     for settings in ({"eps": 0.0, "warmup_steps": 2}, {"z_thresh": -1.0, "warmup_steps": 2}):
         ref, ours = zclip.ZClip(**settings), fastclip.ZClip(**settings)
         p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
@@ -349,6 +351,18 @@ def test_a_zero_divisor_continues_where_zclip_raises(seed):
             assert math.isclose(q.grad.norm().item(), mean, rel_tol=1e-5)
         else:
             assert math.isnan(mean) and math.isnan(float(ours.var))
+    ref, ours = (z(z_thresh=-1.0, warmup_steps=2, max_grad_norm=None) for z in (zclip.ZClip, fastclip.ZClip))
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    for norm in (1.0, 3.0):  # warm-up: mean 2, variance 1
+        p.grad, q.grad = torch.tensor([norm]), torch.tensor([norm])
+        ref.step(torch.nn.ParameterList([p]))
+        ours.step([q])
+    p.grad, q.grad = torch.tensor([2.0]), torch.tensor([2.0])  # at the mean: z = 0 > z_thresh, a spike
+    with pytest.raises(ZeroDivisionError):
+        ref.step(torch.nn.ParameterList([p]))
+    ours.step([q])
+    assert torch.equal(q.grad, torch.tensor([2.0])) and not bool(ours.last_clipped)
+    assert float(ours.mean) == math.inf and math.isnan(float(ours.var))
 
 
 @pytest.mark.parametrize("warmup_steps", [None, "3"])
