@@ -257,7 +257,7 @@ def test_results_do_not_depend_on_the_thread_count(seed):
 @pytest.mark.parametrize("isa", cpu.available_isas() if cpu is not None else [])
 def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, seed):
     """AGC's rows: the grad row and the weight row are summed in one loop
-    (fp32, fp64), or one after the other (fp16, bf16).  Either way each
+    (L1, L2), or one after the other (inf).  Either way each
     row's sums are the bits the kernel gives for it alone, across the length
     from which a run is walked as four streams (16 KB) and rows longer than
     half a work unit (read unit by unit, not packed)."""

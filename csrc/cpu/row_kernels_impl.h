@@ -300,11 +300,14 @@ static inline void two_sum_add(vd& sum, vd& error, const vd& x) {
 // elements, finish() the elements left over, and gives the sum.
 template <int P, bool kCompensated, class T, class Load>
 struct Sum16 {
+  using Element = T;
+  static constexpr int kBlock = 16;  // elements a step takes
   static constexpr int kVecs = 16 / D;
   vd acc[kVecs] = {}, err[kVecs] = {};
+  Load load;
 
   template <class Counts>
-  [[gnu::always_inline]] inline void step(const T* q, const Load& load, Counts& counts) {
+  [[gnu::always_inline]] inline void step(const T* q, Counts& counts) {
     if constexpr (!std::is_same<Counts, NoCounts>::value) {
       // counted as stored (fp32: 8 lanes a vector, not 4 as doubles)
       using VT = typename std::conditional<sizeof(T) == 4, vf, vd>::type;
@@ -361,22 +364,23 @@ struct Sum16 {
 };
 
 template <int P, bool kCompensated, class T, class Load, class Counts>
-static double sum16(const T* p, int64_t n, int64_t stride, Load load, Counts& counts) {
+static double sum16(const T* p, int64_t n, int64_t stride, Counts& counts) {
   Sum16<P, kCompensated, T, Load> sum;
-  const int64_t i = stride == 1 ? for_blocks<16>(p, n, [&](const T* q) { sum.step(q, load, counts); }) : 0;
+  const int64_t i = stride == 1 ? for_blocks<16>(p, n, [&](const T* q) { sum.step(q, counts); }) : 0;
   return sum.finish(p, i, n, stride, counts);
 }
 
 // Two dense runs of n elements (AGC's grad row and weight row) in lockstep:
-// two streams in flight, each summed with sum16's blocks, order and
-// arithmetic (the same bits as two sum16 calls).
-template <int P, bool kCompensated, class T, class Load>
-static void sum16_pair(const T* a, const T* b, int64_t n, Load load, double* out_a, double* out_b) {
-  Sum16<P, kCompensated, T, Load> sa, sb;
+// two streams in flight, each summed by its own accumulator (Sum16 or
+// SumH16) with the blocks, order and arithmetic of a run read alone.
+template <class Acc>
+static void sum_pair(const typename Acc::Element* a, const typename Acc::Element* b, int64_t n, double* out_a,
+                     double* out_b) {
+  Acc sa, sb;
   NoCounts none;
-  const int64_t i = for_blocks<16>(a, n, [&](const T* q) {
-    sa.step(q, load, none);
-    sb.step(b + (q - a), load, none);
+  const int64_t i = for_blocks<Acc::kBlock>(a, n, [&](const typename Acc::Element* q) {
+    sa.step(q, none);
+    sb.step(b + (q - a), none);
   });
   *out_a = sa.finish(a, i, n, 1, none);
   *out_b = sb.finish(b, i, n, 1, none);
@@ -392,12 +396,12 @@ struct LoadF64 {
 
 template <int P, class Counts>
 static double sum_f32(const void* data, int64_t n, int64_t stride, Counts& counts) {
-  return sum16<P, false>(static_cast<const float*>(data), n, stride, LoadF32{}, counts);
+  return sum16<P, false, float, LoadF32>(static_cast<const float*>(data), n, stride, counts);
 }
 
 template <int P, class Counts>
 static double sum_f64(const void* data, int64_t n, int64_t stride, Counts& counts) {
-  return sum16<P, true>(static_cast<const double*>(data), n, stride, LoadF64{}, counts);
+  return sum16<P, true, double, LoadF64>(static_cast<const double*>(data), n, stride, counts);
 }
 
 // bfloat16 has float32's exponent range, so float32 blocks cannot hold all of
@@ -432,24 +436,17 @@ static double sum_bf16_wide(const uint16_t* p, int64_t n) {
 // loop) sum 8 blocks of 32 elements (8 terms each, in for_blocks order); then they are
 // folded into 8 logical double accumulators, so the float rounding never
 // builds up over long runs.
-template <int P, bool BF16, class Counts>
-static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& counts) {
+template <int P, bool BF16>
+struct SumH16 {
   using H = Half16<BF16>;
-  const uint16_t* p = static_cast<const uint16_t*>(data);
-  if (stride != 1) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      const double x = H::to_float(p[i * stride]);
-      counts.add1(x);
-      s += term1<P>(x);
-    }
-    return s;
-  }
-  constexpr int kVecs = 32 / L;  // float accumulators
+  using Element = uint16_t;
+  static constexpr int kBlock = 32;  // elements a step takes
+  static constexpr int kVecs = 32 / L;  // float accumulators
   vd dacc[8 / D] = {};
   vf acc[kVecs] = {};
   int steps = 0;  // blocks of 32 summed into acc since the last fold
-  auto fold = [&] {
+
+  [[gnu::always_inline]] inline void fold() {
     // logical lane j of the block: (acc j + acc 8+j) + (acc 16+j + acc 24+j)
     for (int h = 0; h < 8 / L; ++h) {
       const vf block = (acc[h] + acc[h + 8 / L]) + (acc[h + 16 / L] + acc[h + 24 / L]);
@@ -457,8 +454,10 @@ static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& count
     }
     for (vf& a : acc) a = vf{};
     steps = 0;
-  };
-  int64_t i = for_blocks<32>(p, n, [&](const uint16_t* q) {
+  }
+
+  template <class Counts>
+  [[gnu::always_inline]] inline void step(const uint16_t* q, Counts& counts) {
     if constexpr (BF16) {
       // A 32-bit word holds two bf16 elements (little-endian): a shift gives
       // the even one as a float, a mask the odd one, with no widening.
@@ -482,21 +481,45 @@ static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& count
       }
     }
     if (++steps == 8) fold();
-  });
-  if (steps > 0) fold();
-  double lanes[8];
-  for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
-  double tail = 0.0;
-  for (; i < n; ++i) {
-    const double x = H::to_float(p[i]);
-    counts.add1(x);
-    tail += term1<P>(x);
   }
-  const double r = combine8(lanes) + tail;
-  if constexpr (BF16) {
-    if (bf16_float_sum_lost_range<P>(r, p, n)) return sum_bf16_wide<P>(p, n);
+
+  // Elements i.. of the dense run p[0, n), then the fixed combination (and
+  // bf16's sum again in double where float32 lost its range).
+  template <class Counts>
+  double finish(const uint16_t* p, int64_t i, int64_t n, int64_t, Counts& counts) {
+    if (steps > 0) fold();
+    double lanes[8];
+    for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
+    double tail = 0.0;
+    for (; i < n; ++i) {
+      const double x = H::to_float(p[i]);
+      counts.add1(x);
+      tail += term1<P>(x);
+    }
+    const double r = combine8(lanes) + tail;
+    if constexpr (BF16) {
+      if (bf16_float_sum_lost_range<P>(r, p, n)) return sum_bf16_wide<P>(p, n);
+    }
+    return r;
   }
-  return r;
+};
+
+template <int P, bool BF16, class Counts>
+static double sum_h16(const void* data, int64_t n, int64_t stride, Counts& counts) {
+  using H = Half16<BF16>;
+  const uint16_t* p = static_cast<const uint16_t*>(data);
+  if (stride != 1) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = H::to_float(p[i * stride]);
+      counts.add1(x);
+      s += term1<P>(x);
+    }
+    return s;
+  }
+  SumH16<P, BF16> sum;
+  const int64_t i = for_blocks<32>(p, n, [&](const uint16_t* q) { sum.step(q, counts); });
+  return sum.finish(p, i, n, 1, counts);
 }
 
 // max |x| over a run, NaN propagating (max is exact, so no order to fix).
@@ -621,18 +644,18 @@ static void reduce_rows(const void* data, int64_t rows, int64_t len, double* out
   for (int64_t r = 0; r < rows; ++r) out[r] = F(p + r * len * ES, len, 1, none);
 }
 
-// AGC's grads and weights of one dtype (fp32, fp64; L1 and L2): row r of
-// both in one loop, with the bits of reduce_rows.  Two streams in flight:
-// AGC over ResNet-50's fp32 grads 6-7% faster than reading a unit's grad
-// rows, then its weight rows (8.2-9.0 -> 7.7-8.5 ms; GPT-2 small 3%, on the
-// 2-core EPYC measured).
-template <int P, bool kCompensated, class T, class Load>
+// AGC's grads and weights of one dtype (L1 and L2 of every dtype): row r
+// of both in one loop, with the bits of reduce_rows.  Two streams in
+// flight: AGC over ResNet-50's fp32 grads 6-7% faster than reading a unit's
+// grad rows, then its weight rows (8.2-9.0 -> 7.7-8.5 ms; GPT-2 small 3%;
+// bf16 ResNet-50 4.15-4.26 -> 4.06-4.09 ms, on the 2-core EPYC measured).
+template <class Acc>
 static void reduce_row_pairs(const void* grads, const void* weights, int64_t rows, int64_t len, double* gout,
                              double* wout) {
+  using T = typename Acc::Element;
   const T* g = static_cast<const T*>(grads);
   const T* w = static_cast<const T*>(weights);
-  for (int64_t r = 0; r < rows; ++r)
-    sum16_pair<P, kCompensated>(g + r * len, w + r * len, len, Load{}, gout + r, wout + r);
+  for (int64_t r = 0; r < rows; ++r) sum_pair<Acc>(g + r * len, w + r * len, len, gout + r, wout + r);
 }
 
 template <void (*F)(void*, int64_t, int64_t, double), int ES>
@@ -850,10 +873,14 @@ static RowKernels make_table(const char* isa) {
   t.reduce_rows[l1][bf16] = reduce_rows<sum_h16<1, true, NoCounts>, 2>;
   t.reduce_rows[l2][bf16] = reduce_rows<sum_h16<2, true, NoCounts>, 2>;
   t.reduce_rows[linf][bf16] = reduce_rows<max_h16<true, NoCounts>, 2>;
-  t.reduce_row_pairs[l1][f32] = reduce_row_pairs<1, false, float, LoadF32>;
-  t.reduce_row_pairs[l2][f32] = reduce_row_pairs<2, false, float, LoadF32>;
-  t.reduce_row_pairs[l1][f64] = reduce_row_pairs<1, true, double, LoadF64>;
-  t.reduce_row_pairs[l2][f64] = reduce_row_pairs<2, true, double, LoadF64>;
+  t.reduce_row_pairs[l1][f32] = reduce_row_pairs<Sum16<1, false, float, LoadF32>>;
+  t.reduce_row_pairs[l2][f32] = reduce_row_pairs<Sum16<2, false, float, LoadF32>>;
+  t.reduce_row_pairs[l1][f64] = reduce_row_pairs<Sum16<1, true, double, LoadF64>>;
+  t.reduce_row_pairs[l2][f64] = reduce_row_pairs<Sum16<2, true, double, LoadF64>>;
+  t.reduce_row_pairs[l1][f16] = reduce_row_pairs<SumH16<1, false>>;
+  t.reduce_row_pairs[l2][f16] = reduce_row_pairs<SumH16<2, false>>;
+  t.reduce_row_pairs[l1][bf16] = reduce_row_pairs<SumH16<1, true>>;
+  t.reduce_row_pairs[l2][bf16] = reduce_row_pairs<SumH16<2, true>>;
   t.scale_rows[f32] = scale_rows<scale_f32, 4>;
   t.scale_rows[f64] = scale_rows<scale_f64, 8>;
   t.scale_rows[f16] = scale_rows<scale_h16<false>, 2>;
