@@ -256,11 +256,11 @@ def test_results_do_not_depend_on_the_thread_count(seed):
 
 @pytest.mark.parametrize("isa", cpu.available_isas() if cpu is not None else [])
 def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, seed):
-    """AGC's rows: the grad row and the weight row are summed in one loop
-    (L1, L2), or one after the other (inf).  Either way each
-    row's sums are the bits the kernel gives for it alone, across the length
-    from which a run is walked as four streams (16 KB) and rows longer than
-    half a work unit (read unit by unit, not packed)."""
+    """AGC's rows: a grad row and its weight row of one dtype are read in one
+    loop, two streams in flight.  Each row's sum (or maximum) is the bits
+    the kernel gives for that row alone, across the length from which a run
+    is walked as four streams (16 KB) and for rows longer than half a work
+    unit (read unit by unit, not packed)."""
     old = cpu.isa()
     cpu.select_isa(isa)
     try:

@@ -26,7 +26,7 @@ using CountFn = int64_t (*)(const void* data, int64_t n, int64_t stride);
 // dim-0 slices), one value per row into out[]: per-call costs paid once.
 using ReduceRowsFn = void (*)(const void* data, int64_t rows, int64_t len, double* out);
 // AGC: grads and weights of one dtype, each row of both in one loop, the bits of two
-// ReduceRowsFn calls (null for the inf norm, which makes those two calls).
+// ReduceRowsFn calls (where an entry is null, those two calls are made).
 using ReduceRowPairsFn = void (*)(const void* grads, const void* weights, int64_t rows, int64_t len, double* gout,
                                   double* wout);
 // Row r times coefs[r], skipping rows whose coefficient is exactly 1.
