@@ -337,3 +337,33 @@ def test_two_launch_path_does_not_trust_the_counter(monkeypatch, seed):
     fastclip.clip_grad_norm_(clone_params(params), 1.0, backend="cuda")  # creates the workspace
     backend()._workspace(params[0].device).counter.fill_(12345)
     check_clip(params, 0.5, launches=2)
+
+
+@needs_backend
+@pytest.mark.skipif(DEVICE == "cuda", reason="relies on untouched host pages (the emulation on CPU tensors)")
+def test_kernels_beyond_2_to_the_31_elements_in_the_emulation(seed):
+    """The norm and clamp kernels over one bf16 grad of 2^31 + 40 005
+    elements: its last units start past element 2^31 (byte offsets past
+    2^32), so the kernels' own index arithmetic is run, not only the host's
+    copy of the search (test_locate_beyond_2_31_elements).  All but the tail
+    are untouched pages of a fresh allocation, zeros that take no memory;
+    the clamp stores only what it changes, so it writes the tail alone."""
+    n, k = 1 << 31, 40_005
+    grad = torch.empty(n + k, dtype=torch.bfloat16)  # (an mmap: zero pages until written)
+    g = torch.Generator().manual_seed(seed)
+    tail = (torch.randn(k, generator=g, dtype=torch.float64) * 0.5).to(torch.bfloat16)
+    grad[n:] = tail
+    total = fastclip.get_total_norm([grad], backend="cuda")
+    assert backend().last_launches == 1
+    exact = torch.linalg.vector_norm(tail.double()).item()
+    assert total.dtype == torch.bfloat16 and abs(total.item() - exact) <= 2**-8 * exact
+    fastclip.clip_grad_value_([_Holder(grad)], 0.25, backend="cuda")
+    assert torch.equal(grad[n:], tail.clamp(-0.25, 0.25))
+    assert grad[n - 1] == 0 and grad[:n].count_nonzero().item() == 0
+
+
+class _Holder:
+    """A parameter stand-in with a .grad (no 4 GB parameter beside the grad)."""
+
+    def __init__(self, grad):
+        self.grad = grad
