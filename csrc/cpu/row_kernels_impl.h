@@ -570,28 +570,25 @@ static double max_abs(const typename Acc::Element* p, int64_t n, int64_t stride,
   return acc.finish(p, i, n, stride, counts);
 }
 
+// A vector of elements as stored (fp64: LoadF64 above), 16-bit ones as floats;
+// one element as double.
 struct LoadVF32 {
   vf operator()(const float* q) const { return loadu<vf>(q); }
-};
-struct LoadVF64 {
-  vd operator()(const double* q) const { return loadu<vd>(q); }
 };
 template <bool BF16>
 struct LoadVH16 {
   vf operator()(const uint16_t* q) const { return Half16<BF16>::load(q); }
 };
-struct ValueF32 {
-  double operator()(float x) const { return static_cast<double>(x); }
-};
-struct ValueF64 {
-  double operator()(double x) const { return x; }
+struct AsDouble {
+  template <class T>
+  double operator()(T x) const { return static_cast<double>(x); }
 };
 template <bool BF16>
 struct ValueH16 {
   double operator()(uint16_t x) const { return static_cast<double>(Half16<BF16>::to_float(x)); }
 };
-using MaxF32 = MaxAbs<vf, vi, float, LoadVF32, ValueF32>;
-using MaxF64 = MaxAbs<vd, vl, double, LoadVF64, ValueF64>;
+using MaxF32 = MaxAbs<vf, vi, float, LoadVF32, AsDouble>;
+using MaxF64 = MaxAbs<vd, vl, double, LoadF64, AsDouble>;
 template <bool BF16>
 using MaxH16 = MaxAbs<vf, vi, uint16_t, LoadVH16<BF16>, ValueH16<BF16>>;
 
