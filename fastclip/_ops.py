@@ -8,7 +8,9 @@ dtype and device.  A compiled training step that clips therefore compiles
 with fullgraph=True, and at run time the op runs the same eager code as an
 uncompiled call, so results are the same bits.  What the fused path does not
 take (DTensor grads, norm types other than 1, 2, inf, a tensor max_norm) is
-left to torch's own clip_grad functions, which Dynamo traces.
+left to torch's own clip_grad functions, which Dynamo traces.  A number that
+Dynamo holds symbolically (a threshold that changed between calls) reaches
+an op in a host tensor (`carried`), so one graph serves every value.
 
 torch's four functions have an op each; the other methods share two generic
 ops, `fastclip::method_` (writes the grads) and `fastclip::method` (reads
@@ -65,8 +67,9 @@ def _backend(name: str):
 @custom_op("fastclip::clip_grad_norm_", mutates_args=("grads",))
 def _clip_grad_norm_op(
     grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool,
-    foreach: bool | None, backend: str,
+    foreach: bool | None, backend: str, carried: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    max_norm = _uncarried(carried, [max_norm])[0]
     return _eager("clip_grad_norm_")(holders(grads), max_norm, norm_type, error_if_nonfinite, foreach,
                                       backend=_backend(backend))  # fmt: skip
 
@@ -80,47 +83,94 @@ def _get_total_norm_op(
 
 @custom_op("fastclip::clip_grads_with_norm_", mutates_args=("grads",))
 def _clip_grads_with_norm_op(
-    grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None, backend: str
-) -> None:
+    grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None, backend: str,
+    carried: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    max_norm = _uncarried(carried, [max_norm])[0]
     _eager("clip_grads_with_norm_")(holders(grads), max_norm, total_norm, foreach, backend=_backend(backend))
 
 
 @custom_op("fastclip::clip_grad_value_", mutates_args=("grads",))
-def _clip_grad_value_op(grads: list[torch.Tensor], clip_value: float, foreach: bool | None, backend: str) -> None:
+def _clip_grad_value_op(
+    grads: list[torch.Tensor], clip_value: float, foreach: bool | None, backend: str,
+    carried: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    clip_value = _uncarried(carried, [clip_value])[0]
     _eager("clip_grad_value_")(holders(grads), clip_value, foreach, backend=_backend(backend))
 
 
 @custom_op("fastclip::method_", mutates_args=("grads",))
 def _method_op(
     name: str, grads: list[torch.Tensor], weights: list[torch.Tensor], numbers: list[float], ints: list[int],
-    values: torch.Tensor | None, backend: str,
+    values: torch.Tensor | None, backend: str, carried: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """A method that writes the grads (the registered eager code, by name): its
     one result (an empty tensor for methods that return nothing; functionalization
     takes no list of results from an op that mutates)."""
+    numbers = _uncarried(carried, numbers)
     return _eager(name)(grads, weights, numbers, ints, values, _backend(backend))[0]
 
 
 @custom_op("fastclip::method", mutates_args=())
-def _method_read_op(name: str, grads: list[torch.Tensor], numbers: list[float], backend: str) -> list[torch.Tensor]:
+def _method_read_op(
+    name: str, grads: list[torch.Tensor], numbers: list[float], backend: str, carried: torch.Tensor | None = None
+) -> list[torch.Tensor]:  # fmt: skip
     """A method that only reads the grads."""
-    return _eager(name)(grads, [], numbers, [], None, _backend(backend))
+    return _eager(name)(grads, [], _uncarried(carried, numbers), [], None, _backend(backend))
 
 
 @_method_op.register_fake
-def _(name, grads, weights, numbers, ints, values, backend):
+def _(name, grads, weights, numbers, ints, values, backend, carried=None):
     return _REGISTERED[name][1](grads, numbers, ints)[0]
 
 
 @_method_read_op.register_fake
-def _(name, grads, numbers, backend):
+def _(name, grads, numbers, backend, carried=None):
     return _REGISTERED[name][1](grads, numbers, [])
+
+
+# ---------------------------------------------------------------- numbers Dynamo holds symbolically
+
+
+def _symbolic(x) -> bool:
+    """Is `x` a number Dynamo traces symbolically?  A Python number argument
+    is a constant of the first graph; when a later call brings another value,
+    Dynamo compiles again with it symbolic (automatic dynamic), and there its
+    __class__ is neither float nor int.  An op's float argument would
+    specialise it back to a constant (one graph per value), so such numbers
+    travel in a tensor."""
+    plain = isinstance(x, (int, float)) and not isinstance(x, bool)
+    return plain and x.__class__ is not float and x.__class__ is not int
+
+
+def _carry(numbers) -> tuple[list[float], torch.Tensor | None]:
+    """The numbers for an op: (the floats, None) when Dynamo holds every one
+    as a constant; otherwise ([], all of them in a 1-D float64 tensor on the
+    host), which Dynamo keeps symbolic, so one graph serves every value.  The
+    op reads it back with .tolist(): exact, and no wait on a device."""
+    numbers = list(numbers)
+    if not any(_symbolic(x) for x in numbers):
+        return [float(x) for x in numbers], None
+    one = torch.ones((), dtype=torch.float64, device="cpu")
+    return [], torch.stack([one * x for x in numbers])
+
+
+def _carry_one(x) -> tuple[float, torch.Tensor | None]:
+    """One number for an op's float argument: (x, None), or (0.0, x carried)."""
+    numbers, carried = _carry([x])
+    return (numbers[0] if carried is None else 0.0), carried
+
+
+def _uncarried(carried: torch.Tensor | None, numbers: list[float]) -> list[float]:
+    """The numbers an op was given, from its `carried` tensor where there is one."""
+    return numbers if carried is None else carried.tolist()
 
 
 def method_(name: str, grads, weights=(), numbers=(), ints=(), values=None, backend=None) -> torch.Tensor:
     """Call the method `name` through the generic writing op (in traced code)."""
-    return torch.ops.fastclip.method_(name, list(grads), list(weights), [float(x) for x in numbers],
-                                      [int(i) for i in ints], values, backend or "")  # fmt: skip
+    numbers, carried = _carry(numbers)
+    return torch.ops.fastclip.method_(name, list(grads), list(weights), numbers, [int(i) for i in ints], values,
+                                      backend or "", carried)  # fmt: skip
 
 
 def nothing() -> list:
@@ -130,7 +180,8 @@ def nothing() -> list:
 
 def method(name: str, grads, numbers=(), backend=None) -> list:
     """Call the method `name` through the generic reading op (in traced code)."""
-    return torch.ops.fastclip.method(name, list(grads), [float(x) for x in numbers], backend or "")
+    numbers, carried = _carry(numbers)
+    return torch.ops.fastclip.method(name, list(grads), numbers, backend or "", carried)
 
 
 def plain(tensors) -> bool:
@@ -145,7 +196,7 @@ def _fake_total(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @_clip_grad_norm_op.register_fake
-def _(grads, max_norm, norm_type, error_if_nonfinite, foreach, backend):
+def _(grads, max_norm, norm_type, error_if_nonfinite, foreach, backend, carried=None):
     return _fake_total(grads)
 
 
@@ -155,12 +206,12 @@ def _(tensors, norm_type, error_if_nonfinite, foreach, backend):
 
 
 @_clip_grads_with_norm_op.register_fake
-def _(grads, max_norm, total_norm, foreach, backend):
+def _(grads, max_norm, total_norm, foreach, backend, carried=None):
     return None
 
 
 @_clip_grad_value_op.register_fake
-def _(grads, clip_value, foreach, backend):
+def _(grads, clip_value, foreach, backend, carried=None):
     return None
 
 
@@ -187,8 +238,9 @@ def _number(x) -> bool:
 def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in FUSED_NORM_KINDS:
+        max_norm, carried = _carry_one(max_norm)
         return torch.ops.fastclip.clip_grad_norm_(
-            grads, float(max_norm), float(norm_type), bool(error_if_nonfinite), foreach, backend or ""
+            grads, max_norm, float(norm_type), bool(error_if_nonfinite), foreach, backend or "", carried
         )
     return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
 
@@ -205,7 +257,8 @@ def get_total_norm(tensors, norm_type, error_if_nonfinite, foreach, backend):
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and type(total_norm) is torch.Tensor:
-        torch.ops.fastclip.clip_grads_with_norm_(grads, float(max_norm), total_norm, foreach, backend or "")
+        max_norm, carried = _carry_one(max_norm)
+        torch.ops.fastclip.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend or "", carried)
         return None
     return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
 
@@ -213,6 +266,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
 def clip_grad_value_(parameters, clip_value, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(clip_value):
-        torch.ops.fastclip.clip_grad_value_(grads, float(clip_value), foreach, backend or "")
+        clip_value, carried = _carry_one(clip_value)
+        torch.ops.fastclip.clip_grad_value_(grads, clip_value, foreach, backend or "", carried)
         return None
     return torch_ref.clip_grad_value_(parameters, clip_value, foreach)

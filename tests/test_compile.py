@@ -74,6 +74,38 @@ def test_every_function_in_one_graph():
     assert_grads_bitwise_equal(params, eager)
 
 
+CHANGING_NUMBER = {
+    "clip_grad_norm_": lambda ps, x: fastclip.clip_grad_norm_(ps, x),
+    "clip_grads_with_norm_": lambda ps, x: fastclip.clip_grads_with_norm_(ps, x, torch.tensor(3.0)),
+    "clip_grad_value_": lambda ps, x: fastclip.clip_grad_value_(ps, x),
+}
+
+
+@pytest.mark.parametrize("kind", [float, int])
+@pytest.mark.parametrize("name", list(CHANGING_NUMBER))
+def test_a_number_that_changes_between_calls_compiles_twice(name, kind, seed):
+    """A Python max_norm (clip_value) is a constant of the first graph; the
+    next value compiles once more with it symbolic (Dynamo's automatic
+    dynamic), carried to the op in a host tensor, and that graph serves every
+    later value: ten values, floats or ints, with fullgraph=True (one graph
+    per value would raise past Dynamo's recompile limit of 8), each giving
+    the eager bits."""
+    fn = CHANGING_NUMBER[name]
+    compiled, counter = _compiled(fn)
+    params = make_params([s for s in SHAPES if 0 not in s])
+    eager = clone_params(params)
+    for i in range(10):
+        for p, q in zip(params, eager):
+            p.grad = torch.randn_like(p) * (i + 1) * (1 if kind is float else 10)
+            q.grad = p.grad.clone()
+        value = 0.05 * (i + 1) if kind is float else i + 1
+        got = compiled(params, value)
+        want = fn(eager, value)
+        assert (got is None and want is None) or torch.equal(got, want)
+        assert_grads_bitwise_equal(params, eager)
+    assert counter.frame_count == 2 and _fastclip_ops(counter) == [f"fastclip.{name}"] * 2
+
+
 def test_patched_torch_call_compiles_to_fastclip():
     params = make_params(SHAPES, scale=2.0)
     eager = clone_params(params)
@@ -129,33 +161,41 @@ def test_ops_pass_torch_library_opcheck():
     )
     torch.library.opcheck(ops.clip_grad_value_.default, ([g.clone() for g in grads], 0.1, None, ""))
     torch.library.opcheck(ops.clip_grad_norm_.default, ([], 0.5, 2.0, False, None, ""))
+    carried = torch.tensor([0.25], dtype=torch.float64)  # (a number Dynamo holds symbolically)
+    torch.library.opcheck(ops.clip_grad_norm_.default, ([g.clone() for g in grads], 0.0, 2.0, False, None, "", carried))
+    torch.library.opcheck(ops.clip_grad_value_.default, ([g.clone() for g in grads], 0.0, None, "", carried))
 
 
-def test_inductor_training_step_equals_eager():
+@pytest.mark.parametrize("schedule", [False, True])
+def test_inductor_training_step_equals_eager(schedule):
     """A whole step (forward, backward outside, then clip and an SGD update
-    compiled by Inductor) gives the parameters of the eager step, bit for bit."""
+    compiled by Inductor) gives the parameters of the eager step, bit for bit;
+    with a max_norm that changes every step, in two graphs (the second takes
+    it symbolically, through Inductor's host kernel that carries it)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     twin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     twin.load_state_dict(model.state_dict())
 
-    def update(params):
-        total = fastclip.clip_grad_norm_(params, 0.1)
+    def update(params, max_norm):
+        total = fastclip.clip_grad_norm_(params, max_norm)
         with torch.no_grad():
             for p in params:
                 p.sub_(0.5 * p.grad)
         return total
 
     compiled, counter = _compiled(update, backend="inductor")
-    for step in range(3):
+    for step in range(4):
+        max_norm = 0.1 * (step + 1) if schedule else 0.1
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
         for net in (model, twin):
             net.zero_grad()
             net(x).square().sum().backward()
-        got = compiled(list(model.parameters()))
-        want = update(list(twin.parameters()))
+        got = compiled(list(model.parameters()), max_norm)
+        want = update(list(twin.parameters()), max_norm)
         assert torch.equal(got, want)
-    assert counter.frame_count == 1 and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
+    graphs = 2 if schedule else 1
+    assert counter.frame_count == graphs and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"] * graphs
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 

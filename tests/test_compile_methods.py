@@ -166,6 +166,9 @@ def test_generic_ops_pass_opcheck(seed):
     torch.library.opcheck(ops.method_.default, ("agc", [g.clone() for g in grads], weights, [0.01, 1e-3, 2.0], [],
                                                 None, ""))  # fmt: skip
     torch.library.opcheck(ops.method.default, ("stats", grads, [2.0], ""))
+    carried = torch.tensor([-0.1, 0.1], dtype=torch.float64)  # (numbers Dynamo holds symbolically)
+    torch.library.opcheck(ops.method_.default, ("range", [g.clone() for g in grads], [], [], [], None, "", carried))
+    torch.library.opcheck(ops.method.default, ("stats", grads, [], "", torch.tensor([2.0], dtype=torch.float64)))
 
 
 def test_ops_module_imports_none_of_the_functions_it_runs():
@@ -182,26 +185,44 @@ def test_ops_module_imports_none_of_the_functions_it_runs():
         assert name in _ops._REGISTERED
 
 
-def test_bounds_and_agc_numbers_that_change_between_calls_compile_again(seed):
-    """A number argument is a constant of the graph: a new value recompiles
-    (dynamo then offers it as a symbolic float, which the traced checks must
-    take: math.isnan cannot) and still gives the eager bits, with fullgraph=True."""
-    fn, counter = _compiled(lambda ps, lo: (fastclip.clip_grad_range_(ps, lo, 2.0), fastclip.adaptive_clip_grad_(ps, lo)))
-    for lo in (1.0, 0.5, 0.25):
-        params = _params("cpu")
-        eager = clone_params(params)
-        fn(params, lo)
-        fastclip.clip_grad_range_(eager, lo, 2.0)
-        fastclip.adaptive_clip_grad_(eager, lo)
+CHANGING_NUMBER = {
+    "per_tensor": lambda ps, x: fastclip.clip_grad_norm_per_tensor_(ps, x),
+    "per_tensor, one per parameter": lambda ps, x: fastclip.clip_grad_norm_per_tensor_(ps, [x, 1.0, 2 * x]),
+    "range": lambda ps, x: fastclip.clip_grad_range_(ps, x, 0.25),
+    "range, upper only": lambda ps, x: fastclip.clip_grad_range_(ps, None, x),
+    "agc clip_factor": lambda ps, x: fastclip.adaptive_clip_grad_(ps, x),
+    "agc eps": lambda ps, x: fastclip.adaptive_clip_grad_(ps, 0.05, eps=x),
+    "groups": lambda ps, x: fastclip.clip_grad_norm_groups_({"a": ps[:1], "b": ps[1:]}, x),
+    "groups, one per group": lambda ps, x: fastclip.clip_grad_norm_groups_([ps[:1], ps[1:]], [x, 1.0]),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANGING_NUMBER))
+def test_a_number_that_changes_between_calls_compiles_twice(name, seed):
+    """A Python number (max_norm, a bound, clip_factor, eps) is a constant of
+    the first graph; the next value compiles once more with it symbolic, carried
+    to the op in a host tensor, and that graph serves every later value: ten
+    values with fullgraph=True, each the eager bits (among them 0.0 and then
+    -0.0, which clamp tells apart: Dynamo's guard on a constant would not)."""
+    fn = CHANGING_NUMBER[name]
+    compiled, counter = _compiled(fn)
+    params = _params("cpu")
+    eager = clone_params(params)
+    for x in (0.3, 0.05, 0.0, -0.0, 0.15, 0.2, 0.01, 0.35, 0.4, 0.45):
+        for p, q in zip(params, eager):
+            p.grad = (torch.randn(p.shape, dtype=torch.float64) * 0.3).to(p.dtype)
+            q.grad = p.grad.clone()
+        got = compiled(params, x)
+        want = fn(eager, x)
         for p, q in zip(params, eager):
             assert_bitwise_equal(p.grad, q.grad)
-    assert counter.frame_count >= 2
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert counter.frame_count == 2 and len(_ops_in(counter)) == 2
 
 
 def test_a_max_norm_schedule_given_as_a_tensor_compiles_once(seed):
-    """README: a changing Python max_norm recompiles per value (a custom op
-    takes no symbolic float); as a 0-dim tensor it is a graph input (torch's
-    own functions traced: one graph for every value)."""
+    """A max_norm given as a 0-dim tensor is a graph input (torch's own
+    functions traced): one graph for every value, from the first call."""
     fn, counter = _compiled(lambda ps, mx: fastclip.clip_grad_norm_(ps, mx))
     for i in range(10):
         params = _params("cpu")
