@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import fastclip
 
@@ -262,6 +263,27 @@ def test_compile_reduce_overhead_step(gpu_backend):
     assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], dict(
         torch._dynamo.utils.counters["inductor"]
     )
+    torch._dynamo.reset()
+
+
+def test_compiled_max_norm_schedule_on_cuda(gpu_backend, seed):
+    """Under torch.compile (Inductor) a max_norm that changes every call
+    compiles twice; the second graph carries it to the op in a host tensor,
+    read without waiting on the device: no host sync, the eager bits."""
+    torch._dynamo.reset()
+    params = cuda_params([3000, 70, 5], torch.float32, scale=2.0)
+    eager = clone_params(params)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    def fn(ps, max_norm):
+        return fastclip.clip_grad_norm_(ps, max_norm, backend=gpu_backend)
+
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for i in range(4):
+        assert torch.equal(compiled(params, 0.5 + 0.1 * i), fn(eager, 0.5 + 0.1 * i))
+        assert_grads_bitwise_equal(params, eager)
+    assert_no_host_sync([lambda: compiled(params, 0.95), lambda: compiled(params, 0.97)])
+    assert counter.frame_count == 2
     torch._dynamo.reset()
 
 
