@@ -135,10 +135,13 @@ def _(name, grads, numbers, backend, carried=None):
 def _symbolic(x) -> bool:
     """Is `x` a number Dynamo traces symbolically?  A Python number argument
     is a constant of the first graph; when a later call brings another value,
-    Dynamo compiles again with it symbolic (automatic dynamic), and there its
-    __class__ is neither float nor int.  An op's float argument would
-    specialise it back to a constant (one graph per value), so such numbers
-    travel in a tensor."""
+    Dynamo compiles again with it symbolic (automatic dynamic).  An op's float
+    argument would specialise it back to a constant (one graph per value), so
+    such numbers travel in a tensor.  isinstance and type() see a float either
+    way; what tells them apart is that Dynamo (torch 2.13) resolves a constant's
+    __class__ to the float builtin and cannot for a symbolic one.  Were that to
+    change, numbers would go as constants again: one graph per value, as before
+    (test_a_number_that_changes_between_calls_compiles_twice would say so)."""
     plain = isinstance(x, (int, float)) and not isinstance(x, bool)
     return plain and x.__class__ is not float and x.__class__ is not int
 
