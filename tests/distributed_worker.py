@@ -10,6 +10,7 @@ grads from a shared seed, so the reference needs no communication).
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import math
 import os
@@ -996,6 +997,9 @@ def zclip_when_ranks_hold_different_dtypes(rank, world):
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, names: list) -> None:
+    # a crash (SIGSEGV, SIGABRT, ...) writes every thread's Python stack there,
+    # for the test to report (the file stays open until the process ends)
+    faulthandler.enable(file=open(os.path.join(out_dir, f"rank{rank}.faults"), "w"))  # noqa: SIM115
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
