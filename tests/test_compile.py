@@ -107,13 +107,16 @@ def test_a_number_that_changes_between_calls_compiles_twice(name, kind, seed):
 
 
 def test_patched_torch_call_compiles_to_fastclip():
+    """Through patch(), torch's own name in a compiled step is the fastclip op,
+    with a max_norm schedule too (two graphs for four values)."""
     params = make_params(SHAPES, scale=2.0)
     eager = clone_params(params)
     with fastclip.patched():
-        fn, counter = _compiled(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5))
-        total = fn(params)
-    assert _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"]
-    assert torch.equal(total, fastclip.clip_grad_norm_(eager, 0.5))
+        fn, counter = _compiled(lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm))
+        totals = [fn(params, max_norm) for max_norm in (0.5, 0.4, 0.3, 0.2)]
+    assert _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"] * 2
+    for total, max_norm in zip(totals, (0.5, 0.4, 0.3, 0.2)):
+        assert torch.equal(total, fastclip.clip_grad_norm_(eager, max_norm))
     assert_grads_bitwise_equal(params, eager)
 
 
