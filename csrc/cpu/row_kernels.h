@@ -26,7 +26,7 @@ using CountFn = int64_t (*)(const void* data, int64_t n, int64_t stride);
 // dim-0 slices), one value per row into out[]: per-call costs paid once.
 using ReduceRowsFn = void (*)(const void* data, int64_t rows, int64_t len, double* out);
 // AGC: grads and weights of one dtype, each row of both in one loop, the bits of two
-// ReduceRowsFn calls (where an entry is null, those two calls are made).
+// ReduceRowsFn calls.
 using ReduceRowPairsFn = void (*)(const void* grads, const void* weights, int64_t rows, int64_t len, double* gout,
                                   double* wout);
 // Row r times coefs[r], skipping rows whose coefficient is exactly 1.
@@ -46,7 +46,7 @@ struct RowKernels {
   StatsFn stats[3][kNumDTypes];
   CountFn count_nonfinite[kNumDTypes];  // elements that are inf or NaN
   ReduceRowsFn reduce_rows[3][kNumDTypes];
-  ReduceRowPairsFn reduce_row_pairs[3][kNumDTypes] = {};
+  ReduceRowPairsFn reduce_row_pairs[3][kNumDTypes];
   ScaleRowsFn scale_rows[kNumDTypes];
   ScaleFn scale[kNumDTypes];
   ClampFn clamp[kNumDTypes];

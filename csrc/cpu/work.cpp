@@ -190,7 +190,7 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
       } else {
         double* w = &weight[static_cast<size_t>(unit.partial)];
         const char* wdata = t.weight + unit.begin * element_size(t.weight_dtype);
-        if (d == wd && k.reduce_row_pairs[ki][d] != nullptr) {  // each grad row with its weight row
+        if (d == wd) {  // each grad row with its weight row
           k.reduce_row_pairs[ki][d](gdata, wdata, unit.pieces, unit.piece, g, w);
         } else {
           k.reduce_rows[ki][d](gdata, unit.pieces, unit.piece, g);
