@@ -10,7 +10,8 @@ uncompiled call, so results are the same bits.  What the fused path does not
 take (DTensor grads, norm types other than 1, 2, inf, a tensor max_norm) is
 left to torch's own clip_grad functions, which Dynamo traces.  A number that
 Dynamo holds symbolically (a threshold that changed between calls) reaches
-an op in a host tensor (`carried`), so one graph serves every value.
+an op in a host tensor (`carried`), so one graph serves every value; such
+calls go to a twin of the op tagged cudagraph_unsafe (below).
 
 torch's four functions have an op each; the other methods share two generic
 ops, `fastclip::method_` (writes the grads) and `fastclip::method` (reads
@@ -63,8 +64,46 @@ def _backend(name: str):
 
 # ---------------------------------------------------------------- the ops
 
+# A CUDA graph replays its kernels without running Python again, so an op that
+# read a carried number on the host would keep the value of the recorded call.
+# Each op that takes one therefore has a twin, `<name>_carried`, which the
+# traced code calls when a number is carried; the twin is tagged
+# cudagraph_unsafe, so Inductor leaves it out of its CUDA graphs (a partition
+# of its own, or no graph).  A constant threshold still reaches the plain op,
+# which CUDA graphs capture.
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)  # (absent in older torch)
 
-@custom_op("fastclip::clip_grad_norm_", mutates_args=("grads",))
+
+def carried_name(name: str) -> str:
+    """The name of the twin of the op `name` that takes carried numbers."""
+    return name[:-1] + "_carried_" if name.endswith("_") else name + "_carried"
+
+
+class _Twins:
+    """An op and its twin for carried numbers: the same code and schema."""
+
+    def __init__(self, name: str, mutates_args, fn):
+        tags = {} if _CUDAGRAPH_UNSAFE is None else {"tags": (_CUDAGRAPH_UNSAFE,)}
+        self.plain = custom_op(f"fastclip::{name}", mutates_args=mutates_args)(fn)
+        self.carried = custom_op(f"fastclip::{carried_name(name)}", mutates_args=mutates_args, **tags)(fn)
+
+    def register_fake(self, fake):
+        self.plain.register_fake(fake)
+        self.carried.register_fake(fake)
+        return fake
+
+
+def _twins(name: str, mutates_args):
+    return lambda fn: _Twins(name, mutates_args, fn)
+
+
+def _op(name: str, carried: torch.Tensor | None):
+    """The op `name`, or its twin when numbers are carried."""
+    return getattr(torch.ops.fastclip, name if carried is None else carried_name(name))
+
+
+
+@_twins("clip_grad_norm_", mutates_args=("grads",))
 def _clip_grad_norm_op(
     grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool,
     foreach: bool | None, backend: str, carried: torch.Tensor | None = None,
@@ -81,7 +120,7 @@ def _get_total_norm_op(
     return _eager("get_total_norm")(tensors, norm_type, error_if_nonfinite, foreach, backend=_backend(backend))
 
 
-@custom_op("fastclip::clip_grads_with_norm_", mutates_args=("grads",))
+@_twins("clip_grads_with_norm_", mutates_args=("grads",))
 def _clip_grads_with_norm_op(
     grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None, backend: str,
     carried: torch.Tensor | None = None,
@@ -90,7 +129,7 @@ def _clip_grads_with_norm_op(
     _eager("clip_grads_with_norm_")(holders(grads), max_norm, total_norm, foreach, backend=_backend(backend))
 
 
-@custom_op("fastclip::clip_grad_value_", mutates_args=("grads",))
+@_twins("clip_grad_value_", mutates_args=("grads",))
 def _clip_grad_value_op(
     grads: list[torch.Tensor], clip_value: float, foreach: bool | None, backend: str,
     carried: torch.Tensor | None = None,
@@ -99,7 +138,7 @@ def _clip_grad_value_op(
     _eager("clip_grad_value_")(holders(grads), clip_value, foreach, backend=_backend(backend))
 
 
-@custom_op("fastclip::method_", mutates_args=("grads",))
+@_twins("method_", mutates_args=("grads",))
 def _method_op(
     name: str, grads: list[torch.Tensor], weights: list[torch.Tensor], numbers: list[float], ints: list[int],
     values: torch.Tensor | None, backend: str, carried: torch.Tensor | None = None,
@@ -111,7 +150,7 @@ def _method_op(
     return _eager(name)(grads, weights, numbers, ints, values, _backend(backend))[0]
 
 
-@custom_op("fastclip::method", mutates_args=())
+@_twins("method", mutates_args=())
 def _method_read_op(
     name: str, grads: list[torch.Tensor], numbers: list[float], backend: str, carried: torch.Tensor | None = None
 ) -> list[torch.Tensor]:  # fmt: skip
@@ -172,7 +211,7 @@ def _uncarried(carried: torch.Tensor | None, numbers: list[float]) -> list[float
 def method_(name: str, grads, weights=(), numbers=(), ints=(), values=None, backend=None) -> torch.Tensor:
     """Call the method `name` through the generic writing op (in traced code)."""
     numbers, carried = _carry(numbers)
-    return torch.ops.fastclip.method_(name, list(grads), list(weights), numbers, [int(i) for i in ints], values,
+    return _op("method_", carried)(name, list(grads), list(weights), numbers, [int(i) for i in ints], values,
                                       backend or "", carried)  # fmt: skip
 
 
@@ -184,7 +223,7 @@ def nothing() -> list:
 def method(name: str, grads, numbers=(), backend=None) -> list:
     """Call the method `name` through the generic reading op (in traced code)."""
     numbers, carried = _carry(numbers)
-    return torch.ops.fastclip.method(name, list(grads), numbers, backend or "", carried)
+    return _op("method", carried)(name, list(grads), numbers, backend or "", carried)
 
 
 def plain(tensors) -> bool:
@@ -242,7 +281,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and _number(norm_type) and float(norm_type) in FUSED_NORM_KINDS:
         max_norm, carried = _carry_one(max_norm)
-        return torch.ops.fastclip.clip_grad_norm_(
+        return _op("clip_grad_norm_", carried)(
             grads, max_norm, float(norm_type), bool(error_if_nonfinite), foreach, backend or "", carried
         )
     return torch_ref.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
@@ -261,7 +300,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(max_norm) and type(total_norm) is torch.Tensor:
         max_norm, carried = _carry_one(max_norm)
-        torch.ops.fastclip.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend or "", carried)
+        _op("clip_grads_with_norm_", carried)(grads, max_norm, total_norm, foreach, backend or "", carried)
         return None
     return torch_ref.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
 
@@ -270,6 +309,6 @@ def clip_grad_value_(parameters, clip_value, foreach, backend):
     parameters, grads = _params_and_grads(parameters)
     if _plain(grads) and _number(clip_value):
         clip_value, carried = _carry_one(clip_value)
-        torch.ops.fastclip.clip_grad_value_(grads, clip_value, foreach, backend or "", carried)
+        _op("clip_grad_value_", carried)(grads, clip_value, foreach, backend or "", carried)
         return None
     return torch_ref.clip_grad_value_(parameters, clip_value, foreach)

@@ -12,6 +12,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastclip
+from fastclip._ops import carried_name
 
 from .helpers import FUSED, assert_grads_bitwise_equal, clone_params, interpreted, make_params
 
@@ -103,7 +104,8 @@ def test_a_number_that_changes_between_calls_compiles_twice(name, kind, seed):
         want = fn(eager, value)
         assert (got is None and want is None) or torch.equal(got, want)
         assert_grads_bitwise_equal(params, eager)
-    assert counter.frame_count == 2 and _fastclip_ops(counter) == [f"fastclip.{name}"] * 2
+    # the second graph's op is the twin that takes carried numbers (kept out of CUDA graphs)
+    assert counter.frame_count == 2 and _fastclip_ops(counter) == [f"fastclip.{name}", f"fastclip.{carried_name(name)}"]
 
 
 def test_patched_torch_call_compiles_to_fastclip():
@@ -114,7 +116,7 @@ def test_patched_torch_call_compiles_to_fastclip():
     with fastclip.patched():
         fn, counter = _compiled(lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm))
         totals = [fn(params, max_norm) for max_norm in (0.5, 0.4, 0.3, 0.2)]
-    assert _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"] * 2
+    assert _fastclip_ops(counter) == ["fastclip.clip_grad_norm_", "fastclip.clip_grad_norm_carried_"]
     for total, max_norm in zip(totals, (0.5, 0.4, 0.3, 0.2)):
         assert torch.equal(total, fastclip.clip_grad_norm_(eager, max_norm))
     assert_grads_bitwise_equal(params, eager)
@@ -165,8 +167,34 @@ def test_ops_pass_torch_library_opcheck():
     torch.library.opcheck(ops.clip_grad_value_.default, ([g.clone() for g in grads], 0.1, None, ""))
     torch.library.opcheck(ops.clip_grad_norm_.default, ([], 0.5, 2.0, False, None, ""))
     carried = torch.tensor([0.25], dtype=torch.float64)  # (a number Dynamo holds symbolically)
-    torch.library.opcheck(ops.clip_grad_norm_.default, ([g.clone() for g in grads], 0.0, 2.0, False, None, "", carried))
-    torch.library.opcheck(ops.clip_grad_value_.default, ([g.clone() for g in grads], 0.0, None, "", carried))
+    torch.library.opcheck(
+        ops.clip_grad_norm_carried_.default, ([g.clone() for g in grads], 0.0, 2.0, False, None, "", carried)
+    )
+    torch.library.opcheck(
+        ops.clip_grads_with_norm_carried_.default,
+        ([g.clone() for g in grads], 0.0, torch.tensor(9.0), None, "", carried),
+    )
+    torch.library.opcheck(ops.clip_grad_value_carried_.default, ([g.clone() for g in grads], 0.0, None, "", carried))
+
+
+@pytest.mark.parametrize("name", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "method_", "method"])
+def test_only_the_ops_that_take_carried_numbers_are_kept_out_of_cuda_graphs(name):
+    """A CUDA graph replays kernels without running the op's Python, which
+    reads a carried number on the host: replayed, it would keep the recorded
+    value.  So the twin that takes carried numbers is tagged cudagraph_unsafe
+    (Inductor gives it a partition of its own, or takes no CUDA graph), and the
+    plain op, whose numbers are constants of the graph, is not."""
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    plain, twin = getattr(torch.ops.fastclip, name).default, getattr(torch.ops.fastclip, carried_name(name)).default
+    assert unsafe in twin.tags and unsafe not in plain.tags
+    assert str(twin._schema).split("(", 1)[1] == str(plain._schema).split("(", 1)[1]  # the same arguments
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    graph = torch.fx.Graph()
+    assert is_cudagraph_unsafe_fx_node(graph.call_function(twin))
+    assert not is_cudagraph_unsafe_fx_node(graph.call_function(plain))
 
 
 @pytest.mark.parametrize("schedule", [False, True])
@@ -197,8 +225,8 @@ def test_inductor_training_step_equals_eager(schedule):
         got = compiled(list(model.parameters()), max_norm)
         want = update(list(twin.parameters()), max_norm)
         assert torch.equal(got, want)
-    graphs = 2 if schedule else 1
-    assert counter.frame_count == graphs and _fastclip_ops(counter) == ["fastclip.clip_grad_norm_"] * graphs
+    ops = ["fastclip.clip_grad_norm_", "fastclip.clip_grad_norm_carried_"] if schedule else ["fastclip.clip_grad_norm_"]
+    assert counter.frame_count == len(ops) and _fastclip_ops(counter) == ops
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 

@@ -287,6 +287,31 @@ def test_compiled_max_norm_schedule_on_cuda(gpu_backend, seed):
     torch._dynamo.reset()
 
 
+def test_reduce_overhead_max_norm_schedule_clips_with_each_value(gpu_backend, seed):
+    """mode="reduce-overhead" with a max_norm that changes every call: the
+    second graph carries it to the op in a host tensor, read by the op's
+    Python, which a CUDA graph replay would not run again (the recorded value
+    would stay).  That op is the twin tagged cudagraph_unsafe, which Inductor
+    keeps out of its CUDA graphs: every call clips with its own max_norm."""
+    torch._dynamo.reset()
+    params = cuda_params([3000, 70, 5], torch.float32, scale=2.0)
+    eager = clone_params(params)
+
+    def fn(ps, max_norm):
+        return fastclip.clip_grad_norm_(ps, max_norm, backend=gpu_backend)
+
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    for i in range(6):
+        for p, q in zip(params, eager):  # new grads in place (the graphs' inputs), large enough to clip
+            p.grad.copy_(torch.randn_like(p.grad) * 3)
+            q.grad.copy_(p.grad)
+        max_norm = 0.5 + 0.1 * i
+        got = compiled(params, max_norm).clone()  # (a CUDA graph's output is overwritten by its next replay)
+        assert torch.equal(got, fn(eager, max_norm)), i
+        assert_grads_bitwise_equal(params, eager)
+    torch._dynamo.reset()
+
+
 def test_two_graphs_of_new_layouts_replayed_in_reverse_order(gpu_backend):
     """Each graph captures a method whose table (and segment counters) are
     new in that capture: the second graph, replayed first, must not depend
