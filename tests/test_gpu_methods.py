@@ -214,6 +214,56 @@ def test_training_step_functions_never_wait_for_the_device(gpu_backend, seed):
             scaler.update()
 
 
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def test_captures_a_replay_would_get_wrong_are_refused(gpu_backend, seed):
+    """A ZClip warm-up step, ZClip's first step after load_state_dict, and a
+    QuantileClip step keep state on the host that a replay would not update:
+    captured, they raise, with the grads as they were."""
+    params = _on_cuda(random_params([(64, 300), (300,)], [torch.float32], scale=3.0))
+    fastclip.clip_grad_norm_(params, 1e9, backend=gpu_backend)  # (kernels compiled outside a capture)
+    fastclip.QuantileClip(params, backend=gpu_backend).step()  # (an empty history: clips nothing)
+    before = [p.grad.clone() for p in params]
+    zclip = fastclip.ZClip(warmup_steps=3, backend=gpu_backend)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        _capture(lambda: zclip.step(params))
+    assert zclip.buffer.numel() == 0
+    for _ in range(3):
+        zclip.step([torch.nn.Parameter(p.detach().clone()) for p in params])  # (no grads: norm 0, nothing written)
+    assert zclip.initialized
+    restored = fastclip.ZClip(warmup_steps=3, backend=gpu_backend)
+    restored.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in zclip.state_dict().items()})
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        _capture(lambda: restored.step(params))
+    quantile = fastclip.QuantileClip(params, history_length=4, backend=gpu_backend)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        _capture(quantile.step)
+    for p, g in zip(params, before):
+        assert_bitwise_equal(p.grad, g)
+
+
+def test_clip_into_a_step_captured_apart_from_it_is_refused(gpu_backend, seed):
+    """clip_grad_norm_into_step_ hands its coefficient to the next step in a
+    pre-step hook, which a replay does not run: a clip captured without its
+    step, or a step captured without its clip, makes the step raise."""
+    params = _on_cuda(random_params([(64, 300), (300,)], [torch.float32], scale=3.0))
+    opt = torch.optim.AdamW(params, lr=0.01, fused=True, capturable=True)
+    fastclip.clip_grad_norm_into_step_(opt, 0.1, backend=gpu_backend)  # (compiled, and the step's state made,
+    opt.step()  # outside a capture)
+    _capture(lambda: fastclip.clip_grad_norm_into_step_(opt, 0.1, backend=gpu_backend))
+    with pytest.raises(RuntimeError, match="capture both in one CUDA graph, or neither"):
+        opt.step()
+    fastclip.clip_grad_norm_into_step_(opt, 0.1, backend=gpu_backend)
+    with pytest.raises(RuntimeError, match="capture both in one CUDA graph, or neither"):
+        _capture(opt.step)
+    assert not hasattr(opt, "grad_scale")
+
+
 def test_clip_into_a_captured_fused_step(gpu_backend, seed):
     """clip_grad_norm_into_step_ + a capturable fused AdamW step in a CUDA graph,
     replayed, against the same steps run eagerly with the clip in place."""

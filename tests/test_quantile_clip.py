@@ -472,3 +472,29 @@ def test_a_bad_state_dict_leaves_the_clipper_as_it_was(seed):
     set_grads(3, (b,), seed)
     ours.step()
     assert sorted(len(h) for h in histories(ours.state_dict())) == [1, 4]
+
+
+@pytest.mark.parametrize("global_threshold", [False, True])
+def test_a_step_refuses_cuda_graph_capture(backend, global_threshold, seed, monkeypatch):
+    """The rings' counts and the column a step writes live on the host, which
+    a CUDA graph's replay would not update: captured, a step raises before
+    anything is read or written (grads and histories as they were).  (The
+    capture check, the GPU backends' own, is forced here;
+    tests/test_gpu_methods.py captures for real.)"""
+    import fastclip.methods.quantile_clip as module
+
+    a, _ = make_pair([(6, 5), (4,)], [torch.float32])
+    clipper = fastclip.QuantileClip(a, quantile=0.5, history_length=4, global_threshold=global_threshold,
+                                    backend=backend)  # fmt: skip
+    for step in range(3):
+        set_grads(step, (a,), seed)
+        clipper.step()
+    set_grads(3, (a,), seed)  # (a spike: a step would clip)
+    before = clipper.state_dict()["state"]
+    monkeypatch.setattr(module, "capturing", lambda device: True)
+    assert_raises_leaving_grads(lambda ps: clipper.step(), a, RuntimeError, "cannot be captured in a CUDA graph")
+    after = clipper.state_dict()["state"]
+    assert after.keys() == before.keys() and len(after) == (1 if global_threshold else 2)
+    for key, history in before.items():
+        history, now = (h["history"] if isinstance(h, dict) else h for h in (history, after[key]))
+        assert history.numel() == 3 and torch.equal(now, history)

@@ -654,3 +654,40 @@ def test_into_a_step_keeps_no_grads_of_a_dropped_clip_alive(backend):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in old)
+
+
+@pytest.mark.parametrize("captured", ["clip", "step"])
+def test_into_a_step_captured_apart_from_its_clip_raises(backend, captured, monkeypatch):
+    """The clip reaches the next step through a pre-step hook, which a CUDA
+    graph's replay does not run: a clip captured without its step would reach
+    only the first step after the capture, and a step captured without its
+    clip would keep the coefficient of the capture.  The step raises before it
+    changes anything; clip and step captured together run as outside a
+    capture.  (The capture check, the GPU backends' own, is forced here;
+    tests/test_gpu_methods.py captures for real.)"""
+    import fastclip.methods.training_step as module
+
+    in_capture = [False]
+    monkeypatch.setattr(module, "capturing", lambda device: in_capture[0])
+    model_ref, model, ref_opt, opt, _, _ = fused_twins(backend, scaled=False, step=4)  # (a step that clips hard)
+    in_capture[0] = captured == "clip"
+    fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+    in_capture[0] = captured == "step"
+    if vars(opt).get(module._PENDING) is None:  # the torch backend clips in place: nothing to hand over
+        assert backend == "torch"
+        opt.step()
+    else:
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="capture both in one CUDA graph, or neither"):
+            opt.step()
+        for p, q in zip(model.parameters(), before):
+            assert_bitwise_equal(p.detach(), q)
+        assert not {"grad_scale", "found_inf"} & set(vars(opt))
+        in_capture[0] = True  # both "captured"
+        fastclip.clip_grad_norm_into_step_(opt, 0.5, backend=backend)
+        opt.step()
+    in_capture[0] = False
+    fastclip.clip_grad_norm_(model_ref.parameters(), 0.5, backend=backend)
+    ref_opt.step()
+    _assert_same_parameters(model, model_ref)
+    assert not {"grad_scale", "found_inf"} & set(vars(opt))

@@ -411,3 +411,37 @@ def test_a_bad_state_dict_leaves_the_clipper_as_it_was(seed):
         assert now["alpha"] == good["alpha"] and now["steps"] == good["steps"]
         assert_bitwise_equal(now["mean"], good["mean"])
         assert_bitwise_equal(now["var"], good["var"])
+
+
+def test_a_warm_up_step_refuses_cuda_graph_capture(backend, seed, monkeypatch):
+    """A warm-up step keeps its count and record on the host, which a CUDA
+    graph's replay would not update: captured, it raises before anything is
+    read or written.  After the warm-up a step is tensor ops on the device
+    and may be captured: it runs as outside a capture.  (The capture check,
+    the GPU backends' own, is forced here; tests/test_gpu_methods.py
+    captures for real.)"""
+    import fastclip.methods.zclip as module
+
+    in_capture = [True]
+    monkeypatch.setattr(module, "capturing", lambda device: in_capture[0])
+    a, b = make_pair([(5, 4), (3,)], [torch.float32])
+    ours, twin = (fastclip.ZClip(warmup_steps=2, backend=backend) for _ in range(2))
+    set_grads(0, (a, b), seed)
+    before = [p.grad.clone() for p in a.parameters()]
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        ours.step(a)
+    for p, g in zip(a.parameters(), before):
+        assert_bitwise_equal(p.grad, g)
+    assert ours.buffer.numel() == 0 and not ours.initialized
+    for step in range(6):
+        set_grads(step, (a, b), seed, spike_every=3)
+        in_capture[0] = step >= 2  # the warm-up outside, then "captured" steps
+        got = ours.step(a)
+        in_capture[0] = False
+        assert_bitwise_equal(got, twin.step(b))
+        assert ours.initialized == twin.initialized and torch.equal(ours.buffer, twin.buffer)
+        if twin.initialized:
+            assert_bitwise_equal(ours.mean, twin.mean)
+            assert_bitwise_equal(ours.var, twin.var)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert_bitwise_equal(p.grad, q.grad)

@@ -34,6 +34,7 @@ import torch
 
 from .._dispatch import resolve_name
 from .._no_grad import no_grad
+from ..backends.gpu_common import capturing
 from . import _segmented as seg
 from ._whole import WholeNorm, eager_under_compile
 from .per_tensor import clip_gathered, clip_grad_norm_per_tensor_
@@ -311,6 +312,14 @@ class QuantileClip:
     @eager_under_compile  # state on the host: under torch.compile this runs eagerly
     def step(self) -> None:
         """Clip the grads in place (call after backward, before the optimizer step)."""
+        device = next((p.grad.device for p in self._params if p.grad is not None), None)
+        if device is not None and capturing(device):
+            # the rings' counts and the column a step writes live on the host: a replay would
+            # write the same column and take the quantiles of the histories of the capture
+            raise RuntimeError(
+                "QuantileClip.step cannot be captured in a CUDA graph: its histories' positions are kept "
+                "on the host; call it outside the graph"
+            )
         if self.global_threshold:
             self._clip_global()
         else:

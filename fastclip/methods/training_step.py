@@ -35,7 +35,8 @@ import torch
 from .. import _api, _dispatch
 from .._errors import nonfinite_message
 from .._no_grad import no_grad
-from ..backends.base import FUSED_NORM_KINDS, LINF
+from ..backends.base import FUSED_NORM_KINDS
+from ..backends.gpu_common import capturing
 from ._whole import eager_under_compile, gather
 
 _HOOK = "_fastclip_into_step_hooks"  # the optimizer's step hooks that hand the clip over and clean up after it
@@ -229,7 +230,8 @@ def clip_grad_norm_into_step_(
         divisor = loss_scale * divisor
         _set_unscaled(state, {plan[1].device: found})
     _defer(optimizer, _Pending(coef, divisor, [weakref.ref(g) for g in grads], _versions(grads),
-                               scaler if state is not None else None, state, loss_scale, inv))  # fmt: skip
+                               scaler if state is not None else None, state, loss_scale, inv,
+                               capturing(divisor.device)))  # fmt: skip
     return total
 
 
@@ -277,6 +279,7 @@ class _Pending(NamedTuple):
     scaler_state: dict | None  # its state for the optimizer, which the call set UNSCALED
     loss_scale: torch.Tensor | None  # with a scaler: its scale, and the inverse the call unscaled by
     inv_scale: torch.Tensor | None
+    captured: bool  # was the call captured in a CUDA graph?  (its step must be too, or neither)
 
 
 def _defer(optimizer, pending: _Pending) -> None:
@@ -309,6 +312,14 @@ def _hand_over(optimizer, _args, _kwargs) -> None:
     pending = optimizer.__dict__.pop(_PENDING, None)
     if pending is None or not _same_iteration(optimizer, pending):
         return
+    if pending.captured != capturing(pending.divisor.device):
+        # A replay runs no hook: a captured clip would reach only the first step after the
+        # capture, and a captured step would keep reading the divisor of the call it was captured with.
+        raise RuntimeError(
+            "clip_grad_norm_into_step_ hands its coefficient to the optimizer's next step: capture both "
+            f"in one CUDA graph, or neither (the clip was {'' if pending.captured else 'not '}captured, "
+            f"the step is {'' if not pending.captured else 'not '}being captured)"
+        )
     divisor = pending.divisor if _unchanged(optimizer, pending) else pending.loss_scale
     if divisor is None:
         return

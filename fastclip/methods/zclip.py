@@ -37,6 +37,7 @@ import torch
 
 from .._dispatch import resolve_name
 from .._no_grad import no_grad
+from ..backends.gpu_common import capturing
 from ._whole import WholeNorm, eager_under_compile, params_of
 
 F64 = torch.float64
@@ -168,6 +169,14 @@ class ZClip:
     def step(self, model_or_parameters) -> torch.Tensor:
         """Clip the grads in place; returns their total norm before clipping."""
         whole = WholeNorm(params_of(model_or_parameters), resolve_name(self.backend), self.process_group)
+        if capturing(whole.device) and (not self.initialized or self._mean.device != whole.device):
+            # A replay would run none of this Python: the warm-up's count and record, and the
+            # move of loaded statistics to the device, would stay as they were at capture.
+            raise RuntimeError(
+                "ZClip.step: a warm-up step (the first warmup_steps) and the first step after "
+                "load_state_dict keep their state on the host and cannot be captured in a CUDA graph; "
+                "run them before capturing"
+            )
         if not self.initialized:
             return self._warm_up(whole)
         self._check_z_thresh()  # (before anything is read or written)
