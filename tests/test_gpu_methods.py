@@ -147,12 +147,18 @@ def test_zclip_never_waits_for_the_device(gpu_backend, seed):
     assert bool(clipped[6]) is True  # the spike (no max_grad_norm: nothing else clips it)
 
 
-def test_zclip_step_in_a_cuda_graph(gpu_backend, seed):
+@pytest.mark.parametrize(
+    "settings",
+    [{"max_grad_norm": None}, {"mode": "percentile", "max_grad_norm": 2.0}, {"clip_option": "mean"},
+     {"skip_update_on_spike": True, "max_grad_norm": None}],
+    ids=["adaptive", "percentile-capped", "mean", "skip-update"],
+)  # fmt: skip
+def test_zclip_step_in_a_cuda_graph(gpu_backend, settings, seed):
     """A captured ZClip step replays like eager steps of a twin ZClip, statistics included."""
     params = _on_cuda(random_params([(64, 300), (300,), (9, 5000)], [torch.float32], scale=0.05))
     static = [p.grad for p in params]
     twin_params = _on_cuda([_cpu_param(p, p.grad) for p in params])
-    clip, twin = (fastclip.ZClip(warmup_steps=2, max_grad_norm=None, backend=gpu_backend) for _ in range(2))
+    clip, twin = (fastclip.ZClip(warmup_steps=2, backend=gpu_backend, **settings) for _ in range(2))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -174,6 +180,8 @@ def test_zclip_step_in_a_cuda_graph(gpu_backend, seed):
         assert_bitwise_equal(captured, want)
         assert_bitwise_equal(clip.mean, twin.mean)
         assert_bitwise_equal(clip.var, twin.var)
+        assert_bitwise_equal(clip.last_coef, twin.last_coef)
+        assert_bitwise_equal(clip.last_clipped, twin.last_clipped)
         for g, q in zip(static, twin_params):
             assert_bitwise_equal(g, q.grad)
 
