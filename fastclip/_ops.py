@@ -22,6 +22,8 @@ imports none of them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.library import custom_op
 
@@ -72,6 +74,8 @@ def _backend(name: str):
 # of its own, or no graph).  A constant threshold still reaches the plain op,
 # which CUDA graphs capture.
 _CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)  # (absent in older torch)
+if "tags" not in inspect.signature(custom_op).parameters:  # (custom_op without tags: older torch)
+    _CUDAGRAPH_UNSAFE = None
 
 
 def carried_name(name: str) -> str:
