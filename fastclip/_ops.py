@@ -106,7 +106,6 @@ def _op(name: str, carried: torch.Tensor | None):
     return getattr(torch.ops.fastclip, name if carried is None else carried_name(name))
 
 
-
 @_twins("clip_grad_norm_", mutates_args=("grads",))
 def _clip_grad_norm_op(
     grads: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool,
@@ -216,7 +215,7 @@ def method_(name: str, grads, weights=(), numbers=(), ints=(), values=None, back
     """Call the method `name` through the generic writing op (in traced code)."""
     numbers, carried = _carry(numbers)
     return _op("method_", carried)(name, list(grads), list(weights), numbers, [int(i) for i in ints], values,
-                                      backend or "", carried)  # fmt: skip
+                                   backend or "", carried)  # fmt: skip
 
 
 def nothing() -> list:
