@@ -230,6 +230,8 @@ def test_into_a_fused_step_equals_clip_then_step(backend, optimizer_cls, scaled)
     ref_opt = optimizer_cls(model_ref.parameters(), lr=0.05, fused=True)
     opt = optimizer_cls(model.parameters(), lr=0.05, fused=True)
     ref_scaler, scaler = (scaler_for(), scaler_for()) if scaled else (None, None)
+    if not getattr(opt, "_step_supports_amp_scaling", False):  # (torch 2.11's fused Adagrad: CPU only, no grad_scale)
+        pytest.skip(f"this torch's fused {optimizer_cls.__name__} takes no grad_scale")
     folded = fastclip.methods.training_step.takes_grad_scale(opt)
     assert folded
     for step in range(10):
