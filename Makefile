@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 TRITON_OLDEST_DIR := $(VENV)/triton-$(TRITON_OLDEST)
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 
-.PHONY: setup test test-triton-oldest bench clean
+.PHONY: setup test test-triton-oldest bench gpu-deps clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,19 @@ test-triton-oldest: setup $(TRITON_OLDEST_DIR)/.installed
 	PYTHONPATH=$(TRITON_OLDEST_DIR) FASTCLIP_TEST_FAST_INTERPRETER=0 FASTCLIP_EXPECT_TRITON=$(TRITON_OLDEST) \
 		$(PY) -m pytest tests -q -k triton -p no:cacheprovider \
 		--ignore=tests/test_zclip.py --ignore=tests/test_quantile_clip.py --ignore=tests/test_training_step.py
+
+# The references the method tests and benchmarks compare with on a lent GPU
+# machine, which has no network: zclip and autoclip (pure Python) and timm's
+# AGC files (loaded by file), copied into .ci/gpu-deps (git-ignored).  `bash
+# .ci/gpu` puts that folder on PYTHONPATH; the device tool carries it
+# (carry=[".ci/gpu-deps"], about 0.3 MB).
+GPU_DEPS := .ci/gpu-deps
+gpu-deps: setup
+	rm -rf $(GPU_DEPS)
+	$(PY) -m pip install --quiet --no-deps --target $(GPU_DEPS) zclip==1.0.0 autoclip==0.2.1
+	mkdir -p $(GPU_DEPS)/timm/utils  # (a namespace package: no __init__.py, nothing of timm's runs on import)
+	timm=$$($(PY) -c "import importlib.util as u; print(list(u.find_spec('timm').submodule_search_locations)[0])") \
+		&& cp $$timm/utils/agc.py $$timm/utils/clip_grad.py $(GPU_DEPS)/timm/utils/
 
 bench: setup
 	$(PY) -m benchmarks
