@@ -273,7 +273,7 @@ def _plain(tensors) -> bool:
     results the fake implementations would not describe, e.g. complex).  No
     tensors at all go to traced torch too (Inductor cannot take a mutating op
     on an empty list)."""
-    return bool(tensors) and all(type(t) is torch.Tensor and t.dtype in DTYPE_CODES for t in tensors)
+    return len(tensors) > 0 and all(type(t) is torch.Tensor and t.dtype in DTYPE_CODES for t in tensors)
 
 
 def _number(x) -> bool:
