@@ -181,8 +181,10 @@ def _symbolic(x) -> bool:
     argument would specialise it back to a constant (one graph per value), so
     such numbers travel in a tensor.  isinstance and type() see a float either
     way; what tells them apart is that Dynamo (torch 2.13) resolves a constant's
-    __class__ to the float builtin and cannot for a symbolic one.  Were that to
-    change, numbers would go as constants again: one graph per value, as before
+    __class__ to the float builtin and cannot for a symbolic one.  torch 2.11's
+    Dynamo resolves neither, so there every number is carried (the same
+    results; the twin op, left out of CUDA graphs).  Were a Dynamo to resolve
+    both, numbers would go as constants: one graph per value
     (test_a_number_that_changes_between_calls_compiles_twice would say so)."""
     plain = isinstance(x, (int, float)) and not isinstance(x, bool)
     return plain and x.__class__ is not float and x.__class__ is not int
