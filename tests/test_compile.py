@@ -13,7 +13,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastclip
 from fastclip import _ops
-from fastclip._ops import carried_name
 
 from .helpers import FUSED, assert_grads_bitwise_equal, clone_params, interpreted, make_params
 
@@ -50,7 +49,7 @@ RECOGNISES_CONSTANTS = _recognises_constants()
 def op_for(name: str, symbolic: bool = False) -> str:
     """The op a compiled call of `name` reaches: its twin for carried numbers
     when a number is symbolic, or always where constants are not recognised."""
-    return f"fastclip.{carried_name(name) if symbolic or not RECOGNISES_CONSTANTS else name}"
+    return f"fastclip.{_ops.carried_name(name) if symbolic or not RECOGNISES_CONSTANTS else name}"
 
 
 def _fastclip_ops(counter) -> list[str]:
@@ -209,7 +208,7 @@ def test_only_the_ops_that_take_carried_numbers_are_kept_out_of_cuda_graphs(name
     unsafe = _ops._CUDAGRAPH_UNSAFE
     if unsafe is None:
         pytest.skip("this torch has no cudagraph_unsafe tag, or its custom_op takes no tags")
-    plain, twin = getattr(torch.ops.fastclip, name).default, getattr(torch.ops.fastclip, carried_name(name)).default
+    plain, twin = getattr(torch.ops.fastclip, name).default, getattr(torch.ops.fastclip, _ops.carried_name(name)).default
     assert unsafe in twin.tags and unsafe not in plain.tags
     assert str(twin._schema).split("(", 1)[1] == str(plain._schema).split("(", 1)[1]  # the same arguments
     from torch._inductor import utils as inductor_utils
