@@ -8,6 +8,11 @@ fastclip._cuda  the CUDA kernels, built with nvcc when one is found (no GPU
                 FASTCLIP_CUDA_ARCHS="80;90" (the default) picks the GPU
                 architectures, the last one also as PTX for newer GPUs.  The
                 CUDA runtime is linked statically.
+fastclip._cuda_emu  the CUDA kernels compiled for the CPU against an emulation
+                (Linux), so the tests run them here.
+FASTCLIP_SANITIZE=1 (Linux) builds _cpu and _cuda_emu with AddressSanitizer
+and UndefinedBehaviorSanitizer, for `make sanitize`: they then load only with
+the sanitizers' runtimes preloaded (LD_PRELOAD), as that target runs them.
 """
 
 import os
@@ -35,6 +40,22 @@ else:
     # torch's own (same soname) once torch is imported, as fastclip does first.
     cpu_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
     cpu_link = ["-fopenmp", "-pthread"]
+
+# FASTCLIP_SANITIZE=1: every out-of-bounds access, use after free and undefined
+# operation (an index that overflows, a misaligned load) stops the test that
+# made it.  -fno-wrapv: Python's own flags make signed overflow wrap, which the
+# CUDA kernels (the emulation's source) may not rely on.  Last on the command
+# line, so -O1 wins over -O3.
+sanitize = os.environ.get("FASTCLIP_SANITIZE") == "1"
+if sanitize and not sys.platform.startswith("linux"):
+    raise SystemExit("FASTCLIP_SANITIZE=1 is for Linux (gcc or clang)")
+sanitize_flags = (
+    ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+     "-fno-wrapv", "-D_GLIBCXX_ASSERTIONS", "-g", "-O1"]
+    if sanitize
+    else []
+)  # fmt: skip
+sanitize_link = ["-fsanitize=address,undefined"] if sanitize else []
 
 ext_modules = [
     Pybind11Extension(
@@ -65,8 +86,8 @@ ext_modules = [
             "csrc/cpu/work.h",
         ],
         cxx_std=17,
-        extra_compile_args=cpu_flags,
-        extra_link_args=cpu_link,
+        extra_compile_args=cpu_flags + sanitize_flags,
+        extra_link_args=cpu_link + sanitize_link,
     ),
 ]
 
@@ -95,7 +116,8 @@ if sys.platform.startswith("linux"):  # the emulation's fibers use ucontext
             depends=["csrc/cuda/kernels.cu", "csrc/cuda/emulation.h", *CUDA_DEPENDS],
             define_macros=[("FASTCLIP_CUDA_EMULATION", "1")],
             cxx_std=17,
-            extra_compile_args=["-O2", "-Wno-unknown-pragmas"],
+            extra_compile_args=["-O2", "-Wno-unknown-pragmas", *sanitize_flags],
+            extra_link_args=sanitize_link,
         )
     )
 
