@@ -220,11 +220,11 @@ struct ClampOp {
   }
 };
 
-// This thread's share of a unit's norm; with `counts`, it also adds this
+// This thread's share of a unit's norm; with `count_them`, it also adds this
 // thread's non-finite elements and zeros to counts[0] and counts[1].
 template <class D, int KIND>
-__device__ __forceinline__ double unit_norm(void* p, int64_t count, unsigned long long* counts) {
-  if (counts != nullptr) {
+__device__ __forceinline__ double unit_norm(void* p, int64_t count, unsigned long long* counts, bool count_them) {
+  if (count_them) {
     StatsOp<D, KIND> op;
     visit_unit<D>(static_cast<typename D::S*>(p), count, op);
     counts[0] += op.nonfinite;
@@ -237,14 +237,14 @@ __device__ __forceinline__ double unit_norm(void* p, int64_t count, unsigned lon
 }
 
 __device__ __forceinline__ double unit_norm(int code, void* p, int64_t count, int kind,
-                                            unsigned long long* counts = nullptr) {
+                                            unsigned long long* counts = nullptr, bool count_them = false) {
   double part = 0.0;
   with_dtype(code, [&](auto d) {
     using D = decltype(d);
     switch (kind) {
-      case kL1: part = unit_norm<D, kL1>(p, count, counts); break;
-      case kL2: part = unit_norm<D, kL2>(p, count, counts); break;
-      default: part = unit_norm<D, kLinf>(p, count, counts); break;
+      case kL1: part = unit_norm<D, kL1>(p, count, counts, count_them); break;
+      case kL2: part = unit_norm<D, kL2>(p, count, counts, count_them); break;
+      default: part = unit_norm<D, kLinf>(p, count, counts, count_them); break;
     }
   });
   return part;
@@ -493,8 +493,8 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
   const int64_t* first_units = a.table + kSegmentColumns * a.rows;
   for (int64_t u = blockIdx.x; u < a.units; u += gridDim.x) {
     const SegmentUnit w = segment_unit(a, u);
-    unsigned long long counts[2] = {0, 0};
-    const double part = block_reduce(unit_norm(w.code, w.p, w.count, a.kind, a.counts ? counts : nullptr), a.kind);
+    unsigned long long counts[2] = {0, 0};  // (its address always passed, so it stays in registers)
+    const double part = block_reduce(unit_norm(w.code, w.p, w.count, a.kind, counts, a.counts != nullptr), a.kind);
     double weight_part = 0.0;
     if (a.weight_powers != nullptr) weight_part = block_reduce(unit_norm(w.wcode, w.w, w.count, a.kind), a.kind);
     if (a.counts != nullptr) {
