@@ -69,7 +69,7 @@ def test_kernels_use_no_local_memory_on_sm_90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [_nvcc(), "-c", "csrc/cuda/kernels.cu", "-o", os.devnull, "-std=c++17", "-O3", "-Icsrc",
            "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]  # fmt: skip
-    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=False)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-3000:]
     entries = report.split("Compiling entry function ")[1:]  # one per kernel
