@@ -559,6 +559,7 @@ __global__ void __launch_bounds__(kThreads) segment_apply_kernel(const SegmentAr
   for (int64_t k = mine - 1; k >= 0; --k) {  // last first: the units the reduce read last are in L2
     const SegmentUnit w = segment_unit(a, blockIdx.x + k * gridDim.x);
     const double coef = a.coefs[w.segment];
+    __builtin_assume(__isGlobal(w.p));  // (read from the table: ld.global, not generic loads, as the scale kernel's)
     if (coef != 1.0) unit_scale(w.code, w.p, w.count, coef);  // x * 1 == x: nothing to write
   }
 }
