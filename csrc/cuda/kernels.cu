@@ -493,6 +493,8 @@ __global__ void __launch_bounds__(kThreads) segment_reduce_kernel(const SegmentA
   const int64_t* first_units = a.table + kSegmentColumns * a.rows;
   for (int64_t u = blockIdx.x; u < a.units; u += gridDim.x) {
     const SegmentUnit w = segment_unit(a, u);
+    // (read from the table: ld.global, not generic loads; the same hint for the weight costs 4 registers)
+    __builtin_assume(__isGlobal(w.p));
     unsigned long long counts[2] = {0, 0};  // (its address always passed, so it stays in registers)
     const double part = block_reduce(unit_norm(w.code, w.p, w.count, a.kind, counts, a.counts != nullptr), a.kind);
     double weight_part = 0.0;
