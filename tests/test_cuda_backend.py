@@ -31,11 +31,16 @@ try:
 except ImportError:
     _cuda = None
 
-HAVE_NVCC = bool(
-    shutil.which("nvcc")
-    or os.path.exists("/usr/local/cuda/bin/nvcc")
-    or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"))
-)
+def _find_nvcc() -> str | None:
+    """nvcc where setup.py's find_nvcc looks for it (CUDA_HOME or CUDA_PATH, PATH, /usr/local/cuda)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+NVCC = _find_nvcc()
+HAVE_NVCC = NVCC is not None
 needs_module = pytest.mark.skipif(_cuda is None, reason="fastclip._cuda is not built (no nvcc at build time)")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 
@@ -45,13 +50,6 @@ def test_module_is_built_where_nvcc_is():
         pytest.skip("no nvcc on this machine")
     assert _cuda is not None, "nvcc is here, so setup.py must have built fastclip._cuda"
     assert _cuda.archs.split(";") == os.environ.get("FASTCLIP_CUDA_ARCHS", "80;90").split(";")
-
-
-def _nvcc() -> str:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 
 
 def test_kernels_on_sm_90_use_no_local_memory_and_global_vector_loads(tmp_path):
@@ -69,7 +67,7 @@ def test_kernels_on_sm_90_use_no_local_memory_and_global_vector_loads(tmp_path):
     if not HAVE_NVCC:
         pytest.skip("no nvcc on this machine")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [_nvcc(), "-c", "csrc/cuda/kernels.cu", "-o", os.devnull, "-std=c++17", "-O3", "-Icsrc",
+    cmd = [NVCC, "-c", "csrc/cuda/kernels.cu", "-o", os.devnull, "-std=c++17", "-O3", "-Icsrc",
            "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v", "-keep", "-keep-dir", str(tmp_path)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # (`make sanitize`'s runtimes crash nvcc)
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
