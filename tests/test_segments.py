@@ -258,21 +258,29 @@ def test_results_do_not_depend_on_the_thread_count(seed):
 def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, seed):
     """AGC's rows: a grad row and its weight row of one dtype are read in one
     loop, two streams in flight.  Each row's sum (or maximum) is the bits
-    the kernel gives for that row alone, across the length from which a run
-    is walked as four streams (16 KB) and for rows longer than half a work
-    unit (read unit by unit, not packed)."""
+    the kernel gives for that row alone, across the length from which other
+    runs are walked as four streams (16 KB; rows never are), for a row left
+    alone in the last work unit of its tensor (8 rows of 4100: units of 7
+    and 1), and for rows longer than half a work unit (read unit by unit,
+    not packed)."""
     old = cpu.isa()
     cpu.select_isa(isa)
     try:
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            for rows, length in ((40, 3), (9, 17), (30, 300), (3, 2047), (2, 2049), (3, 4100), (2, 9000), (2, 20_000)):
+            shapes = ((40, 3), (9, 17), (30, 300), (3, 2047), (2, 2049), (3, 4100), (8, 4100), (2, 9000), (2, 20_000))
+            for rows, length in shapes:
                 g = (torch.randn(rows, length, dtype=torch.float64) * 0.01).to(dtype)
                 w = torch.randn(rows, length, dtype=torch.float64).to(dtype)
                 for kind in (1, 2, 3):
                     p, pw = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
                     cpu.segments(table_of([g], [0], [length], rows, [w]), kind, 1, 1,
                                  powers=p.data_ptr(), weight_powers=pw.data_ptr())  # fmt: skip
-                    for t, got in ((g, p), (w, pw)):
+                    # weights of another dtype: each row read alone, the same bits for the grads
+                    other = w.to(torch.float32 if dtype == torch.float64 else torch.float64)
+                    p2, pw2 = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+                    cpu.segments(table_of([g], [0], [length], rows, [other]), kind, 1, 1,
+                                 powers=p2.data_ptr(), weight_powers=pw2.data_ptr())  # fmt: skip
+                    for t, got in ((g, p), (w, pw), (g, p2)):
                         alone = torch.zeros(rows, dtype=torch.float64)
                         cpu.segments(table_of([t], [0], [length], rows), kind, 1, 1, powers=alone.data_ptr())
                         assert_bitwise_equal(got, alone)

@@ -68,21 +68,23 @@ static constexpr int kStreams = 4;
 
 // Calls step(p + k) for every full block of B elements of [0, n): first the
 // blocks of the kStreams parts, taking one block of each part in turn, then
-// the blocks after them.  The order depends on n and B only, so reductions
-// that take B from elements (not from the vector width) give the same bits
-// on every instruction set.  Returns the elements done (a multiple of B).
+// the blocks after them (kSplit false: every block in order).  The order
+// depends on n, B and kSplit only, so reductions that take B from elements
+// (not from the vector width) give the same bits on every instruction set.  Returns the elements done (a multiple of B).
 // Inlined with everything it calls, so the accumulators that `step` captures
 // stay in registers (GCC stopped inlining the loads once a loop had two
 // copies of the step).  Loads are passed as lambdas, not function pointers,
 // for the same reason.
 // Runs shorter than kStreamsFrom bytes are walked as one stream: their parts
-// would be too short for the prefetchers, and consecutive short runs (AGC's
-// rows) are one long stream when each is walked in order.
+// would be too short for the prefetchers.  AGC's rows are always walked as
+// one stream (kSplit false): consecutive rows are then one long stream, and
+// a grad row read beside its weight row already makes two.
 static constexpr int64_t kStreamsFrom = 16384;
 
-template <int B, class T, class Step>
+template <int B, bool kSplit = true, class T, class Step>
 [[gnu::always_inline, gnu::flatten]] static inline int64_t for_blocks(T* p, int64_t n, const Step& step) {
-  const int64_t part = n * static_cast<int64_t>(sizeof(T)) < kStreamsFrom ? 0 : n / (kStreams * B) * B;
+  const bool split = kSplit && n * static_cast<int64_t>(sizeof(T)) >= kStreamsFrom;
+  const int64_t part = split ? n / (kStreams * B) * B : 0;
   for (int64_t i = 0; i < part; i += B) {
     for (int s = 0; s < kStreams; ++s) step(p + s * part + i);
   }
@@ -371,14 +373,14 @@ static double sum16(const T* p, int64_t n, int64_t stride, Counts& counts) {
 }
 
 // Two dense runs of n elements (AGC's grad row and weight row) in lockstep:
-// two streams in flight, each summed by its own accumulator (Sum16 or
-// SumH16) with the blocks, order and arithmetic of a run read alone.
+// two streams in flight, each summed by its own accumulator (Sum16, SumH16
+// or MaxAbs) with the blocks, order and arithmetic of sum_row.
 template <class Acc>
 static void sum_pair(const typename Acc::Element* a, const typename Acc::Element* b, int64_t n, double* out_a,
                      double* out_b) {
   Acc sa, sb;
   NoCounts none;
-  const int64_t i = for_blocks<Acc::kBlock>(a, n, [&](const typename Acc::Element* q) {
+  const int64_t i = for_blocks<Acc::kBlock, false>(a, n, [&](const typename Acc::Element* q) {
     sa.step(q, none);
     sb.step(b + (q - a), none);
   });
@@ -668,13 +670,24 @@ static void scale_h16(void* data, int64_t n, int64_t stride, double coef) {
 // on the 2-core EPYC measured since: 49 against 36 ms without a clip, 60
 // against 42 ms with one unit in ten clipping; 74 against 50 ms on one thread.)
 
-// One value per row of `rows` dense rows of `len` elements (F, a reduction
-// above, known at compile time: no indirect call per row).
-template <double (*F)(const void*, int64_t, int64_t, NoCounts&), int ES>
-static void reduce_rows(const void* data, int64_t rows, int64_t len, double* out) {
-  const char* p = static_cast<const char*>(data);
+// One AGC row: a dense run walked as one stream (see kStreamsFrom).  Four
+// streams per row, eight with its weight row, each restarting at every row,
+// made AGC over rows of 4096 or more fp32 elements 25% slower on one core of
+// the 2-core EPYC (9.5-10.0 against 7.4-7.6 ms for 25.6M grads and weights;
+// rows of 2048: 7.0-7.6 either way).
+template <class Acc>
+static double sum_row(const typename Acc::Element* p, int64_t n) {
+  Acc acc;
   NoCounts none;
-  for (int64_t r = 0; r < rows; ++r) out[r] = F(p + r * len * ES, len, 1, none);
+  const int64_t i = for_blocks<Acc::kBlock, false>(p, n, [&](const typename Acc::Element* q) { acc.step(q, none); });
+  return acc.finish(p, i, n, 1, none);
+}
+
+// One value per row of `rows` dense rows of `len` elements.
+template <class Acc>
+static void reduce_rows(const void* data, int64_t rows, int64_t len, double* out) {
+  const typename Acc::Element* p = static_cast<const typename Acc::Element*>(data);
+  for (int64_t r = 0; r < rows; ++r) out[r] = sum_row<Acc>(p + r * len, len);
 }
 
 // AGC's grads and weights of one dtype (every norm and dtype): row r of
@@ -895,18 +908,18 @@ static RowKernels make_table(const char* isa) {
   t.clamp[f64] = clamp_f64;
   t.clamp[f16] = clamp_h16<false>;
   t.clamp[bf16] = clamp_h16<true>;
-  t.reduce_rows[l1][f32] = reduce_rows<sum_f32<1, NoCounts>, 4>;
-  t.reduce_rows[l2][f32] = reduce_rows<sum_f32<2, NoCounts>, 4>;
-  t.reduce_rows[linf][f32] = reduce_rows<max_f32<NoCounts>, 4>;
-  t.reduce_rows[l1][f64] = reduce_rows<sum_f64<1, NoCounts>, 8>;
-  t.reduce_rows[l2][f64] = reduce_rows<sum_f64<2, NoCounts>, 8>;
-  t.reduce_rows[linf][f64] = reduce_rows<max_f64<NoCounts>, 8>;
-  t.reduce_rows[l1][f16] = reduce_rows<sum_h16<1, false, NoCounts>, 2>;
-  t.reduce_rows[l2][f16] = reduce_rows<sum_h16<2, false, NoCounts>, 2>;
-  t.reduce_rows[linf][f16] = reduce_rows<max_h16<false, NoCounts>, 2>;
-  t.reduce_rows[l1][bf16] = reduce_rows<sum_h16<1, true, NoCounts>, 2>;
-  t.reduce_rows[l2][bf16] = reduce_rows<sum_h16<2, true, NoCounts>, 2>;
-  t.reduce_rows[linf][bf16] = reduce_rows<max_h16<true, NoCounts>, 2>;
+  t.reduce_rows[l1][f32] = reduce_rows<Sum16<1, false, float, LoadF32>>;
+  t.reduce_rows[l2][f32] = reduce_rows<Sum16<2, false, float, LoadF32>>;
+  t.reduce_rows[linf][f32] = reduce_rows<MaxF32>;
+  t.reduce_rows[l1][f64] = reduce_rows<Sum16<1, true, double, LoadF64>>;
+  t.reduce_rows[l2][f64] = reduce_rows<Sum16<2, true, double, LoadF64>>;
+  t.reduce_rows[linf][f64] = reduce_rows<MaxF64>;
+  t.reduce_rows[l1][f16] = reduce_rows<SumH16<1, false>>;
+  t.reduce_rows[l2][f16] = reduce_rows<SumH16<2, false>>;
+  t.reduce_rows[linf][f16] = reduce_rows<MaxH16<false>>;
+  t.reduce_rows[l1][bf16] = reduce_rows<SumH16<1, true>>;
+  t.reduce_rows[l2][bf16] = reduce_rows<SumH16<2, true>>;
+  t.reduce_rows[linf][bf16] = reduce_rows<MaxH16<true>>;
   t.reduce_row_pairs[l1][f32] = reduce_row_pairs<Sum16<1, false, float, LoadF32>>;
   t.reduce_row_pairs[l2][f32] = reduce_row_pairs<Sum16<2, false, float, LoadF32>>;
   t.reduce_row_pairs[l1][f64] = reduce_row_pairs<Sum16<1, true, double, LoadF64>>;

@@ -39,7 +39,7 @@ Work::Work(const TensorTable& table) {
     tensors_.push_back(TensorSpec{reinterpret_cast<char*>(static_cast<uintptr_t>(table.ptrs[i])), table.numels[i],
                                   dtype, layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)],
                                   weights ? reinterpret_cast<char*>(static_cast<uintptr_t>(table.weight_ptrs[i])) : nullptr,
-                                  weight_dtype});
+                                  weight_dtype, segmented && table.slices_of(i) > 1});
     nunits += (table.numels[i] + kUnitElems - 1) / kUnitElems;
     if (segmented && table.numels[i] > 0) {
       const int64_t slices = table.slices_of(i);
@@ -209,16 +209,25 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
       return;
     }
     int64_t slot = unit.partial;
-    const int d = static_cast<int>(t.dtype);
-    // AGC's long rows, dense: the grad run and its weight run in one loop
-    const ReduceRowPairsFn pair = weights && !counting && t.strided == nullptr && t.weight_dtype == t.dtype
-                                      ? k.reduce_row_pairs[ki][d]
-                                      : nullptr;
+    const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
+    // AGC's long rows, dense: the grad run and its weight run in one loop,
+    // each as one stream (the row kernels' bits: see reduce_rows)
+    const ReduceRowPairsFn pair = weights && !counting && t.strided == nullptr && wd == d ? k.reduce_row_pairs[ki][d]
+                                                                                          : nullptr;
     for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
       if (pair != nullptr) {
-        const int64_t es = element_size(t.dtype);  // (one value: the bits the fold below would give)
+        const int64_t es = element_size(t.dtype);
         pair(t.data + begin * es, t.weight + begin * es, 1, end - begin, &grad[static_cast<size_t>(slot)],
              &weight[static_cast<size_t>(slot)]);
+        ++slot;
+        return;
+      }
+      if (t.rows && !counting && t.strided == nullptr) {  // (no weights, or of another dtype: the same bits)
+        k.reduce_rows[ki][d](t.data + begin * element_size(t.dtype), 1, end - begin, &grad[static_cast<size_t>(slot)]);
+        if (weights) {
+          k.reduce_rows[ki][wd](t.weight + begin * element_size(t.weight_dtype), 1, end - begin,
+                                &weight[static_cast<size_t>(slot)]);
+        }
         ++slot;
         return;
       }
@@ -233,8 +242,12 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
       grad[static_cast<size_t>(slot)] = fold.value();
       if (weights) {  // weights are dense, element for element with their grad
         const int64_t es = element_size(t.weight_dtype);
-        weight[static_cast<size_t>(slot)] =
-            k.reduce[ki][static_cast<int>(t.weight_dtype)](t.weight + begin * es, end - begin, 1);
+        double* w = &weight[static_cast<size_t>(slot)];
+        if (t.rows) {
+          k.reduce_rows[ki][wd](t.weight + begin * es, 1, end - begin, w);
+        } else {
+          *w = k.reduce[ki][wd](t.weight + begin * es, end - begin, 1);
+        }
       }
       ++slot;
     });
