@@ -274,11 +274,19 @@ static inline double term1(double x) {
   return P == 2 ? x * x : __builtin_fabs(x);
 }
 
-// The fixed trees over the logical accumulators.
-static inline double combine16(const double* a) {
-  double r[4];
-  for (int j = 0; j < 4; ++j) r[j] = (a[j] + a[4 + j]) + (a[8 + j] + a[12 + j]);
+// The fixed trees over the logical accumulators.  combine16: over a[0..15],
+// held in order in 16 / D vectors, r[j] = (a[j] + a[4 + j]) + (a[8 + j] +
+// a[12 + j]) for j = 0..3, then (r[0] + r[1]) + (r[2] + r[3]); in the vectors
+// (storing them and reloading the lanes cost more than the rest of a short
+// row: AGC's rows of 64 elements).
+static inline double combine16(const vd* acc) {
+#if FASTCLIP_VBYTES == 32
+  const vd r = (acc[0] + acc[1]) + (acc[2] + acc[3]);  // r[j], j = 0..3
   return (r[0] + r[1]) + (r[2] + r[3]);
+#else
+  const vd lo = (acc[0] + acc[2]) + (acc[4] + acc[6]), hi = (acc[1] + acc[3]) + (acc[5] + acc[7]);  // r[0..1], r[2..3]
+  return (lo[0] + lo[1]) + (hi[0] + hi[1]);
+#endif
 }
 static inline double combine8(const double* a) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
@@ -305,7 +313,8 @@ struct Sum16 {
   using Element = T;
   static constexpr int kBlock = 16;  // elements a step takes
   static constexpr int kVecs = 16 / D;
-  vd acc[kVecs] = {}, err[kVecs] = {};
+  vd acc[kVecs] = {};
+  vd err[kCompensated ? kVecs : 1] = {};  // (one unused vector without compensation: less to zero per row)
   Load load;
 
   template <class Counts>
@@ -338,12 +347,12 @@ struct Sum16 {
   // Elements i.. of the run (stride apart), then the fixed combination.
   template <class Counts>
   double finish(const T* p, int64_t i, int64_t n, int64_t stride, Counts& counts) const {
-    double lanes[16], errors[16];  // (stored only here: no zeroing of memory per call, which showed for many tiny runs)
-    for (int k = 0; k < kVecs; ++k) {
-      storeu(lanes + k * D, acc[k]);
-      if constexpr (kCompensated) storeu(errors + k * D, err[k]);
-    }
     if constexpr (kCompensated) {
+      double lanes[16], errors[16];  // (stored only here: no zeroing of memory per call, which showed for many tiny runs)
+      for (int k = 0; k < kVecs; ++k) {
+        storeu(lanes + k * D, acc[k]);
+        storeu(errors + k * D, err[k]);
+      }
       CompensatedSum total;
       for (int k = 0; k < 16; ++k) total.add(lanes[k]);
       for (int k = 0; k < 16; ++k) total.error += errors[k];
@@ -360,7 +369,7 @@ struct Sum16 {
         counts.add1(x);
         tail += term1<P>(x);
       }
-      return combine16(lanes) + tail;
+      return combine16(acc) + tail;
     }
   }
 };
