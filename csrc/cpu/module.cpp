@@ -90,6 +90,7 @@ bool run_segments(const TensorTable& t, int32_t kind_code, int32_t steps, int nt
     sums.powers = pointer<double>(powers);
     sums.weight_powers = pointer<double>(weight_powers);
     sums.counts = pointer<int64_t>(counts);
+    if (agc_inline) sums.coefs = pointer<double>(coefs);
     const Work::AgcArgs agc{clip_factor, eps};
     written = work.reduce_segments(kind, sums, nthreads, agc_inline ? &agc : nullptr);
   }
@@ -103,6 +104,7 @@ bool run_segments(const TensorTable& t, int32_t kind_code, int32_t steps, int nt
     spec.norms = pointer<void>(norms);
     spec.norms_code = norms_code;
     spec.coefs = pointer<double>(coefs);
+    spec.packed_done = agc_inline;
     spec.total = pointer<void>(total);
     spec.total_code = total_code;
     finish_segments(work, kind, pointer<const double>(powers), pointer<const double>(weight_powers), spec);

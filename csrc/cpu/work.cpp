@@ -30,7 +30,7 @@ Work::Work(const TensorTable& table) {
   const bool segmented = table.segmented(), weights = table.has_weights();
   tensors_.reserve(n);
   num_segments_ = segmented ? table.num_segments : 1;
-  wide_.assign(static_cast<size_t>(num_segments_), 0);
+  flags_.assign(static_cast<size_t>(num_segments_), 0);
   int64_t nunits = 0;
   for (size_t i = 0; i < n; ++i) {
     const int32_t layout = table.layout[i];
@@ -46,10 +46,10 @@ Work::Work(const TensorTable& table) {
       nunits += slices;  // (at most one more unit per slice)
       // A segment with a float64 grad or weight works in float64 (its slices too).
       if (dtype == DType::kFloat64 || weight_dtype == DType::kFloat64) {
-        for (int64_t k = 0; k < slices; ++k) wide_[static_cast<size_t>(table.segment_of(i) + k)] = 1;
+        for (int64_t k = 0; k < slices; ++k) flags_[static_cast<size_t>(table.segment_of(i) + k)] |= kWide;
       }
     } else if (dtype == DType::kFloat64 && table.numels[i] > 0) {
-      wide_[0] = 1;
+      flags_[0] |= kWide;
     }
   }
   units_.reserve(static_cast<size_t>(nunits));
@@ -69,6 +69,9 @@ Work::Work(const TensorTable& table) {
         units_.push_back(Unit{static_cast<int32_t>(i), pieces, k * len, (k + pieces) * len, first + k, len,
                               num_partials_});
         num_partials_ += pieces;
+        if (pieces > 1) {
+          for (int32_t r = 0; r < pieces; ++r) flags_[static_cast<size_t>(first + k + r)] |= kPacked;
+        }
       }
     } else {  // large slices: each cut into units
       for (int64_t k = 0, units = units_of_tensor(t.numel, len, kUnitElems); k < units; ++k) {
@@ -200,6 +203,7 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
           for (int32_t r = 0; r < unit.pieces; ++r) {
             const double coef = segment_coefficient(kAgc, kind, segment_is_wide(unit.segment + r), g[r], w[r], 0.0,
                                                     agc->clip_factor, agc->eps);
+            if (out.coefs != nullptr) out.coefs[unit.segment + r] = coef;
             if (coef == 1.0) continue;  // x * 1 == x: nothing to write
             k.scale[d](t.data + (unit.begin + r * unit.piece) * es, unit.piece, 1, coef);
             clipped.store(true, std::memory_order_relaxed);
@@ -267,6 +271,17 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
     };
     for (const Unit& unit : units_) {
       int64_t slot = unit.partial;
+      if (unit.pieces > 1) {  // whole rows, one segment each: its one partial (a fold of one value is that value)
+        flush();
+        current = -1;
+        for (int32_t r = 0; r < unit.pieces; ++r) {
+          const size_t s = static_cast<size_t>(unit.segment + r), k = static_cast<size_t>(slot + r);
+          grad_sum[s] = grad[k];
+          if (weights) weight_sum[s] = weight[k];
+          seen[s] = 1;
+        }
+        continue;
+      }
       for_each_piece(unit, [&](int64_t, int64_t, int64_t segment) {
         if (segment != current) {
           flush();
@@ -406,12 +421,12 @@ void finish_segments(const Work& work, NormKind kind, const double* powers, cons
     const double power = powers[s];
     const double wpower = weight_powers != nullptr ? weight_powers[s] : 0.0;
     const double max_norm = spec.mode == kClipNorm ? spec.max_norms[spec.max_norms_len == 1 ? 0 : s] : 0.0;
-    if (spec.coefs != nullptr)
+    if (spec.coefs != nullptr && !(spec.packed_done && work.segment_is_packed(s)))
       spec.coefs[s] = segment_coefficient(spec.mode, kind, wide, power, wpower, max_norm, spec.clip_factor, spec.eps);
     if (spec.norms != nullptr)
       store_as(static_cast<char*>(spec.norms) + s * es, spec.norms_code,
                segment_norm(norm_from_power(power, kind), wide));
-    total.add(power);
+    if (spec.total != nullptr) total.add(power);
   }
   if (spec.total != nullptr) store_as(spec.total, spec.total_code, norm_from_power(total.value(), kind));
 }

@@ -50,6 +50,7 @@ struct SegmentSums {
   double* powers = nullptr;         // grads: sum of |x|^p (p = 1, 2) or max |x| (inf), NaN propagating
   double* weight_powers = nullptr;  // the weights (AGC)
   int64_t* counts = nullptr;        // [2]: elements that are inf or NaN, elements that are zero (all segments)
+  double* coefs = nullptr;          // AGC in the pass: the coefficient of each row clipped there (see below)
 };
 
 class Work {
@@ -66,7 +67,8 @@ class Work {
   // weights), combined over each segment's units in unit order.  With `agc`
   // (AGC's clip_factor and eps), the rows that a work unit holds whole
   // (pieces > 1) are also clipped right after they are read, while still in
-  // cache: scale_segments(..., rows_done = true) then leaves them alone.
+  // cache (their coefficients into out.coefs, where given):
+  // scale_segments(..., rows_done = true) then leaves them alone.
   struct AgcArgs {
     double clip_factor, eps;
   };
@@ -83,7 +85,9 @@ class Work {
   int64_t num_units() const { return static_cast<int64_t>(units_.size()); }
   int64_t num_segments() const { return num_segments_; }
   // Whether segment s holds a float64 grad or weight (its norm and coefficient are then float64).
-  bool segment_is_wide(int64_t s) const { return wide_[static_cast<size_t>(s)] != 0; }
+  bool segment_is_wide(int64_t s) const { return (flags_[static_cast<size_t>(s)] & kWide) != 0; }
+  // Whether segment s is a row that a work unit holds whole (pieces > 1): AGC clips those in reduce_segments.
+  bool segment_is_packed(int64_t s) const { return (flags_[static_cast<size_t>(s)] & kPacked) != 0; }
   // True if the byte ranges of two tensors intersect (duplicates, aliasing views).
   bool tensors_overlap() const;
 
@@ -104,7 +108,8 @@ class Work {
   std::vector<TensorSpec> tensors_;
   std::vector<Unit> units_;
   int64_t num_partials_ = 0;  // pieces of all units
-  std::vector<uint8_t> wide_;
+  static constexpr uint8_t kWide = 1, kPacked = 2;
+  std::vector<uint8_t> flags_;  // per segment
   int64_t num_segments_ = 1;
   int64_t total_bytes_ = 0;
 };
@@ -118,6 +123,7 @@ struct FinishSpec {
   void* norms = nullptr;              // per segment: its norm, rounded as the segment works (float32 unless wide)
   int32_t norms_code = 0;             //   stored in this dtype (float32 or float64)
   double* coefs = nullptr;            // per segment: the coefficient
+  bool packed_done = false;           // the coefficients of packed rows are in coefs already (AGC in one pass)
   void* total = nullptr;              // the norm of all segments together (0-dim), in total_code's dtype
   int32_t total_code = 0;
 };
