@@ -288,8 +288,16 @@ static inline double combine16(const vd* acc) {
   return (lo[0] + lo[1]) + (hi[0] + hi[1]);
 #endif
 }
-static inline double combine8(const double* a) {
-  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+// combine8: over a[0..7] in 8 / D vectors, ((a[0] + a[4]) + (a[1] + a[5])) +
+// ((a[2] + a[6]) + (a[3] + a[7])), likewise in the vectors.
+static inline double combine8(const vd* acc) {
+#if FASTCLIP_VBYTES == 32
+  const vd v = acc[0] + acc[1];  // a[j] + a[4 + j], j = 0..3
+  return (v[0] + v[1]) + (v[2] + v[3]);
+#else
+  const vd lo = acc[0] + acc[2], hi = acc[1] + acc[3];  // j = 0..1, j = 2..3
+  return (lo[0] + lo[1]) + (hi[0] + hi[1]);
+#endif
 }
 
 // fp32 and fp64: 16 logical double accumulators (element i of the run goes
@@ -499,15 +507,13 @@ struct SumH16 {
   template <class Counts>
   double finish(const uint16_t* p, int64_t i, int64_t n, int64_t, Counts& counts) {
     if (steps > 0) fold();
-    double lanes[8];
-    for (int k = 0; k < 8 / D; ++k) storeu(lanes + k * D, dacc[k]);
     double tail = 0.0;
     for (; i < n; ++i) {
       const double x = H::to_float(p[i]);
       counts.add1(x);
       tail += term1<P>(x);
     }
-    const double r = combine8(lanes) + tail;
+    const double r = combine8(dacc) + tail;
     if constexpr (BF16) {
       if (bf16_float_sum_lost_range<P>(r, p, n)) return sum_bf16_wide<P>(p, n);
     }
