@@ -70,7 +70,8 @@ static constexpr int kStreams = 4;
 // blocks of the kStreams parts, taking one block of each part in turn, then
 // the blocks after them (kSplit false: every block in order).  The order
 // depends on n, B and kSplit only, so reductions that take B from elements
-// (not from the vector width) give the same bits on every instruction set.  Returns the elements done (a multiple of B).
+// (not from the vector width) give the same bits on every instruction set.
+// Returns the elements done (a multiple of B).
 // Inlined with everything it calls, so the accumulators that `step` captures
 // stay in registers (GCC stopped inlining the loads once a loop had two
 // copies of the step).  Loads are passed as lambdas, not function pointers,
@@ -356,7 +357,7 @@ struct Sum16 {
   template <class Counts>
   double finish(const T* p, int64_t i, int64_t n, int64_t stride, Counts& counts) const {
     if constexpr (kCompensated) {
-      double lanes[16], errors[16];  // (stored only here: no zeroing of memory per call, which showed for many tiny runs)
+      double lanes[16], errors[16];  // (no zeroing of memory per call, which showed for many tiny runs)
       for (int k = 0; k < kVecs; ++k) {
         storeu(lanes + k * D, acc[k]);
         storeu(errors + k * D, err[k]);
