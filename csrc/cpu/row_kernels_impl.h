@@ -885,6 +885,35 @@ static void touch_write(void* data, int64_t nbytes, uint64_t zero) {
 
 // ---------------------------------------------------------------- table
 
+// A row kernel (Op::of<Acc>) for every norm kind and dtype: the accumulator
+// of each, listed once for reduce_rows and reduce_row_pairs alike.
+struct RowsOf {
+  template <class Acc>
+  static constexpr ReduceRowsFn of = reduce_rows<Acc>;
+};
+struct RowPairsOf {
+  template <class Acc>
+  static constexpr ReduceRowPairsFn of = reduce_row_pairs<Acc>;
+};
+template <class Op, class Fn>
+static void fill_row_kernels(Fn (&t)[3][kNumDTypes]) {
+  constexpr int f32 = static_cast<int>(DType::kFloat32), f64 = static_cast<int>(DType::kFloat64),
+                f16 = static_cast<int>(DType::kFloat16), bf16 = static_cast<int>(DType::kBFloat16);
+  constexpr int l1 = 0, l2 = 1, linf = 2;
+  t[l1][f32] = Op::template of<Sum16<1, false, float, LoadF32>>;
+  t[l2][f32] = Op::template of<Sum16<2, false, float, LoadF32>>;
+  t[linf][f32] = Op::template of<MaxF32>;
+  t[l1][f64] = Op::template of<Sum16<1, true, double, LoadF64>>;
+  t[l2][f64] = Op::template of<Sum16<2, true, double, LoadF64>>;
+  t[linf][f64] = Op::template of<MaxF64>;
+  t[l1][f16] = Op::template of<SumH16<1, false>>;
+  t[l2][f16] = Op::template of<SumH16<2, false>>;
+  t[linf][f16] = Op::template of<MaxH16<false>>;
+  t[l1][bf16] = Op::template of<SumH16<1, true>>;
+  t[l2][bf16] = Op::template of<SumH16<2, true>>;
+  t[linf][bf16] = Op::template of<MaxH16<true>>;
+}
+
 static RowKernels make_table(const char* isa) {
   RowKernels t{};
   t.isa = isa;
@@ -924,30 +953,8 @@ static RowKernels make_table(const char* isa) {
   t.clamp[f64] = clamp_f64;
   t.clamp[f16] = clamp_h16<false>;
   t.clamp[bf16] = clamp_h16<true>;
-  t.reduce_rows[l1][f32] = reduce_rows<Sum16<1, false, float, LoadF32>>;
-  t.reduce_rows[l2][f32] = reduce_rows<Sum16<2, false, float, LoadF32>>;
-  t.reduce_rows[linf][f32] = reduce_rows<MaxF32>;
-  t.reduce_rows[l1][f64] = reduce_rows<Sum16<1, true, double, LoadF64>>;
-  t.reduce_rows[l2][f64] = reduce_rows<Sum16<2, true, double, LoadF64>>;
-  t.reduce_rows[linf][f64] = reduce_rows<MaxF64>;
-  t.reduce_rows[l1][f16] = reduce_rows<SumH16<1, false>>;
-  t.reduce_rows[l2][f16] = reduce_rows<SumH16<2, false>>;
-  t.reduce_rows[linf][f16] = reduce_rows<MaxH16<false>>;
-  t.reduce_rows[l1][bf16] = reduce_rows<SumH16<1, true>>;
-  t.reduce_rows[l2][bf16] = reduce_rows<SumH16<2, true>>;
-  t.reduce_rows[linf][bf16] = reduce_rows<MaxH16<true>>;
-  t.reduce_row_pairs[l1][f32] = reduce_row_pairs<Sum16<1, false, float, LoadF32>>;
-  t.reduce_row_pairs[l2][f32] = reduce_row_pairs<Sum16<2, false, float, LoadF32>>;
-  t.reduce_row_pairs[l1][f64] = reduce_row_pairs<Sum16<1, true, double, LoadF64>>;
-  t.reduce_row_pairs[l2][f64] = reduce_row_pairs<Sum16<2, true, double, LoadF64>>;
-  t.reduce_row_pairs[l1][f16] = reduce_row_pairs<SumH16<1, false>>;
-  t.reduce_row_pairs[l2][f16] = reduce_row_pairs<SumH16<2, false>>;
-  t.reduce_row_pairs[l1][bf16] = reduce_row_pairs<SumH16<1, true>>;
-  t.reduce_row_pairs[l2][bf16] = reduce_row_pairs<SumH16<2, true>>;
-  t.reduce_row_pairs[linf][f32] = reduce_row_pairs<MaxF32>;
-  t.reduce_row_pairs[linf][f64] = reduce_row_pairs<MaxF64>;
-  t.reduce_row_pairs[linf][f16] = reduce_row_pairs<MaxH16<false>>;
-  t.reduce_row_pairs[linf][bf16] = reduce_row_pairs<MaxH16<true>>;
+  fill_row_kernels<RowsOf>(t.reduce_rows);
+  fill_row_kernels<RowPairsOf>(t.reduce_row_pairs);
   t.scale_rows[f32] = scale_rows<scale_f32, 4>;
   t.scale_rows[f64] = scale_rows<scale_f64, 8>;
   t.scale_rows[f16] = scale_rows<scale_h16<false>, 2>;
