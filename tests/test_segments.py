@@ -262,7 +262,8 @@ def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, 
     runs are walked as four streams (16 KB; rows never are), for a row left
     alone in the last work unit of its tensor (8 rows of 4100: units of 7
     and 1), and for rows longer than half a work unit (read unit by unit,
-    not packed)."""
+    not packed).  A whole tensor read beside its weight (AGC's unit of a 1-D
+    parameter) is likewise the same grad bits whatever the weight's dtype."""
     old = cpu.isa()
     cpu.select_isa(isa)
     try:
@@ -288,6 +289,15 @@ def test_agc_rows_read_with_their_weights_give_the_bits_of_rows_read_alone(isa, 
                         want = {1: x.sum(1), 2: x.square().sum(1), 3: x.amax(1)}[kind]
                         rel = 1e-12 if dtype in (torch.float32, torch.float64) else 1e-5
                         torch.testing.assert_close(got, want, rtol=rel, atol=0)
+            whole = (torch.randn(40_000, dtype=torch.float64) * 0.01).to(dtype)  # units of 32768 and 7232
+            for kind in (1, 2, 3):
+                got = []
+                for w in (torch.randn(40_000, dtype=torch.float64), torch.randn(40_000).to(dtype)):
+                    p, pw = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+                    cpu.segments(table_of([whole], [0], [0], 1, [w]), kind, 1, 1,
+                                 powers=p.data_ptr(), weight_powers=pw.data_ptr())  # fmt: skip
+                    got.append(p)
+                assert_bitwise_equal(got[0], got[1])
     finally:
         cpu.select_isa(old)
 

@@ -39,7 +39,7 @@ Work::Work(const TensorTable& table) {
     tensors_.push_back(TensorSpec{reinterpret_cast<char*>(static_cast<uintptr_t>(table.ptrs[i])), table.numels[i],
                                   dtype, layout < 0 ? nullptr : &table.strided[static_cast<size_t>(layout)],
                                   weights ? reinterpret_cast<char*>(static_cast<uintptr_t>(table.weight_ptrs[i])) : nullptr,
-                                  weight_dtype, segmented && table.slices_of(i) > 1});
+                                  weight_dtype, segmented && (weights || table.slices_of(i) > 1)});
     nunits += (table.numels[i] + kUnitElems - 1) / kUnitElems;
     if (segmented && table.numels[i] > 0) {
       const int64_t slices = table.slices_of(i);
@@ -183,56 +183,48 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
     const Unit& unit = units_[static_cast<size_t>(u)];
     int64_t* c = counting ? &counts[2 * static_cast<size_t>(u)] : nullptr;
     const TensorSpec& t = tensors_[static_cast<size_t>(unit.tensor)];
-    if (unit.pieces > 1 && !counting) {  // many short dense rows: one call for them all
-      const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
-      const int64_t es = element_size(t.dtype);
-      double* g = &grad[static_cast<size_t>(unit.partial)];
-      const char* gdata = t.data + unit.begin * es;
+    const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
+    // AGC's dense runs (`rows` consecutive runs of `len` elements from element
+    // `begin`, partials from `slot`): every grad run and weight run one stream
+    // (row_kernels_impl.h), the grad beside its weight when of one dtype; the
+    // same bits either way.
+    auto read_rows = [&](int64_t begin, int64_t rows, int64_t len, int64_t slot) {
+      const char* gdata = t.data + begin * element_size(t.dtype);
+      double* g = &grad[static_cast<size_t>(slot)];
       if (!weights) {
-        k.reduce_rows[ki][d](gdata, unit.pieces, unit.piece, g);
+        k.reduce_rows[ki][d](gdata, rows, len, g);
+        return;
+      }
+      const char* wdata = t.weight + begin * element_size(t.weight_dtype);
+      double* w = &weight[static_cast<size_t>(slot)];
+      if (d == wd) {
+        k.reduce_row_pairs[ki][d](gdata, wdata, rows, len, g, w);
       } else {
-        double* w = &weight[static_cast<size_t>(unit.partial)];
-        const char* wdata = t.weight + unit.begin * element_size(t.weight_dtype);
-        if (d == wd) {  // each grad row with its weight row
-          k.reduce_row_pairs[ki][d](gdata, wdata, unit.pieces, unit.piece, g, w);
-        } else {
-          k.reduce_rows[ki][d](gdata, unit.pieces, unit.piece, g);
-          k.reduce_rows[ki][wd](wdata, unit.pieces, unit.piece, w);
-        }
-        if (agc != nullptr) {  // each row is its own segment: its coefficient is known now
-          for (int32_t r = 0; r < unit.pieces; ++r) {
-            const double coef = segment_coefficient(kAgc, kind, segment_is_wide(unit.segment + r), g[r], w[r], 0.0,
-                                                    agc->clip_factor, agc->eps);
-            if (out.coefs != nullptr) out.coefs[unit.segment + r] = coef;
-            if (coef == 1.0) continue;  // x * 1 == x: nothing to write
-            k.scale[d](t.data + (unit.begin + r * unit.piece) * es, unit.piece, 1, coef);
-            clipped.store(true, std::memory_order_relaxed);
-          }
+        k.reduce_rows[ki][d](gdata, rows, len, g);
+        k.reduce_rows[ki][wd](wdata, rows, len, w);
+      }
+    };
+    if (unit.pieces > 1 && !counting) {  // many short dense rows: one call for them all
+      read_rows(unit.begin, unit.pieces, unit.piece, unit.partial);
+      if (agc != nullptr) {  // each row is its own segment: its coefficient is known now
+        const double* g = &grad[static_cast<size_t>(unit.partial)];
+        const double* w = &weight[static_cast<size_t>(unit.partial)];
+        const int64_t es = element_size(t.dtype);
+        for (int32_t r = 0; r < unit.pieces; ++r) {
+          const double coef = segment_coefficient(kAgc, kind, segment_is_wide(unit.segment + r), g[r], w[r], 0.0,
+                                                  agc->clip_factor, agc->eps);
+          if (out.coefs != nullptr) out.coefs[unit.segment + r] = coef;
+          if (coef == 1.0) continue;  // x * 1 == x: nothing to write
+          k.scale[d](t.data + (unit.begin + r * unit.piece) * es, unit.piece, 1, coef);
+          clipped.store(true, std::memory_order_relaxed);
         }
       }
       return;
     }
     int64_t slot = unit.partial;
-    const int d = static_cast<int>(t.dtype), wd = static_cast<int>(t.weight_dtype);
-    // AGC's long rows, dense: the grad run and its weight run in one loop,
-    // each as one stream (the row kernels' bits: see reduce_rows)
-    const ReduceRowPairsFn pair = weights && !counting && t.strided == nullptr && wd == d ? k.reduce_row_pairs[ki][d]
-                                                                                          : nullptr;
     for_each_piece(unit, [&](int64_t begin, int64_t end, int64_t) {
-      if (pair != nullptr) {
-        const int64_t es = element_size(t.dtype);
-        pair(t.data + begin * es, t.weight + begin * es, 1, end - begin, &grad[static_cast<size_t>(slot)],
-             &weight[static_cast<size_t>(slot)]);
-        ++slot;
-        return;
-      }
-      if (t.rows && !counting && t.strided == nullptr) {  // (no weights, or of another dtype: the same bits)
-        k.reduce_rows[ki][d](t.data + begin * element_size(t.dtype), 1, end - begin, &grad[static_cast<size_t>(slot)]);
-        if (weights) {
-          k.reduce_rows[ki][wd](t.weight + begin * element_size(t.weight_dtype), 1, end - begin,
-                                &weight[static_cast<size_t>(slot)]);
-        }
-        ++slot;
+      if (t.one_stream && !counting && t.strided == nullptr) {
+        read_rows(begin, 1, end - begin, slot++);
         return;
       }
       Fold fold(kind);
@@ -244,14 +236,9 @@ bool Work::reduce_segments(NormKind kind, const SegmentSums& out, int nthreads, 
                      fold.add(r);
                    });
       grad[static_cast<size_t>(slot)] = fold.value();
-      if (weights) {  // weights are dense, element for element with their grad
-        const int64_t es = element_size(t.weight_dtype);
-        double* w = &weight[static_cast<size_t>(slot)];
-        if (t.rows) {
-          k.reduce_rows[ki][wd](t.weight + begin * es, 1, end - begin, w);
-        } else {
-          *w = k.reduce[ki][wd](t.weight + begin * es, end - begin, 1);
-        }
+      if (weights) {  // (a strided grad) weights are dense, element for element with their grad: one stream
+        k.reduce_rows[ki][wd](t.weight + begin * element_size(t.weight_dtype), 1, end - begin,
+                              &weight[static_cast<size_t>(slot)]);
       }
       ++slot;
     });

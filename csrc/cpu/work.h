@@ -28,7 +28,7 @@ struct TensorSpec {
   const StridedLayout* strided;  // nullptr: a dense block of numel elements
   char* weight;                  // AGC: the parameter read beside the grad (nullptr: none)
   DType weight_dtype;
-  bool rows;                     // cut into slices (AGC's rows), each read as one stream (row_kernels.h)
+  bool one_stream;               // AGC's: cut into rows or read beside a weight; each run one stream (row_kernels)
 };
 
 // A unit is a range of one tensor.  Usually it lies in one segment; a unit of
